@@ -1,0 +1,41 @@
+"""Where things live on the host: the cache (never in git) and per-run artifact directories."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FIRMWARE_DIR = REPO_ROOT / "firmware"
+IMAGES_DIR = REPO_ROOT / "images"
+GUEST_PKG_DIR = Path(__file__).resolve().parent / "guest"
+
+
+def cache_dir() -> Path:
+    """`$SMCCC_HARNESS_CACHE`, else `$XDG_CACHE_HOME/smccc-harness`, else `~/.cache/smccc-harness`."""
+    env = os.environ.get("SMCCC_HARNESS_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "smccc-harness"
+
+
+def results_root() -> Path:
+    """Root of per-run artifact directories (`$SMCCC_HARNESS_RESULTS`, else `./runs`)."""
+    return Path(os.environ.get("SMCCC_HARNESS_RESULTS", "runs")).resolve()
+
+
+def new_run_dir(prefix: str = "run", root: Path | None = None) -> Path:
+    """A fresh, private (0700) directory for one run's console log, traces and sockets."""
+    root = root or results_root()
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        d = root / f"{prefix}-{stamp}-{os.getpid()}-{n}"
+        try:
+            d.mkdir(mode=0o700)
+            return d
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"cannot create a run directory under {root}")
