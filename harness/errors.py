@@ -14,10 +14,6 @@ class HarnessError(Exception):
         super().__init__(message)
         self.hint = hint
 
-    def __str__(self) -> str:
-        msg = super().__str__()
-        return f"{msg}\n  hint: {self.hint}" if self.hint else msg
-
 
 class SetupError(HarnessError):
     """The host is missing something (a tool, a permission, /dev/kvm, ...)."""
