@@ -1,0 +1,153 @@
+// el2_vectors.S - a vEL2 payload with its own VBAR_EL2: where does an HVC at vEL2 go, and does an SMC
+// at vEL2 still reach the VMM?  Needs a HAS_EL2 vCPU (at EL1: DONE 0xE4, report slot 6 = CurrentEL).
+//
+// Does:
+//     REPORT slot 6 <- CurrentEL (raw; 0x8 expected)
+//     VBAR_EL2 <- el2_vectors (every vector logs the exception into the result block, below)
+//     x0 = PSCI_VERSION; hvc #0 (symbol hvc_insn)
+//        -> expected: taken to VBAR_EL2+0x200 (current EL, SPx), ESR_EL2 = 0x5a000000 (EC 0x16),
+//           ELR_EL2 = hvc_insn + 4; the handler sets x0 = 0xE1E10000 | imm16 and ERETs.  No VMM exit.
+//     REPORT slot 0 <- x0 after the HVC (0xE1E10000 if it went to our vector)
+//     REPORT slot 1 <- ESR_EL2, slot 2 <- ELR_EL2, slot 3 <- vector offset of the last logged trap
+//                      (all three ~0 if nothing was logged)
+//     x0 = PSCI_VERSION; smc #0 (symbol smc_insn)
+//        -> expected: KVM_EXIT_HYPERCALL nr=0x84000000 flags=1, PC = smc_insn+4, PSTATE = EL2h (0x3c9)
+//           when the PSCI range is FWD_TO_USER; otherwise answered in-kernel.
+//     REPORT slot 4 <- x0 after the SMC
+//     REPORT slot 5 <- number of exceptions logged (1 expected)
+//     DONE 0
+// Any exception other than an HVC on a synchronous vector (+0x200 or +0x400) is logged and then ends the
+// run with DONE 0xE1 (e.g. the UNDEF an HVC becomes with HCR_EL2.HCD=1 when HCD is effective).
+//
+// Result block at RESULT_BASE (harness.payloads.decode_el2_vectors):
+//     +0x00  number of exceptions taken (counts beyond the 16 logged entries too)
+//     +0x08..+0x3F  0 (reserved)
+//     entry k at +0x40 + k*0x40, k < 16:
+//         +0x00 vector offset   +0x08 ESR_EL2   +0x10 ELR_EL2   +0x18 FAR_EL2
+//         +0x20 SPSR_EL2        +0x28 x0 at the exception       +0x30 x0 returned (0 if fatal)
+//         +0x38 0 (reserved)
+//   Size: 0x440 bytes.
+
+    .include "common.inc"
+    .include "vectors.inc"
+
+    .equ MAX_TRAPS, 16
+    .equ TRAP_LOG,  0x40
+    .equ TRAP_SIZE, 0x40
+
+    .section .text.entry, "ax"
+    .global _start
+_start:
+    mrs x0, CurrentEL
+    REPORT 6, x0
+    ubfx x0, x0, #2, #2
+    cmp x0, #2
+    b.eq 1f
+    DONE #DONE_WRONG_EL
+
+1:  LI x19, RESULT_BASE
+    str xzr, [x19, #0]
+    adr x0, el2_vectors
+    msr vbar_el2, x0
+    isb
+
+    LI x0, PSCI_VERSION
+    .global hvc_insn
+hvc_insn:
+    hvc #0
+    REPORT 0, x0
+
+    ldr x1, [x19, #0]
+    mov x2, #-1
+    mov x3, #-1
+    mov x4, #-1
+    cbz x1, 2f
+    cmp x1, #MAX_TRAPS
+    mov x5, #MAX_TRAPS
+    csel x1, x1, x5, ls
+    sub x1, x1, #1
+    add x5, x19, #TRAP_LOG
+    add x5, x5, x1, lsl #6
+    ldr x2, [x5, #0x08]
+    ldr x3, [x5, #0x10]
+    ldr x4, [x5, #0x00]
+2:  REPORT 1, x2
+    REPORT 2, x3
+    REPORT 3, x4
+
+    LI x0, PSCI_VERSION
+    .global smc_insn
+smc_insn:
+    smc #0
+    REPORT 4, x0
+
+    ldr x1, [x19, #0]
+    REPORT 5, x1
+    DONE #DONE_OK
+
+// ---- vector table: every entry saves x9..x14 on SP_EL2 and goes to trap_common with x9 = offset ----
+    .pushsection .text.vectors, "ax"
+    .balign 2048
+    .global el2_vectors
+el2_vectors:
+    .irp off, 0x000, 0x080, 0x100, 0x180, 0x200, 0x280, 0x300, 0x380, 0x400, 0x480, 0x500, 0x580, 0x600, 0x680, 0x700, 0x780
+    .balign 128
+    stp x9, x10, [sp, #-16]!
+    mov x9, #\off
+    b trap_common
+    .endr
+
+trap_common:
+    stp x11, x12, [sp, #-16]!
+    stp x13, x14, [sp, #-16]!
+    LI x10, RESULT_BASE
+    ldr x11, [x10, #0]
+    add x14, x11, #1
+    str x14, [x10, #0]
+    mov x12, #0                     // log entry pointer, 0 = not logged
+    cmp x11, #MAX_TRAPS
+    b.hs 1f
+    add x12, x10, #TRAP_LOG
+    add x12, x12, x11, lsl #6
+    str x9, [x12, #0x00]
+    mrs x13, esr_el2
+    str x13, [x12, #0x08]
+    mrs x13, elr_el2
+    str x13, [x12, #0x10]
+    mrs x13, far_el2
+    str x13, [x12, #0x18]
+    mrs x13, spsr_el2
+    str x13, [x12, #0x20]
+    str x0, [x12, #0x28]
+    str xzr, [x12, #0x30]
+    str xzr, [x12, #0x38]
+1:  // an HVC on a synchronous vector: x0 = marker, return after the HVC (ELR_EL2 already points there)
+    cmp x9, #0x200
+    b.eq 2f
+    cmp x9, #0x400
+    b.ne fatal
+2:  mrs x13, esr_el2
+    lsr x14, x13, #26
+    cmp x14, #EC_HVC64
+    b.ne fatal
+    and x0, x13, #0xffff
+    movk x0, #0xE1E1, lsl #16
+    cbz x12, 3f
+    str x0, [x12, #0x30]
+3:  ldp x13, x14, [sp], #16
+    ldp x11, x12, [sp], #16
+    ldp x9, x10, [sp], #16
+    eret
+
+fatal:
+    mrs x10, esr_el2
+    mrs x11, elr_el2
+    mrs x12, far_el2
+    mrs x13, spsr_el2
+    REPORT FATAL_SLOT_VECTOR, x9
+    REPORT FATAL_SLOT_ESR, x10
+    REPORT FATAL_SLOT_ELR, x11
+    REPORT FATAL_SLOT_FAR, x12
+    REPORT FATAL_SLOT_SPSR, x13
+    DONE #DONE_UNEXPECTED
+    .popsection
