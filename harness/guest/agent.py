@@ -1,0 +1,150 @@
+"""The in-guest agent: a persistent process that serves scenarios over the control channel.
+
+Started once per boot by /init (``python3 -S -m harness.guest.agent``).  It opens the virtio-serial port
+named :data:`harness.protocol.PORT_NAME`, probes KVM's capabilities, prints the ready banner on the console
+(the host's boot detection), greets the host on the port and then answers requests, one at a time, until
+told to shut down.  No Python start-up per scenario: a scenario costs only its own VM.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+from .. import protocol as P
+from . import kvm, smccc
+from .runner import GRAVEYARD, run_scenario
+from .vm import Vm, install_kick_handler
+
+
+def find_port(name: str = P.PORT_NAME, wait_s: float = 10.0) -> str:
+    deadline = time.monotonic() + wait_s
+    while True:
+        for path in glob.glob("/sys/class/virtio-ports/*/name"):
+            with open(path) as f:
+                if f.read().strip() == name:
+                    return "/dev/" + path.split("/")[-2]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no virtio-serial port named {name!r} (is QEMU started with the control channel?)")
+        time.sleep(0.05)
+
+
+def kvm_mode_from_dmesg() -> str | None:
+    try:
+        out = subprocess.run(["/bin/busybox", "dmesg"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        if "kvm [" in line and "mode initialized" in line:
+            return line.split("]: ", 1)[-1].strip()
+    return None
+
+
+def probe_caps() -> dict:
+    """What this kernel's KVM offers, probed once per boot (api.rst KVM_CHECK_EXTENSION; vm.rst §6)."""
+    caps: dict = {"uname": os.uname().release, "kvm": False, "kvm_mode": kvm_mode_from_dmesg()}
+    if not os.path.exists("/dev/kvm"):
+        caps["reason"] = "/dev/kvm is absent: this kernel has no KVM, or KVM did not initialise (see dmesg)"
+        return caps
+    fd = kvm.open_kvm()
+    caps["kvm"] = True
+    caps["api_version"] = kvm.ioctl(fd, kvm.KVM_GET_API_VERSION)
+    for name in ("KVM_CAP_ARM_EL2", "KVM_CAP_ARM_EL2_E2H0", "KVM_CAP_ARM_PSCI_0_2", "KVM_CAP_ARM_SYSTEM_SUSPEND",
+                 "KVM_CAP_ARM_VM_IPA_SIZE", "KVM_CAP_IMMEDIATE_EXIT", "KVM_CAP_SYSTEM_EVENT_DATA"):
+        caps[name] = kvm.check_extension(fd, getattr(kvm, name))
+    vm = Vm(fd)
+    try:
+        try:
+            smccc.has_filter(vm.fd)
+            caps["smccc_filter"] = True
+        except kvm.KvmError as e:
+            caps["smccc_filter"] = False
+            caps["smccc_filter_errno"] = e.errname
+        v = vm.add_vcpu((kvm.KVM_ARM_VCPU_PSCI_0_2,))
+        ver = v.get_reg(kvm.REG_PSCI_VERSION)
+        caps["psci_version"] = f"{ver >> 16}.{ver & 0xFFFF}"
+        caps["psci_version_raw"] = ver
+    finally:
+        vm.close()
+    caps["sys_fd"] = fd
+    return caps
+
+
+class Agent:
+    def __init__(self, port_path: str):
+        self.fd = os.open(port_path, os.O_RDWR)
+        self.buf = b""
+        self.caps = probe_caps()
+        self.sys_fd = self.caps.pop("sys_fd", None)
+
+    def send(self, msg: dict) -> None:
+        data = P.encode(msg)
+        while data:
+            n = os.write(self.fd, data)
+            data = data[n:]
+
+    def recv(self) -> dict:
+        while b"\n" not in self.buf:
+            chunk = os.read(self.fd, 65536)
+            if not chunk:       # host not connected (yet, or any more): wait for it
+                time.sleep(0.05)
+                continue
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return P.decode(line)
+
+    def handle(self, req: dict) -> dict:
+        op, args = req.get("op"), req.get("args") or {}
+        if op == "ping":
+            return {"pong": True, "t": time.monotonic()}
+        if op == "caps":
+            return dict(self.caps)
+        if op == "run":
+            if self.sys_fd is None:
+                raise RuntimeError(self.caps.get("reason", "no /dev/kvm"))
+            return run_scenario(args, self.sys_fd)
+        if op == "exec":
+            argv = args.get("argv")
+            if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
+                raise P.ProtocolError("exec needs argv: a non-empty list of strings")
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=float(args.get("timeout_s", 30)))
+            return {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr}
+        if op == "stats":
+            return {"graveyard_vms": len(GRAVEYARD), "pid": os.getpid()}
+        if op == "shutdown":
+            subprocess.Popen(["/bin/busybox", "poweroff", "-f"])
+            return {"bye": True}
+        raise P.ProtocolError(f"unknown op {op!r}")
+
+    def serve(self) -> None:
+        self.send({"type": "hello", "agent": P.AGENT_VERSION, "caps": self.caps})
+        while True:
+            req = self.recv()
+            rid = req.get("id")
+            try:
+                resp = {"type": "response", "id": rid, "ok": True, "result": self.handle(req)}
+            except Exception as e:  # noqa: BLE001 - every failure goes back to the host with its traceback
+                resp = {"type": "response", "id": rid, "ok": False,
+                        "error": {"kind": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()}}
+            self.send(resp)
+
+
+def main() -> int:
+    install_kick_handler()
+    t0 = time.monotonic()
+    port = find_port()
+    agent = Agent(port)
+    caps = dict(agent.caps)
+    caps["agent_start_s"] = round(time.monotonic() - t0, 3)
+    print(f"{P.READY_BANNER} {json.dumps(caps, sort_keys=True)}", flush=True)
+    agent.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

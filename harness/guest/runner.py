@@ -1,0 +1,310 @@
+"""Run one scenario: build a VM for a payload, install the SMCCC filter, run every vCPU to a result.
+
+Exit dispatch (api.rst §5 "kvm_run"):
+
+* ``KVM_EXIT_HYPERCALL`` — a forwarded SMCCC call (vm.rst §6 FWD_TO_USER). Arguments come from x0..x17
+  with KVM_GET_ONE_REG (KVM fills only ``nr`` and ``flags``); results go back with KVM_SET_ONE_REG; PC is
+  already past the HVC/SMC and is never touched (api.rst KVM_EXIT_HYPERCALL).
+* ``KVM_EXIT_MMIO`` in the report page — the payload's reports and its DONE (docs/design.md).
+* ``KVM_EXIT_SYSTEM_EVENT`` — in-kernel PSCI SYSTEM_OFF/RESET...: the VM ends.
+
+Power management of secondaries follows kvmtool's userspace PSCI (kvm-smccc-abi.md §3.5): every secondary
+starts with mp_state STOPPED.  When CPU_ON is handled in the kernel, its thread waits inside KVM_RUN for the
+kernel to wake it; when CPU_ON is forwarded, its thread waits in userspace and, on CPU_ON, re-runs
+KVM_ARM_VCPU_INIT (warm reset) and sets PC/x0 itself — a vCPU is only ever touched by its own thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import threading
+import time
+
+from .. import protocol as P
+from . import kvm, psci, smccc
+from .trace import Trace
+from .vm import Vcpu, Vm
+
+RESULT_BLOCK_SIZE = 0x4000
+# VMs whose vCPUs had EL2: never destroyed (destroying a nested VM costs 6-8 s under TCG and can lock up a
+# restored guest, platform.md).  They live until the guest is thrown away.
+GRAVEYARD: list[Vm] = []
+
+REG_NAMES = {"pc": kvm.REG_PC, "pstate": kvm.REG_PSTATE, "sp": kvm.REG_SP, "sp_el1": kvm.REG_SP_EL1,
+             "mpidr_el1": kvm.REG_MPIDR_EL1, "id_aa64pfr0_el1": kvm.REG_ID_AA64PFR0_EL1,
+             "id_aa64mmfr2_el1": kvm.REG_ID_AA64MMFR2_EL1, "hcr_el2": kvm.REG_HCR_EL2,
+             "sp_el2": kvm.REG_SP_EL2, "psci_version": kvm.REG_PSCI_VERSION}
+REG_NAMES.update({f"x{i}": kvm.xreg(i) for i in range(31)})
+REG_NAMES.update({f"fw_{k}": v for k, v in kvm.FW_BMAP_REGS.items()})
+
+
+def reg_id(name) -> int:
+    if isinstance(name, int):
+        return name
+    try:
+        return REG_NAMES[name.lower()]
+    except KeyError:
+        raise P.ProtocolError(f"unknown register {name!r}; known: {sorted(REG_NAMES)}") from None
+
+
+class _VcpuState:
+    def __init__(self, on: bool):
+        self.parked = not on            # waiting in userspace for a forwarded CPU_ON
+        self.pending_on: tuple | None = None
+        self.done = False
+
+
+class ScenarioRun:
+    def __init__(self, spec: dict, sys_fd: int):
+        self.spec = P.validate_scenario(spec)
+        self.sys_fd = sys_fd
+        self.trace = Trace()
+        self.outcome: str | None = None
+        self.exit_code: int | None = None
+        self.stopping = False
+        self.finished = threading.Event()
+        self.cond = threading.Condition()
+        self.errors: list[str] = []
+        self.replies = {int(k, 0) & 0xFFFF_FFFF: v for k, v in self.spec["replies"].items()}
+
+    # ---- setup ---------------------------------------------------------------------------------------
+    def _features(self) -> tuple[int, ...]:
+        s = self.spec
+        feats = []
+        if s.get("psci_0_2", True):
+            feats.append(kvm.KVM_ARM_VCPU_PSCI_0_2)
+        if s["el2"]:
+            feats.append(kvm.KVM_ARM_VCPU_HAS_EL2)
+        if s["e2h0"]:
+            feats.append(kvm.KVM_ARM_VCPU_HAS_EL2_E2H0)
+        return tuple(feats)
+
+    def _install_filters(self, filters) -> list[dict]:
+        out = []
+        for f in filters:
+            rec = {"base": f["base"], "nr": f["nr"], "action": f["action"], "errno": None}
+            try:
+                self.filter.install(self.vm.fd, f["base"], f["nr"], f["action"], f["pad"])
+            except kvm.KvmError as e:
+                rec["errno"] = e.errname
+            out.append(rec)
+        return out
+
+    def setup(self) -> None:
+        s = self.spec
+        self.vm = Vm(self.sys_fd)
+        self.filter = smccc.Filter()
+        self.mem = self.vm.add_memory(P.RAM_BASE, s["ram_size"])
+        for seg in s["payload"]["segments"]:
+            self.mem.write(seg["addr"], P.unb64(seg["data"]))
+        if s["params"]:
+            self.mem.write_u64s(P.PARAM_BASE, s["params"])
+        self.filter_results = self._install_filters(s["filters"])
+        feats = self._features()
+        for _ in range(s["vcpus"]):
+            self.vm.add_vcpu(feats)
+        if s.get("in_kernel_gic", s["el2"]):
+            self.vm.create_vgic_v3(P.GICD_BASE, P.GICR_BASE)
+        ram_end = P.RAM_BASE + s["ram_size"]
+        for v in self.vm.vcpus:
+            stack = ram_end - v.index * P.STACK_SIZE
+            v.set_reg(kvm.REG_SP_EL1, stack)
+            if s["el2"]:
+                try:
+                    v.set_reg(kvm.REG_SP_EL2, stack)
+                except kvm.KvmError:
+                    pass
+            if v.index:
+                v.set_mp_state(kvm.KVM_MP_STATE_STOPPED)
+        boot = self.vm.vcpus[0]
+        boot.set_reg(kvm.REG_PC, s["payload"]["entry"])
+        for r in s.get("set_regs", []):
+            target = self.vm.vcpus[r.get("vcpu", 0)]
+            target.set_reg(reg_id(r["reg"]), r["value"])
+        self.psci = psci.Psci([psci.CpuState(v.mpidr, v.index == 0) for v in self.vm.vcpus],
+                              minor=s.get("psci_minor", 3))
+        cpu_on_fwd = any(self.filter.action_for(f) == kvm.KVM_SMCCC_FILTER_FWD_TO_USER
+                         for f in (psci.CPU_ON, psci.CPU_ON64))
+        self.userspace_power = cpu_on_fwd
+        self.vstate = [_VcpuState(on=(v.index == 0 or not cpu_on_fwd)) for v in self.vm.vcpus]
+
+    # ---- run -----------------------------------------------------------------------------------------
+    def finish(self, outcome: str) -> None:
+        with self.cond:
+            if self.outcome is None:
+                self.outcome = outcome
+            self.stopping = True
+            self.cond.notify_all()
+        for v in self.vm.vcpus:
+            v.kick()
+        self.finished.set()
+
+    def _loop(self, v: Vcpu) -> None:
+        st = self.vstate[v.index]
+        v.thread_ident = threading.get_ident()
+        try:
+            while not self.stopping and not st.done:
+                if st.parked:
+                    with self.cond:
+                        while st.parked and st.pending_on is None and not self.stopping:
+                            self.cond.wait(0.1)
+                        if self.stopping:
+                            break
+                        entry, ctx = st.pending_on
+                        st.pending_on = None
+                    # Warm reset (re-INIT with the same features), then the entry point and context id.
+                    v.init()
+                    v.set_reg(kvm.REG_PC, entry)
+                    v.set_x(0, ctx)
+                    st.parked = False
+                    self.trace.add("psci", v.index, effect="powered_on", entry=entry, context_id=ctx)
+                    continue
+                try:
+                    reason = v.enter()
+                except kvm.KvmError as e:
+                    if e.errno == errno.EINTR:
+                        v.clear_kick()
+                        continue
+                    raise
+                self._dispatch(v, st, reason)
+        except Exception as e:  # noqa: BLE001 - reported to the host, never swallowed
+            self.errors.append(f"vcpu{v.index}: {type(e).__name__}: {e}")
+            self.trace.add("error", v.index, message=f"{type(e).__name__}: {e}")
+            self.finish("error")
+
+    def _dispatch(self, v: Vcpu, st: _VcpuState, reason: int) -> None:
+        if reason == kvm.KVM_EXIT_HYPERCALL:
+            self._hypercall(v, st)
+        elif reason == kvm.KVM_EXIT_MMIO:
+            self._mmio(v, st)
+        elif reason == kvm.KVM_EXIT_SYSTEM_EVENT:
+            typ, data = v.system_event()
+            self.trace.add("system_event", v.index, type=typ, name=kvm.SYSTEM_EVENT_NAMES.get(typ, str(typ)),
+                           data=data, by="kvm")
+            self.finish("system_event")
+        elif reason == kvm.KVM_EXIT_INTR:
+            pass
+        else:
+            self.trace.add("exit", v.index, reason=reason, name=kvm.EXIT_NAMES.get(reason, str(reason)),
+                           raw=base64.b64encode(v.raw_union()).decode(), pc=v.pc)
+            self.finish("error")
+
+    def _hypercall(self, v: Vcpu, st: _VcpuState) -> None:
+        nr, flags = v.hypercall()
+        fid = nr & 0xFFFF_FFFF
+        args = v.get_xs(18)
+        pc, pstate = v.pc, v.pstate
+        reply, by, effect = None, "none", None
+        if fid in self.replies:
+            reply, by = self.replies[fid], "reply"
+        elif self.spec["handler"] == "psci":
+            if smccc.owner(fid) == smccc.OWNER_STANDARD and smccc.func_num(fid) <= 0x1F:
+                out = self.psci.call(v.index, fid, args[1:4], aarch32=False)
+                reply = None if out.regs is None else [smccc.narrow(fid, x) for x in out.regs]
+                effect, by = out.effect, "psci"
+            else:
+                reply, by = [smccc.to_u64(smccc.SMCCC_RET_NOT_SUPPORTED)], "psci"
+        if reply is not None:
+            for i, val in enumerate(reply):
+                v.set_x(i, val)
+        self.trace.add("hypercall", v.index, nr=nr, flags=flags, conduit=smccc.conduit(flags), pc=pc,
+                       pstate=pstate, el=kvm.pstate_el(pstate), args=args, reply=reply, by=by,
+                       name=psci.name(fid))
+        if effect:
+            self._apply(v, st, effect)
+
+    def _apply(self, v: Vcpu, st: _VcpuState, effect: tuple) -> None:
+        kind = effect[0]
+        if kind == "cpu_on":
+            _, target, entry, ctx = effect
+            self.trace.add("psci", v.index, effect="cpu_on", target=target, entry=entry, context_id=ctx)
+            with self.cond:
+                self.vstate[target].pending_on = (entry, ctx)
+                self.cond.notify_all()
+        elif kind == "cpu_off":
+            self.trace.add("psci", v.index, effect="cpu_off")
+            v.set_mp_state(kvm.KVM_MP_STATE_STOPPED)
+            st.parked = True
+            if v.index == 0 and not any(not s.parked for s in self.vstate):
+                self.finish("all_off")
+        elif kind == "suspend":
+            self.trace.add("psci", v.index, effect="suspend")
+        elif kind == "system_event":
+            _, typ, flags = effect
+            self.trace.add("system_event", v.index, type=typ, name=kvm.SYSTEM_EVENT_NAMES.get(typ, str(typ)),
+                           data=[flags], by="psci")
+            self.finish("system_event")
+
+    def _mmio(self, v: Vcpu, st: _VcpuState) -> None:
+        addr, data, length, is_write = v.mmio()
+        value = int.from_bytes(data, "little")
+        if P.REPORT_BASE <= addr < P.REPORT_BASE + P.REPORT_SIZE and is_write:
+            off = addr - P.REPORT_BASE
+            if off == P.REPORT_DONE:
+                self.trace.add("done", v.index, code=value, pc=v.pc)
+                st.done = True
+                if v.index == 0:
+                    self.exit_code = value
+                    self.finish("done")
+                return
+            self.trace.add("report", v.index, slot=off // 8, value=value)
+            return
+        if not is_write:
+            v.set_mmio_read_data(0, length)
+        self.trace.add("mmio", v.index, addr=addr, len=length, is_write=is_write, data=value, pc=v.pc)
+
+    # ---- top level -------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        t0 = time.monotonic()
+        try:
+            self.setup()
+        except kvm.KvmError as e:
+            self._cleanup()
+            return {"name": self.spec["name"], "outcome": "setup_error", "error": str(e), "errno": e.errname,
+                    "events": self.trace.records}
+        t1 = time.monotonic()
+        threads = [threading.Thread(target=self._loop, args=(v,), name=f"vcpu{v.index}", daemon=True)
+                   for v in self.vm.vcpus]
+        for t in threads:
+            t.start()
+        if not self.finished.wait(self.spec["deadline_s"]):
+            self.finish("deadline")
+        for t in threads:
+            t.join(5.0)
+        stuck = [t.name for t in threads if t.is_alive()]
+        t2 = time.monotonic()
+        vcpus = []
+        if not stuck:
+            for v in self.vm.vcpus:
+                vcpus.append({"index": v.index, "pc": v.pc, "pstate": v.pstate, "x": v.get_xs(31),
+                              "mpidr": v.mpidr, "mp_state": v.get_mp_state(), "parked": self.vstate[v.index].parked})
+            if self.outcome == "deadline":
+                for d in vcpus:
+                    self.trace.add("deadline", d["index"], pc=d["pc"], pstate=d["pstate"])
+        late = self._install_filters(self.spec.get("late_filters", [])) if not stuck else []
+        block = self.mem.read(P.RESULT_BASE, RESULT_BLOCK_SIZE).rstrip(b"\0")
+        result = {
+            "name": self.spec["name"], "outcome": self.outcome, "exit_code": self.exit_code,
+            "events": self.trace.records, "filters": self.filter_results, "late_filters": late,
+            "vcpus": vcpus, "stuck_threads": stuck, "errors": self.errors,
+            "result_block": base64.b64encode(block).decode(),
+            "psci_state": self.psci.affinity_state(),
+            "timing": {"setup_s": round(t1 - t0, 6), "run_s": round(t2 - t1, 6)},
+        }
+        self._cleanup(keep=bool(stuck))
+        result["timing"]["total_s"] = round(time.monotonic() - t0, 6)
+        return result
+
+    def _cleanup(self, keep: bool = False) -> None:
+        vm = getattr(self, "vm", None)
+        if vm is None:
+            return
+        if keep or self.spec["el2"]:
+            GRAVEYARD.append(vm)
+        else:
+            vm.close()
+
+
+def run_scenario(spec: dict, sys_fd: int) -> dict:
+    return ScenarioRun(spec, sys_fd).run()

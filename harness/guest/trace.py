@@ -1,0 +1,45 @@
+"""A structured trace of one scenario: one JSON-serialisable record per exit or emulator action.
+
+Record kinds (every record has ``t`` = seconds since the scenario started, ``kind`` and, when it concerns
+one vCPU, ``vcpu``):
+
+* ``hypercall``: ``nr``, ``flags``, ``conduit`` ("hvc"|"smc"), ``pc``, ``pstate``, ``el``, ``args`` (x0..x17),
+  ``reply`` (the x0.. written back, or null), ``by`` ("psci" | "reply" | "none")
+* ``mmio``: ``addr``, ``len``, ``is_write``, ``data`` (int)      ``report``: ``slot``, ``value``
+* ``done``: ``code``                                          ``system_event``: ``type``, ``name``, ``data``
+* ``psci``: ``effect`` and its fields (cpu_on target/entry/context_id, cpu_off, suspend)
+* ``deadline``: ``pc``, ``pstate``    ``error``: ``message``    ``exit``: any other exit reason, raw
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+
+class Trace:
+    def __init__(self, path: str | None = None):
+        self.t0 = time.monotonic()
+        self.records: list[dict] = []
+        self._lock = threading.Lock()
+        self._file = open(path, "a", buffering=1) if path else None
+
+    def add(self, kind: str, vcpu: int | None = None, **fields) -> dict:
+        rec = {"t": round(time.monotonic() - self.t0, 6), "kind": kind}
+        if vcpu is not None:
+            rec["vcpu"] = vcpu
+        rec.update(fields)
+        with self._lock:
+            self.records.append(rec)
+            if self._file:
+                self._file.write(json.dumps(rec, sort_keys=True) + "\n")
+        return rec
+
+    def of_kind(self, kind: str) -> list[dict]:
+        return [r for r in self.records if r["kind"] == kind]
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+            self._file = None
