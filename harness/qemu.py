@@ -1,0 +1,415 @@
+"""One QEMU machine: a frozen, validated :class:`MachineConfig` -> argv, and :class:`Machine`, its process.
+
+``MachineConfig`` is the single source of the command line (labgrid's ``QEMUDriver`` style): it validates
+everything up front, and renders :meth:`MachineConfig.argv` / :meth:`MachineConfig.shell_command` (for
+``smccc-harness boot --print-cmd``, and written to ``<run_dir>/qemu-cmd.sh`` for every run, so a failure can
+be reproduced by hand).
+
+``Machine`` runs QEMU under a pty (pexpect), the serial console on QEMU's stdio, and owns the process group:
+``stop()`` always kills and reaps it, and QEMU gets ``PR_SET_PDEATHSIG=SIGKILL`` so it dies with the host
+process even if the harness is killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+import shlex
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Self
+
+import pexpect
+
+from .console import Console
+from .errors import BootError, SetupError
+from .protocol import PORT_NAME
+
+log = logging.getLogger(__name__)
+
+ACCELS = ("tcg", "kvm")
+SMP_RANGE = (1, 8)
+MEMORY_RANGE_MB = (256, 16384)
+GIC_VERSIONS = (2, 3, 4)
+SUN_PATH_MAX = 107            # sizeof(sockaddr_un.sun_path) - 1
+STARTUP_CHECK_S = 1.0         # QEMU exiting this early is a command-line / host problem: BootError
+BASE_CMDLINE = "console=ttyAMA0 rdinit=/init kvm-arm.mode=nested panic=-1 loglevel=5"
+
+# Options that have a MachineConfig field: refused inside extra_args, with the field to use instead.
+_OWNED_OPTIONS = {
+    "append": "cmdline", "kernel": "kernel", "initrd": "initrd", "accel": "accel", "enable-kvm": "accel",
+    "cpu": "cpu", "smp": "smp", "m": "memory_mb", "incoming": "incoming", "qmp": "qmp_socket",
+    "serial": "(nothing: the serial console is QEMU's stdio, read by harness.console)",
+}
+
+
+def default_cmdline(extra: str = "") -> str:
+    """The kernel command line: serial console, our /init, nested KVM, reboot (= QEMU exit) on panic.
+
+    Not ``quiet``: that hides ``WARNING:`` lines, which must fail tests; ``loglevel=5`` keeps warnings and
+    drops the info chatter.  ``extra`` is appended (e.g. ``"smccc.shell"``, ``"smccc.debug"``).
+    """
+    extra = extra.strip()
+    return f"{BASE_CMDLINE} {extra}" if extra else BASE_CMDLINE
+
+
+def _as_path(name: str, value: object, *, optional: bool) -> Path | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, str) and value:
+        return Path(value)
+    if isinstance(value, Path):
+        return value
+    raise SetupError(f"MachineConfig.{name} must be a path{' or None' if optional else ''}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """Everything that defines one QEMU machine; validated at construction (raises ``SetupError``)."""
+
+    kernel: Path
+    initrd: Path | None = None
+    cmdline: str = field(default_factory=default_cmdline)
+    accel: str = "tcg"
+    cpu: str | None = None            # default: "max" with tcg, "host" with kvm
+    smp: int = 1
+    memory_mb: int = 1024
+    virtualization: bool = True
+    gic_version: int = 3
+    qemu_bin: str = "qemu-system-aarch64"
+    control_socket: Path | None = None   # unix socket of the virtio-serial port PORT_NAME (QEMU listens)
+    qmp_socket: Path | None = None       # unix socket of a QMP monitor (QEMU listens)
+    incoming: str | None = None          # "defer": wait for migrate-incoming (snapshot restore)
+    extra_args: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "kernel", _as_path("kernel", self.kernel, optional=False))
+        for name in ("initrd", "control_socket", "qmp_socket"):
+            set_(self, name, _as_path(name, getattr(self, name), optional=True))
+        if isinstance(self.extra_args, list):
+            set_(self, "extra_args", tuple(self.extra_args))
+        if self.cpu is None:
+            set_(self, "cpu", "host" if self.accel == "kvm" else "max")
+        self._validate()
+
+    def _validate(self) -> None:
+        def bad(msg: str, hint: str = "") -> SetupError:
+            return SetupError(f"invalid machine configuration: {msg}", hint=hint)
+
+        def is_int(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if self.accel not in ACCELS:
+            raise bad(f"accel must be one of {', '.join(ACCELS)}, got {self.accel!r}")
+        if not isinstance(self.cpu, str) or not self.cpu or any(c.isspace() for c in self.cpu):
+            raise bad(f"cpu must be a QEMU CPU model such as 'max', got {self.cpu!r}")
+        if self.cpu.split(",")[0] == "host" and self.accel != "kvm":
+            raise bad(f"cpu 'host' needs accel 'kvm' (accel is {self.accel!r})", hint="use cpu 'max' with TCG")
+        if not is_int(self.smp) or not SMP_RANGE[0] <= self.smp <= SMP_RANGE[1]:
+            raise bad(f"smp must be an integer in {SMP_RANGE[0]}..{SMP_RANGE[1]}, got {self.smp!r}")
+        if not is_int(self.memory_mb) or not MEMORY_RANGE_MB[0] <= self.memory_mb <= MEMORY_RANGE_MB[1]:
+            raise bad(f"memory_mb must be an integer in {MEMORY_RANGE_MB[0]}..{MEMORY_RANGE_MB[1]}, "
+                      f"got {self.memory_mb!r}")
+        if not isinstance(self.virtualization, bool):
+            raise bad(f"virtualization must be a bool, got {self.virtualization!r}")
+        if not is_int(self.gic_version) or self.gic_version not in GIC_VERSIONS:
+            raise bad(f"gic_version must be one of {GIC_VERSIONS}, got {self.gic_version!r}")
+        if not isinstance(self.qemu_bin, str) or not self.qemu_bin:
+            raise bad(f"qemu_bin must be a program name or path, got {self.qemu_bin!r}")
+        if not isinstance(self.cmdline, str) or "\n" in self.cmdline or "\0" in self.cmdline:
+            raise bad(f"cmdline must be a one-line string, got {self.cmdline!r}")
+        if self.incoming is not None and (not isinstance(self.incoming, str) or not self.incoming):
+            raise bad(f"incoming must be a migration URI such as 'defer', or None, got {self.incoming!r}")
+        if not all(isinstance(a, str) for a in self.extra_args):
+            raise bad(f"extra_args must be a tuple of strings, got {self.extra_args!r}")
+        for a in self.extra_args:
+            opt = a.lstrip("-").split("=", 1)[0] if a.startswith("-") else None
+            if opt in _OWNED_OPTIONS:
+                raise bad(f"{a!r} in extra_args: use MachineConfig.{_OWNED_OPTIONS[opt]} instead"
+                          if not _OWNED_OPTIONS[opt].startswith("(") else
+                          f"{a!r} in extra_args is not allowed {_OWNED_OPTIONS[opt]}")
+        if not self.kernel.is_file():
+            raise bad(f"kernel {self.kernel} does not exist or is not a file",
+                      hint="run 'smccc-harness fetch' to download and extract the pinned kernel")
+        if self.initrd is not None and not self.initrd.is_file():
+            raise bad(f"initrd {self.initrd} does not exist or is not a file",
+                      hint="run 'smccc-harness build' to build the initramfs")
+        for name in ("control_socket", "qmp_socket"):
+            p = getattr(self, name)
+            if p is not None and len(os.fsencode(str(p))) > SUN_PATH_MAX:
+                raise bad(f"{name} path is {len(str(p))} bytes long; unix socket paths must fit in "
+                          f"{SUN_PATH_MAX} bytes: {p}", hint="use a shorter --results-dir")
+        if self.control_socket is not None and self.control_socket == self.qmp_socket:
+            raise bad("control_socket and qmp_socket must differ")
+
+    # -- rendering ------------------------------------------------------------------------------------
+    def machine_arg(self) -> str:
+        opts = ["virt"]
+        if self.virtualization:
+            opts.append("virtualization=on")
+        opts.append(f"gic-version={self.gic_version}")
+        return ",".join(opts)
+
+    def argv(self) -> list[str]:
+        """The exact QEMU command line (argv[0] is ``qemu_bin``)."""
+        a = [self.qemu_bin,
+             "-M", self.machine_arg(),
+             "-accel", self.accel,
+             "-cpu", self.cpu,
+             "-smp", str(self.smp),
+             "-m", str(self.memory_mb),
+             "-display", "none", "-monitor", "none", "-serial", "stdio",
+             "-no-reboot", "-nic", "none",
+             "-kernel", str(self.kernel)]
+        if self.initrd is not None:
+            a += ["-initrd", str(self.initrd)]
+        a += ["-append", self.cmdline]
+        if self.control_socket is not None:
+            a += ["-chardev", f"socket,id=ctl,path={self.control_socket},server=on,wait=off",
+                  "-device", "virtio-serial-pci,id=vser0",
+                  "-device", f"virtserialport,bus=vser0.0,chardev=ctl,name={PORT_NAME}"]
+        if self.qmp_socket is not None:
+            a += ["-qmp", f"unix:{self.qmp_socket},server=on,wait=off"]
+        if self.incoming is not None:
+            a += ["-incoming", self.incoming]
+        a += list(self.extra_args)
+        return a
+
+    def shell_command(self) -> str:
+        """:meth:`argv` as one shell-quoted line (``shlex.split`` gives :meth:`argv` back)."""
+        return shlex.join(self.argv())
+
+
+# ---- the process -----------------------------------------------------------------------------------
+_PR_SET_PDEATHSIG = 1
+_libc = None
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    global _libc
+    if _libc is None:
+        with contextlib.suppress(OSError):
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return _libc
+
+
+def _pdeathsig_preexec(parent: int, libc: ctypes.CDLL | None):
+    """preexec_fn for the child: SIGKILL when the parent dies (and die now if it already has)."""
+    def preexec() -> None:
+        if libc is not None:
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(127)
+    return preexec
+
+
+def _gone(pid: int) -> bool:
+    """True if ``pid`` (our child) has exited; does not reap it (WNOWAIT), so its pgid stays reserved."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+class Machine:
+    """A running QEMU for ``config``, its artifacts in ``run_dir`` (console.log, qemu-cmd.sh).
+
+    Use as a context manager, or call :meth:`start` / :meth:`stop`.  After :meth:`start`: ``pid``,
+    ``console`` (a :class:`harness.console.Console`), :meth:`alive`, :meth:`qmp`.
+    """
+
+    TERM_GRACE_S = 2.0   # SIGTERM -> SIGKILL
+    KILL_WAIT_S = 5.0
+
+    def __init__(self, config: MachineConfig, run_dir: Path) -> None:
+        if not isinstance(config, MachineConfig):
+            raise TypeError(f"config must be a MachineConfig, got {type(config).__name__}")
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.console: Console | None = None
+        self._child: pexpect.spawn | None = None
+        self._qmp = None
+        self._stopped = False
+        self.exit_status: int | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        return self._child.pid if self._child is not None else None
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "console.log"
+
+    def alive(self) -> bool:
+        if self._child is None or self._stopped:
+            return False
+        try:
+            return bool(self._child.isalive())
+        except (OSError, pexpect.ExceptionPexpect):
+            return False
+
+    def start(self, startup_check_s: float = STARTUP_CHECK_S) -> Self:
+        """Spawn QEMU; raise ``BootError`` (with QEMU's output) if it exits within ``startup_check_s``.
+
+        Returns early, before ``startup_check_s``, once the guest has printed something on the console.
+        """
+        if self._child is not None:
+            raise RuntimeError("Machine.start() called twice")
+        cfg = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for sock in (cfg.control_socket, cfg.qmp_socket):
+            if sock is not None and sock.is_socket():
+                sock.unlink()     # stale, from an earlier run in the same directory
+        argv = cfg.argv()
+        script = self.run_dir / "qemu-cmd.sh"
+        script.write_text("#!/bin/sh\n# The QEMU command line of this run; the serial console is on stdio.\n"
+                          f"exec {cfg.shell_command()} \"$@\"\n")
+        script.chmod(0o755)
+        t0 = time.monotonic()
+        try:
+            child = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", codec_errors="replace", timeout=None,
+                                  maxread=65536, echo=False, use_poll=True,
+                                  preexec_fn=_pdeathsig_preexec(os.getpid(), _load_libc()))
+        except pexpect.ExceptionPexpect as e:
+            raise SetupError(f"cannot run {argv[0]}: {e}",
+                             hint="install QEMU (smccc-harness setup) or pass --qemu-bin") from None
+        self._child = child
+        self.console = Console(child, self.log_path, name="QEMU", started=t0)
+        self._startup_check(startup_check_s)
+        return self
+
+    def _startup_check(self, startup_check_s: float) -> None:
+        assert self.console is not None and self._child is not None
+        stop = time.monotonic() + startup_check_s
+        while time.monotonic() < stop:
+            self.console.drain(timeout=0.05, max_s=0.0)
+            if self.console.eof or not self.alive():
+                self.console.drain(timeout=0.2, max_s=1.0)    # whatever QEMU printed before it died
+                output = self.console.text.strip()
+                status = self._reap()
+                self.stop()
+                st = "unknown status" if status is None else (
+                    f"signal {-status}" if status < 0 else f"status {status}")
+                raise BootError(f"QEMU exited with {st} right after starting: "
+                                f"{output[-2000:] or '(no output)'}",
+                                hint=f"the command line is in {self.run_dir / 'qemu-cmd.sh'}")
+            if self._guest_talking():
+                return    # QEMU got past its command line and machine setup
+
+    def _guest_talking(self) -> bool:
+        """A complete console line that is not one of QEMU's own messages ("qemu-system-aarch64: ...")."""
+        assert self.console is not None
+        prefix = os.path.basename(self.config.qemu_bin) + ":"
+        lines = self.console.text.split("\n")[:-1]
+        return any(ln.strip() and not ln.startswith(prefix) for ln in lines)
+
+    def _reap(self) -> int | None:
+        """Reap QEMU if it has exited; its exit status (negative = signal), else None."""
+        child = self._child
+        if child is None:
+            return self.exit_status
+        with contextlib.suppress(OSError, pexpect.ExceptionPexpect):
+            if not child.isalive():
+                self.exit_status = -child.signalstatus if child.signalstatus is not None else child.exitstatus
+        return self.exit_status
+
+    def stop(self) -> int | None:
+        """Kill QEMU's whole process group (SIGTERM, then SIGKILL), reap it, close the pty, remove sockets.
+
+        Idempotent, never raises.  Returns QEMU's exit status (negative = signal), if known.
+        """
+        if self._stopped:
+            return self.exit_status
+        self._stopped = True
+        child = self._child
+        try:
+            if self._qmp is not None:
+                with contextlib.suppress(Exception):
+                    self._qmp.close()
+                self._qmp = None
+            if child is not None:
+                self._kill_group(child.pid)
+                if self.console is not None:
+                    with contextlib.suppress(Exception):
+                        self.console.drain(timeout=0.0, max_s=1.0)
+                self._reap()
+                with contextlib.suppress(Exception):
+                    child.close(force=True)
+                if self.exit_status is None and child.signalstatus is not None:
+                    self.exit_status = -child.signalstatus
+                elif self.exit_status is None:
+                    self.exit_status = child.exitstatus
+        except Exception:   # stop() runs in finally/__exit__ paths and must not mask errors
+            log.warning("error while stopping QEMU (pid %s)", child.pid if child else None, exc_info=True)
+        finally:
+            if self.console is not None:
+                with contextlib.suppress(Exception):
+                    self.console.close()
+            for sock in (self.config.control_socket, self.config.qmp_socket):
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        if sock.is_socket():
+                            sock.unlink()
+        return self.exit_status
+
+    def _kill_group(self, pid: int) -> None:
+        """SIGTERM the process group, wait, SIGKILL it; QEMU's pgid is its pid (pexpect's pty: setsid)."""
+        if self._child is not None and self._child.terminated:
+            return     # already reaped: its pgid may be someone else's by now
+        for sig, wait_s in ((signal.SIGTERM, self.TERM_GRACE_S), (signal.SIGKILL, self.KILL_WAIT_S)):
+            if _gone(pid):
+                break
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, sig)
+            stop = time.monotonic() + wait_s
+            while time.monotonic() < stop and not _gone(pid):
+                time.sleep(0.01)
+        # The leader is a zombie (not reaped), so the pgid is still ours: kill any stragglers in the group.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+    def __enter__(self) -> Self:
+        if self._child is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- QMP ------------------------------------------------------------------------------------------
+    def qmp(self, timeout_s: float = 10.0):
+        """A connected, negotiated ``qemu.qmp.legacy.QEMUMonitorProtocol`` (sync) on ``qmp_socket``.
+
+        Command timeout ``timeout_s``; e.g. ``m.qmp().cmd("query-status")``.  Closed by :meth:`stop`.
+        """
+        if self.config.qmp_socket is None:
+            raise SetupError("this machine has no QMP socket (MachineConfig.qmp_socket)")
+        if self._qmp is not None:
+            return self._qmp
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        sock = self.config.qmp_socket
+        stop = time.monotonic() + timeout_s
+        while not sock.is_socket():
+            if not self.alive():
+                raise BootError("QEMU exited before its QMP socket appeared",
+                                hint=f"console log: {self.log_path}")
+            if time.monotonic() > stop:
+                raise BootError(f"QMP socket {sock} did not appear within {timeout_s:g} s")
+            time.sleep(0.02)
+        q = QEMUMonitorProtocol(str(sock))
+        try:
+            q.connect(negotiate=True)
+        except Exception as e:
+            q.close()
+            raise BootError(f"cannot connect to QMP at {sock}: {e}") from e
+        q.settimeout(timeout_s)
+        self._qmp = q
+        return q
