@@ -1,0 +1,226 @@
+"""pytest plugin: options, the booted-guest fixtures, capability skips, console failure scanning, results table.
+
+Outcome table (one place; the bisect command maps the same outcomes to exit codes):
+
+| what happened                                   | pytest       | ``git bisect run`` |
+|-------------------------------------------------|--------------|--------------------|
+| assertions hold, console clean                  | passed       | 0 (good)           |
+| assertion fails, or Oops/WARNING/BUG/panic/lockdep printed while the test ran | failed | 1 (bad) |
+| kernel lacks a capability (/dev/kvm, KVM_CAP_ARM_EL2, filter) | skipped (reason names it) | 125 (skip) |
+| guest did not boot (panic at boot, no agent banner in time) | error | 125 (skip) |
+| harness/infrastructure failure (QEMU missing, asset download) | error | 125 (skip) |
+| no tests selected                                | exit 5       | 128 (abort)        |
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+import pytest
+
+from . import paths
+from .console import scan_failures
+from .errors import HarnessError
+
+OPT_GROUP = "smccc-harness"
+_POOL_KEY = pytest.StashKey["GuestPool"]()
+_ROWS_KEY = pytest.StashKey[list]()
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup(OPT_GROUP, "smccc-harness: the guest kernel and QEMU")
+    g.addoption("--kernel", default=os.environ.get("SMCCC_KERNEL", "default"),
+                help="arm64 kernel: a path to an Image, or a Debian kernel spec: 'default' (newest 7.x cloud-arm64), "
+                     "a series ('7.2', '6.12') or a package name [env SMCCC_KERNEL]")
+    g.addoption("--accel", default=os.environ.get("SMCCC_ACCEL", "auto"), choices=("auto", "tcg", "kvm"),
+                help="QEMU accelerator; auto = kvm on an arm64 host with /dev/kvm, else tcg [env SMCCC_ACCEL]")
+    g.addoption("--qemu-bin", default=os.environ.get("QEMU", "qemu-system-aarch64"), help="QEMU binary [env QEMU]")
+    g.addoption("--smp", type=int, default=1, help="vCPUs of the QEMU machine (1 is fastest under TCG)")
+    g.addoption("--memory", type=int, default=1024, help="RAM of the QEMU machine in MiB")
+    g.addoption("--append", default="", help="extra kernel command line")
+    g.addoption("--boot-timeout", type=float, default=float(os.environ.get("SMCCC_BOOT_TIMEOUT", 120)),
+                help="seconds from QEMU start to the agent's ready banner")
+    g.addoption("--results-dir", default=None, help="where run directories (console logs, traces) go [./runs]")
+
+
+def pytest_configure(config):
+    config.stash[_ROWS_KEY] = []
+    rd = config.getoption("--results-dir", None)
+    if rd:
+        os.environ["SMCCC_HARNESS_RESULTS"] = str(Path(rd).resolve())
+
+
+def resolve_accel(accel: str) -> str:
+    if accel != "auto":
+        return accel
+    return "kvm" if platform.machine() in ("aarch64", "arm64") and os.path.exists("/dev/kvm") else "tcg"
+
+
+class GuestPool:
+    """Hands each test a healthy booted guest; boots a new one when the previous guest died.
+
+    A boot failure is remembered (labgrid's never_retry): every later test fails at once with the same
+    cause instead of paying the boot timeout again.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.session = None
+        self.boot_error: BaseException | None = None
+        self.sessions: list = []
+        self.assets: dict | None = None
+
+    def resolve_assets(self) -> dict:
+        if self.assets is None:
+            from .kernel import resolve_kernel
+            from . import assets, initramfs
+            kernel = resolve_kernel(self.config.getoption("--kernel"))
+            initrd = initramfs.build_initramfs(assets.ensure_rootfs())
+            self.assets = {"kernel": kernel, "initrd": initrd}
+        return self.assets
+
+    def get(self):
+        from .session import GuestSession
+        if self.session is not None and self.session.alive():
+            return self.session
+        if self.boot_error is not None:
+            raise self.boot_error
+        if self.session is not None:
+            self.session.close()
+        try:
+            a = self.resolve_assets()
+            opt = self.config.getoption
+            run_dir = paths.new_run_dir("guest")
+            self.session = GuestSession.create(
+                a["kernel"].image, a["initrd"], run_dir, accel=resolve_accel(opt("--accel")), smp=opt("--smp"),
+                memory_mb=opt("--memory"), append=opt("--append"), boot_deadline_s=opt("--boot-timeout"),
+                qemu_bin=opt("--qemu-bin"))
+            self.sessions.append(self.session)
+            self.session.start()
+        except BaseException as e:
+            self.boot_error = e
+            raise
+        return self.session
+
+    def close(self):
+        for s in self.sessions:
+            s.close()
+
+
+@pytest.fixture(scope="session")
+def guest_pool(request):
+    pool = GuestPool(request.config)
+    request.config.stash[_POOL_KEY] = pool
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def guest(guest_pool, request):
+    """A booted guest with a ready agent; skips with the exact reason when the kernel lacks what the test needs."""
+    try:
+        g = guest_pool.get()
+    except HarnessError as e:
+        pytest.fail(f"guest did not come up: {e}", pytrace=False)
+    caps = g.caps
+    if not caps.get("kvm"):
+        pytest.skip(f"kernel {caps.get('uname')}: {caps.get('reason', '/dev/kvm is absent')}")
+    if request.node.get_closest_marker("filter") or request.node.get_closest_marker("psci"):
+        if not caps.get("smccc_filter"):
+            pytest.skip(f"kernel {caps.get('uname')}: no SMCCC filter (KVM_HAS_DEVICE_ATTR on the VM fd failed: "
+                        f"{caps.get('smccc_filter_errno')}); it needs Linux 6.4+")
+    if request.node.get_closest_marker("el2") and not caps.get("KVM_CAP_ARM_EL2"):
+        pytest.skip(f"kernel {caps.get('uname')}: KVM_CAP_ARM_EL2 is 0 (nested virt needs 6.16+, "
+                    f"FEAT_NV2 and kvm-arm.mode=nested; KVM says: {caps.get('kvm_mode')})")
+    if request.node.get_closest_marker("e2h0") and not caps.get("KVM_CAP_ARM_EL2_E2H0"):
+        pytest.skip(f"kernel {caps.get('uname')}: KVM_CAP_ARM_EL2_E2H0 is 0")
+    request.node.user_properties.append(("console_log", str(g.console_log)))
+    request.node.stash[_MARK_KEY] = (g, g.machine.console.mark())
+    yield g
+
+
+_MARK_KEY = pytest.StashKey[tuple]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """Fail a test whose run printed a kernel Oops/WARNING/BUG/panic/lockdep splat, even if it asserted fine."""
+    outcome = yield
+    mark = item.stash.get(_MARK_KEY, None)
+    if mark is None or outcome.excinfo is not None:
+        return
+    g, pos = mark
+    try:
+        text = g.machine.console.since(pos)
+    except Exception:  # noqa: BLE001 - a dead console is reported by the next request
+        return
+    findings = scan_failures(text)
+    if findings:
+        f = findings[0]
+        outcome.force_exception(pytest.fail.Exception(
+            f"the guest kernel printed {f.name!r} while this test ran:\n{f.excerpt}\nconsole log: {g.console_log}",
+            pytrace=False))
+
+
+def _row(report) -> dict:
+    kw = report.keywords
+    conduit = "+".join(c for c in ("hvc", "smc") if c in kw) or "-"
+    el = "EL2" if "el2" in kw else ("EL1" if "el1" in kw else "-")
+    return {"test": report.nodeid.split("::", 1)[-1], "conduit": conduit, "el": el, "outcome": report.outcome,
+            "duration": report.duration, "skip": report.longrepr[2] if report.skipped and isinstance(
+                report.longrepr, tuple) else ""}
+
+
+def pytest_runtest_logreport(report):
+    rows = _CONFIG.stash[_ROWS_KEY] if _CONFIG else None
+    if rows is None or "tests/system" not in report.nodeid:
+        return
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        r = _row(report)
+        if report.when == "setup" and report.outcome == "failed":
+            r["outcome"] = "error"
+        rows.append(r)
+
+
+_CONFIG = None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session):
+    global _CONFIG
+    _CONFIG = session.config
+
+
+def format_table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    head = ("scenario", "conduit", "guest EL", "result", "time")
+    body = [(r["test"], r["conduit"], r["el"], r["outcome"].upper() + (f" ({r['skip'][:70]})" if r["skip"] else ""),
+             f"{r['duration']:.2f}s") for r in rows]
+    w = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    line = "  ".join("{:<%d}" % x for x in w)
+    out = [line.format(*head), line.format(*("-" * x for x in w))]
+    out += [line.format(*b) for b in body]
+    return "\n".join(out)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    rows = config.stash.get(_ROWS_KEY, [])
+    if not rows:
+        return
+    tr = terminalreporter
+    tr.section("smccc-harness results")
+    tr.write_line(format_table(rows))
+    pool = config.stash.get(_POOL_KEY, None)
+    if pool is not None:
+        for s in pool.sessions:
+            caps = s.caps or {}
+            tr.write_line(f"guest kernel {caps.get('uname', '?')} ({caps.get('kvm_mode') or 'KVM mode unknown'}); "
+                          f"boot {s.timings.get('ready_s', '?')} s; console log: {s.console_log}")
+    else:
+        root = paths.results_root()
+        tr.write_line(f"console logs and traces: {root}")
+    _ = time

@@ -1,0 +1,37 @@
+"""Building scenario requests on the host (the wire format is in :mod:`harness.protocol`)."""
+
+from __future__ import annotations
+
+from . import protocol as P
+
+PSCI_BASE32 = 0x8400_0000
+PSCI_BASE64 = 0xC400_0000
+PSCI_NR = 0x20
+
+
+def fwd(base: int, nr: int = 1) -> dict:
+    return {"base": base, "nr": nr, "action": "fwd"}
+
+
+def deny(base: int, nr: int = 1) -> dict:
+    return {"base": base, "nr": nr, "action": "deny"}
+
+
+def handle(base: int, nr: int = 1) -> dict:
+    return {"base": base, "nr": nr, "action": "handle"}
+
+
+# The ranges kvmtool's --psci installs (kvm-smccc-abi.md §3.5), minus the legacy 0.1 DENY.
+PSCI_FWD = (fwd(PSCI_BASE32, PSCI_NR), fwd(PSCI_BASE64, PSCI_NR))
+
+
+def scenario(name: str, payload, *, filters=(), el2: bool = False, e2h0: bool = False, vcpus: int = 1,
+             handler: str = "psci", replies: dict | None = None, params=(), deadline_s: float = 10.0,
+             **extra) -> dict:
+    """A validated ``run`` request for ``payload`` (a :class:`harness.payloads.Payload`)."""
+    spec = {"name": name, "payload": payload.to_wire(), "filters": list(filters), "el2": el2, "e2h0": e2h0,
+            "vcpus": vcpus, "handler": handler,
+            "replies": {f"{int(k):#x}" if not isinstance(k, str) else k: list(v) for k, v in (replies or {}).items()},
+            "params": list(params), "deadline_s": deadline_s}
+    spec.update(extra)
+    return P.validate_scenario(spec)

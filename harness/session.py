@@ -1,0 +1,196 @@
+"""A booted guest, ready for scenarios: QEMU machine + serial console + control channel.
+
+``GuestSession`` is what the pytest plugin and the CLI hold.  It boots once, then serves many scenarios;
+everything it produces (console.log, qemu-cmd.sh, scenario traces) lands in its run directory, which is kept.
+A guest is thrown away, not torn down: ``close()`` kills QEMU (nested VMs inside it are never destroyed,
+platform.md).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import protocol as P
+from .channel import Channel, ChannelError
+from .console import scan_failures
+from .errors import BootError, GuestError
+from .qemu import Machine, MachineConfig, default_cmdline
+
+READY_RE = re.compile(re.escape(P.READY_BANNER) + r" (\{.*\})")
+
+
+@dataclass
+class ScenarioResult:
+    """The agent's answer for one scenario, with helpers for assertions."""
+    raw: dict
+    payload: object = None          # harness.payloads.Payload, for symbolizing PCs
+    console: str = ""               # console output printed while the scenario ran
+    trace_path: Path | None = None
+
+    @property
+    def outcome(self) -> str:
+        return self.raw.get("outcome")
+
+    @property
+    def events(self) -> list[dict]:
+        return self.raw.get("events", [])
+
+    @property
+    def hypercalls(self) -> list[dict]:
+        return [e for e in self.events if e["kind"] == "hypercall"]
+
+    @property
+    def reports(self) -> dict[int, int]:
+        return {e["slot"]: e["value"] for e in self.events if e["kind"] == "report"}
+
+    def reports_of(self, vcpu: int) -> dict[int, int]:
+        return {e["slot"]: e["value"] for e in self.events if e["kind"] == "report" and e.get("vcpu") == vcpu}
+
+    @property
+    def filters(self) -> list[dict]:
+        return self.raw.get("filters", [])
+
+    @property
+    def result_block(self) -> bytes:
+        return P.unb64(self.raw.get("result_block", ""))
+
+    def symbol(self, addr: int) -> str:
+        if self.payload is not None and hasattr(self.payload, "symbolize"):
+            return self.payload.symbolize(addr)
+        return f"{addr:#x}"
+
+    def format_trace(self) -> str:
+        """The handler trace, one line per record, PCs named by payload symbols."""
+        lines = []
+        for e in self.events:
+            d = dict(e)
+            t, kind, vcpu = d.pop("t"), d.pop("kind"), d.pop("vcpu", "-")
+            if "pc" in d:
+                d["pc"] = self.symbol(d["pc"])
+            if kind == "hypercall":
+                args = d.pop("args")
+                d["x0..x3"] = " ".join(f"{a:#x}" for a in args[:4])
+                d["nr"] = f"{d['nr']:#x}"
+                d["pstate"] = f"{d['pstate']:#x}"
+                if d.get("reply") is not None:
+                    d["reply"] = " ".join(f"{a:#x}" for a in d["reply"])
+            body = " ".join(f"{k}={v}" for k, v in d.items())
+            lines.append(f"{t:9.6f} vcpu{vcpu} {kind:<12} {body}")
+        return "\n".join(lines)
+
+    def describe(self) -> str:
+        out = [f"scenario {self.raw.get('name')}: outcome={self.outcome} exit_code={self.raw.get('exit_code')}",
+               "handler trace:", self.format_trace() or "  (empty)"]
+        if self.raw.get("errors"):
+            out.append("errors: " + "; ".join(self.raw["errors"]))
+        for v in self.raw.get("vcpus", []):
+            out.append(f"vcpu{v['index']}: pc={self.symbol(v['pc'])} pstate={v['pstate']:#x} "
+                       f"x0..x3={' '.join(hex(x) for x in v['x'][:4])}")
+        if self.trace_path:
+            out.append(f"trace: {self.trace_path}")
+        return "\n".join(out)
+
+
+@dataclass
+class GuestSession:
+    config: MachineConfig
+    run_dir: Path
+    boot_deadline_s: float = 120.0
+    machine: Machine | None = None
+    channel: Channel | None = None
+    caps: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    scenario_count: int = 0
+
+    @classmethod
+    def create(cls, kernel: Path, initrd: Path, run_dir: Path, *, accel: str = "tcg", smp: int = 1,
+               memory_mb: int = 1024, append: str = "", boot_deadline_s: float = 120.0,
+               qemu_bin: str = "qemu-system-aarch64", incoming: str | None = None) -> "GuestSession":
+        cfg = MachineConfig(kernel=Path(kernel), initrd=Path(initrd), cmdline=default_cmdline(append),
+                            accel=accel, smp=smp, memory_mb=memory_mb, qemu_bin=qemu_bin,
+                            control_socket=run_dir / "ctl.sock", qmp_socket=run_dir / "qmp.sock",
+                            incoming=incoming)
+        return cls(config=cfg, run_dir=run_dir, boot_deadline_s=boot_deadline_s)
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> "GuestSession":
+        t0 = time.monotonic()
+        self.machine = Machine(self.config, self.run_dir)
+        try:
+            self.machine.start()
+            m = self.machine.console.expect_ready(READY_RE, self.boot_deadline_s)
+            self.timings["boot_s"] = round(time.monotonic() - t0, 3)
+            self.caps = json.loads(m.group(1))
+            self.channel = Channel(self.config.control_socket)
+            self.channel.connect(10.0)
+            hello = self.channel.wait_hello(15.0)
+            self.caps = hello.get("caps", self.caps)
+            self.timings["ready_s"] = round(time.monotonic() - t0, 3)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __enter__(self) -> "GuestSession":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def alive(self) -> bool:
+        return self.machine is not None and self.machine.alive()
+
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        if self.machine is not None:
+            self.machine.stop()
+
+    @property
+    def console_log(self) -> Path:
+        return self.run_dir / "console.log"
+
+    # ---- requests -----------------------------------------------------------------------------------
+    def request(self, op: str, args: dict | None = None, deadline_s: float = 30.0) -> dict:
+        if self.channel is None:
+            raise GuestError("the guest is not running", hint="start the session first")
+        mark = self.machine.console.mark()
+        try:
+            return self.channel.request(op, args, deadline_s)
+        except ChannelError as e:
+            raise self._explain(e, mark) from e
+
+    def _explain(self, err: ChannelError, mark: int) -> GuestError:
+        """Turn a broken channel into a failure that names the cause (panic, QEMU gone, timeout)."""
+        text = self.machine.console.since(mark)
+        findings = scan_failures(text)
+        where = f"console log: {self.console_log}"
+        if findings:
+            f = findings[0]
+            return GuestError(f"guest kernel failure while running {err}: {f.name}\n{f.excerpt}\n{where}")
+        if not self.machine.alive():
+            return GuestError(f"QEMU exited while the agent was busy ({err})\n{where}")
+        if err.kind == "remote":
+            return GuestError(f"{err}\n--- agent traceback ---\n{err.remote_traceback}")
+        return GuestError(f"{err}\nlast console lines:\n" + "\n".join(text.splitlines()[-20:]) + f"\n{where}")
+
+    def run(self, scenario: dict, payload=None, deadline_s: float | None = None) -> ScenarioResult:
+        """Run one scenario in the guest; the trace is saved as ``<run_dir>/traces/NNN-<name>.jsonl``."""
+        spec = P.validate_scenario(scenario)
+        mark = self.machine.console.mark()
+        raw = self.request("run", spec, deadline_s or spec["deadline_s"] + 30.0)
+        self.scenario_count += 1
+        tdir = self.run_dir / "traces"
+        tdir.mkdir(exist_ok=True)
+        path = tdir / f"{self.scenario_count:03d}-{spec['name']}.jsonl"
+        with open(path, "w") as f:
+            for e in raw.get("events", []):
+                f.write(json.dumps(e, sort_keys=True) + "\n")
+            summary = {k: v for k, v in raw.items() if k not in ("events", "result_block")}
+            f.write(json.dumps({"kind": "summary", **summary}, sort_keys=True) + "\n")
+        return ScenarioResult(raw=raw, payload=payload, console=self.machine.console.since(mark), trace_path=path)
