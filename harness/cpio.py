@@ -92,15 +92,13 @@ def complete(entries: list[Entry]) -> list[Entry]:
 def write(out: BinaryIO, entries: list[Entry], mtime: int = MTIME) -> int:
     """Write a newc archive of ``entries`` (see :func:`complete`); returns the number of bytes written."""
     n = 0
-    ino = 0
 
     def emit(b: bytes) -> None:
         nonlocal n
         out.write(b)
         n += len(b)
 
-    for e in complete(entries):
-        ino += 1
+    for ino, e in enumerate(complete(entries), start=1):
         data = b"" if stat.S_ISDIR(e.mode) or stat.S_ISCHR(e.mode) or stat.S_ISBLK(e.mode) else e.content()
         name = e.path.encode() + b"\0"
         nlink = 2 if stat.S_ISDIR(e.mode) else 1

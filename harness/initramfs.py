@@ -261,7 +261,7 @@ def _stage_guest(base: Path, sources: dict[str, Path], stage: Path) -> None:
         shutil.copyfile(src, d)
     _compile(base, stage / GUEST_ROOT / "harness", f"/{GUEST_ROOT}/harness", "the harness guest code")
     mods = guest_modules(sources)
-    code = "import importlib\nfor m in %r:\n    importlib.import_module(m)\nprint('ok')\n" % (mods,)
+    code = f"import importlib\nfor m in {mods!r}:\n    importlib.import_module(m)\nprint('ok')\n"
     r = guest_python(base, ["-S", "-c", code], cwd=stage / GUEST_ROOT, timeout=120)
     if r.returncode != 0 or not r.stdout.strip().endswith("ok"):
         raise AssetError(f"the guest's {PY} cannot import the harness guest code ({', '.join(mods)}):\n"
