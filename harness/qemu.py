@@ -62,9 +62,9 @@ def _as_path(name: str, value: object, *, optional: bool) -> Path | None:
     if value is None and optional:
         return None
     if isinstance(value, str) and value:
-        return Path(value)
+        value = Path(value)
     if isinstance(value, Path):
-        return value
+        return value.absolute()     # qemu-cmd.sh must work from any directory
     raise SetupError(f"MachineConfig.{name} must be a path{' or None' if optional else ''}, got {value!r}")
 
 

@@ -1,0 +1,255 @@
+"""harness.qemu: MachineConfig validation and rendering; Machine lifecycle against the real QEMU binary."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.errors import BootError, HarnessError, SetupError
+from harness.protocol import PORT_NAME
+from harness.qemu import Machine, MachineConfig, default_cmdline
+
+QEMU = shutil.which("qemu-system-aarch64")
+needs_qemu = pytest.mark.skipif(QEMU is None, reason="qemu-system-aarch64 is not installed")
+
+
+@pytest.fixture
+def kernel(tmp_path: Path) -> Path:
+    k = tmp_path / "vmlinuz"
+    k.write_bytes(os.urandom(4096))    # QEMU loads an unknown format as a raw image; fine with -S
+    return k
+
+
+@pytest.fixture
+def initrd(tmp_path: Path) -> Path:
+    i = tmp_path / "initramfs.cpio"
+    i.write_bytes(b"070701")
+    return i
+
+
+# ---- rendering -------------------------------------------------------------------------------------
+def test_default_cmdline() -> None:
+    c = default_cmdline()
+    assert c == "console=ttyAMA0 rdinit=/init kvm-arm.mode=nested panic=-1 loglevel=5"
+    assert "quiet" not in c.split()
+    assert default_cmdline("smccc.shell") == c + " smccc.shell"
+    assert default_cmdline("  ") == c
+
+
+def test_argv_tcg_with_control_and_qmp(tmp_path: Path, kernel: Path, initrd: Path) -> None:
+    cfg = MachineConfig(kernel=kernel, initrd=initrd, control_socket=tmp_path / "ctl.sock",
+                        qmp_socket=tmp_path / "qmp.sock")
+    assert cfg.cpu == "max" and cfg.accel == "tcg" and cfg.smp == 1 and cfg.memory_mb == 1024
+    assert cfg.argv() == [
+        "qemu-system-aarch64",
+        "-M", "virt,virtualization=on,gic-version=3",
+        "-accel", "tcg",
+        "-cpu", "max",
+        "-smp", "1",
+        "-m", "1024",
+        "-display", "none", "-monitor", "none", "-serial", "stdio",
+        "-no-reboot", "-nic", "none",
+        "-kernel", str(kernel),
+        "-initrd", str(initrd),
+        "-append", "console=ttyAMA0 rdinit=/init kvm-arm.mode=nested panic=-1 loglevel=5",
+        "-chardev", f"socket,id=ctl,path={tmp_path / 'ctl.sock'},server=on,wait=off",
+        "-device", "virtio-serial-pci,id=vser0",
+        "-device", f"virtserialport,bus=vser0.0,chardev=ctl,name={PORT_NAME}",
+        "-qmp", f"unix:{tmp_path / 'qmp.sock'},server=on,wait=off",
+    ]
+    assert PORT_NAME == "smccc.ctl"
+
+
+def test_argv_minimal_incoming_and_extra(kernel: Path) -> None:
+    cfg = MachineConfig(kernel=kernel, smp=2, memory_mb=2048, incoming="defer", extra_args=("-S",))
+    a = cfg.argv()
+    assert "-initrd" not in a and "-chardev" not in a and "-qmp" not in a
+    assert a[a.index("-smp") + 1] == "2" and a[a.index("-m") + 1] == "2048"
+    assert a[-3:] == ["-incoming", "defer", "-S"]
+
+
+def test_argv_kvm(kernel: Path) -> None:
+    cfg = MachineConfig(kernel=kernel, accel="kvm", virtualization=False)
+    a = cfg.argv()
+    assert cfg.cpu == "host"
+    assert a[1:7] == ["-M", "virt,gic-version=3", "-accel", "kvm", "-cpu", "host"]
+    nv = MachineConfig(kernel=kernel, accel="kvm")
+    assert nv.argv()[2] == "virt,virtualization=on,gic-version=3"
+    assert nv.argv()[6] == "host"
+
+
+def test_shell_command_round_trips(tmp_path: Path) -> None:
+    d = tmp_path / "dir with space"
+    d.mkdir()
+    k = d / "vmlinuz"
+    k.write_bytes(b"x")
+    cfg = MachineConfig(kernel=k, cmdline=default_cmdline("smccc.note='it''s' \"q\" $HOME"),
+                        control_socket=d / "c.sock")
+    assert shlex.split(cfg.shell_command()) == cfg.argv()
+    assert cfg.shell_command().startswith("qemu-system-aarch64 -M virt,virtualization=on,gic-version=3 ")
+
+
+def test_paths_coerced_to_absolute(tmp_path: Path, kernel: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = MachineConfig(kernel="vmlinuz", qmp_socket="q.sock", extra_args=["-S"])  # type: ignore[arg-type]
+    assert cfg.kernel == kernel and cfg.kernel.is_absolute()
+    assert cfg.qmp_socket == tmp_path / "q.sock"
+    assert cfg.extra_args == ("-S",)
+
+
+def test_frozen(kernel: Path) -> None:
+    cfg = MachineConfig(kernel=kernel)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.smp = 2  # type: ignore[misc]
+    assert dataclasses.replace(cfg, smp=2).smp == 2
+
+
+# ---- validation ------------------------------------------------------------------------------------
+def test_missing_kernel(tmp_path: Path) -> None:
+    with pytest.raises(SetupError, match=r"kernel .*vmlinuz-missing does not exist") as e:
+        MachineConfig(kernel=tmp_path / "vmlinuz-missing")
+    assert isinstance(e.value, HarnessError) and e.value.hint
+
+
+def test_missing_initrd(tmp_path: Path, kernel: Path) -> None:
+    with pytest.raises(SetupError, match="initrd .* does not exist"):
+        MachineConfig(kernel=kernel, initrd=tmp_path / "nope.cpio")
+
+
+@pytest.mark.parametrize(("arg", "field"), [
+    ("-append", "cmdline"), ("--append", "cmdline"), ("-kernel", "kernel"), ("-initrd", "initrd"),
+    ("-cpu", "cpu"), ("-smp", "smp"), ("-m", "memory_mb"), ("-enable-kvm", "accel"),
+])
+def test_owned_options_refused_in_extra_args(kernel: Path, arg: str, field: str) -> None:
+    with pytest.raises(SetupError, match=rf"'{arg}' in extra_args: use MachineConfig\.{field} instead"):
+        MachineConfig(kernel=kernel, extra_args=(arg, "x"))
+
+
+@pytest.mark.parametrize("smp", [0, 9, -1, True, "2", 1.0])
+def test_bad_smp(kernel: Path, smp: object) -> None:
+    with pytest.raises(SetupError, match="smp must be an integer in 1..8"):
+        MachineConfig(kernel=kernel, smp=smp)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("kw", "msg"), [
+    ({"memory_mb": 128}, "memory_mb must be"),
+    ({"memory_mb": 32768}, "memory_mb must be"),
+    ({"accel": "hvf"}, "accel must be one of tcg, kvm"),
+    ({"cpu": "host"}, "cpu 'host' needs accel 'kvm'"),
+    ({"cpu": "max pauth"}, "cpu must be"),
+    ({"gic_version": 5}, "gic_version"),
+    ({"virtualization": "yes"}, "virtualization must be a bool"),
+    ({"cmdline": "a\nb"}, "cmdline must be a one-line string"),
+    ({"incoming": ""}, "incoming must be"),
+    ({"extra_args": ("-S", 3)}, "extra_args must be a tuple of strings"),
+    ({"kernel": 3}, "kernel must be a path"),
+    ({"qemu_bin": ""}, "qemu_bin"),
+])
+def test_bad_fields(kernel: Path, kw: dict, msg: str) -> None:
+    kw = {"kernel": kernel, **kw}
+    with pytest.raises(SetupError, match=msg):
+        MachineConfig(**kw)
+
+
+def test_socket_path_too_long(kernel: Path) -> None:
+    with pytest.raises(SetupError, match="unix socket paths must fit"):
+        MachineConfig(kernel=kernel, qmp_socket=Path("/tmp") / ("x" * 120))
+
+
+# ---- the process -----------------------------------------------------------------------------------
+def test_machine_stop_without_start(tmp_path: Path, kernel: Path) -> None:
+    m = Machine(MachineConfig(kernel=kernel), tmp_path / "run")
+    assert m.pid is None and not m.alive()
+    m.stop()
+    m.stop()
+
+
+@needs_qemu
+def test_bogus_option_fails_fast(tmp_path: Path, kernel: Path) -> None:
+    cfg = MachineConfig(kernel=kernel, qmp_socket=tmp_path / "q.sock", control_socket=tmp_path / "c.sock",
+                        extra_args=("-no-such-option",))
+    m = Machine(cfg, tmp_path / "run")
+    t0 = time.monotonic()
+    with pytest.raises(BootError, match=r"QEMU exited with status 1 right after starting: .*-no-such-option"):
+        m.start()
+    assert time.monotonic() - t0 < 5
+    assert m.pid is not None and not Path(f"/proc/{m.pid}").exists()
+    assert not m.alive()
+    assert m.exit_status == 1
+    assert (tmp_path / "run" / "qemu-cmd.sh").read_text().count("-no-such-option") == 1
+    assert "invalid option" in (tmp_path / "run" / "console.log").read_text()
+    assert not (tmp_path / "q.sock").exists() and not (tmp_path / "c.sock").exists()
+    m.stop()    # idempotent
+
+
+@needs_qemu
+def test_missing_binary(tmp_path: Path, kernel: Path) -> None:
+    m = Machine(MachineConfig(kernel=kernel, qemu_bin="qemu-system-does-not-exist"), tmp_path / "run")
+    with pytest.raises(SetupError, match="cannot run qemu-system-does-not-exist"):
+        m.start()
+    m.stop()
+
+
+@needs_qemu
+def test_lifecycle_paused_machine(tmp_path: Path, kernel: Path) -> None:
+    """-S: QEMU stays up without guest output; QMP works; stop() kills and reaps it and removes the sockets."""
+    cfg = MachineConfig(kernel=kernel, qmp_socket=tmp_path / "q.sock", control_socket=tmp_path / "c.sock",
+                        extra_args=("-S",))
+    with Machine(cfg, tmp_path / "run") as m:
+        assert m.alive() and m.pid is not None
+        pid = m.pid
+        assert os.getpgid(pid) == pid     # session + group leader (pexpect's pty)
+        assert m.qmp().cmd("query-status")["status"] == "prelaunch"
+        assert (tmp_path / "c.sock").is_socket()
+        script = (tmp_path / "run" / "qemu-cmd.sh").read_text()
+        assert cfg.shell_command() in script
+    assert not m.alive()
+    assert not Path(f"/proc/{pid}").exists()
+    assert not (tmp_path / "q.sock").exists() and not (tmp_path / "c.sock").exists()
+    assert m.stop() == m.exit_status
+
+
+@needs_qemu
+def test_stop_kills_sigterm_resistant_group(tmp_path: Path, kernel: Path) -> None:
+    """stop() escalates to SIGKILL and takes the whole process group down (a wrapper that ignores SIGTERM)."""
+    wrapper = tmp_path / "qemu-wrapper"
+    wrapper.write_text(f"#!/bin/sh\ntrap '' TERM\necho hello from the wrapper\n{QEMU} \"$@\" & wait\nsleep 60\n")
+    wrapper.chmod(0o755)
+    cfg = MachineConfig(kernel=kernel, qemu_bin=str(wrapper), extra_args=("-S",))
+    m = Machine(cfg, tmp_path / "run")
+    m.TERM_GRACE_S = 0.3
+    m.start()
+    pid = m.pid
+    assert pid is not None
+    time.sleep(0.3)
+    members = [int(p) for p in os.listdir("/proc") if p.isdigit() and _pgid(int(p)) == pid]
+    assert len(members) >= 2
+    t0 = time.monotonic()
+    m.stop()
+    assert time.monotonic() - t0 < 5
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in members):
+        time.sleep(0.05)
+    assert not [p for p in members if Path(f"/proc/{p}").exists() and not _zombie_of_init(p)]
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _zombie_of_init(pid: int) -> bool:
+    """A killed grandchild may linger briefly as a zombie until init reaps it: that is not a leak."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return True
+    return fields[0] == "Z"
