@@ -1,0 +1,244 @@
+"""``smccc-harness``: set up, run the suite, boot a guest, run a payload, manage the cache.
+
+Exit codes: 0 success; 1 tests failed; 2 bad usage or input (the message says what to do); other pytest codes
+are passed through.  Errors the user can fix print ``error: ...`` and ``hint: ...`` and never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from . import paths
+from .errors import HarnessError
+
+SUITE_MARKERS = "not slow"
+
+
+def _progress(msg: str) -> None:
+    print(f"[smccc-harness] {msg}", flush=True)
+
+
+# ---- setup -------------------------------------------------------------------------------------------
+def cmd_setup(args) -> int:
+    from . import assets, initramfs, payloads, sysdeps
+    t0 = time.monotonic()
+    if not args.no_system:
+        sysdeps.ensure_system_packages(progress=_progress)
+    sysdeps.check_qemu(args.qemu_bin)
+    t1 = time.monotonic()
+    from .kernel import resolve_kernel
+    k = resolve_kernel(args.kernel)
+    rootfs = assets.ensure_rootfs(progress=_progress)
+    t2 = time.monotonic()
+    cpio = initramfs.build_initramfs(rootfs, progress=_progress)
+    built = payloads.build_payloads()
+    t3 = time.monotonic()
+    _progress(f"kernel {k.version}: {k.image}")
+    _progress(f"initramfs: {cpio} ({cpio.stat().st_size / 1e6:.1f} MB)")
+    _progress(f"payloads: {', '.join(sorted(built))}")
+    _progress(f"setup took {t3 - t0:.1f} s (system {t1 - t0:.1f} s, assets {t2 - t1:.1f} s, "
+              f"initramfs+payloads {t3 - t2:.1f} s)")
+    return 0
+
+
+# ---- pytest runs -------------------------------------------------------------------------------------
+def _pytest(argv: list[str]) -> int:
+    import pytest
+    os.chdir(paths.REPO_ROOT)
+    _progress("pytest " + " ".join(shlex.quote(a) for a in argv))
+    return int(pytest.main(argv))
+
+
+def _common_pytest_args(args) -> list[str]:
+    out = ["--kernel", args.kernel, "--accel", args.accel, "--qemu-bin", args.qemu_bin]
+    if getattr(args, "results_dir", None):
+        out += ["--results-dir", args.results_dir]
+    return out
+
+
+def cmd_run(args) -> int:
+    """The main job: set up, then the PSCI/SMC suite on one kernel, ending with the results table."""
+    if not args.no_setup:
+        rc = cmd_setup(args)
+        if rc:
+            return rc
+    argv = ["tests/system", "-m", args.markers, "-q", "-p", "no:cacheprovider"] + _common_pytest_args(args)
+    if args.k:
+        argv += ["-k", args.k]
+    return _pytest(argv + list(args.pytest_args))
+
+
+def cmd_test(args) -> int:
+    """Unit tests, then system tests (the README's test command; .ci/run calls it)."""
+    if not args.no_setup:
+        rc = cmd_setup(args)
+        if rc:
+            return rc
+    argv = ["tests/unit", "tests/system", "-m", args.markers] + _common_pytest_args(args)
+    return _pytest(argv + list(args.pytest_args))
+
+
+# ---- boot / run-payload -----------------------------------------------------------------------------
+def _session(args, append: str = ""):
+    from . import assets, initramfs
+    from .kernel import resolve_kernel
+    from .plugin import resolve_accel
+    from .session import GuestSession
+    k = resolve_kernel(args.kernel)
+    cpio = initramfs.build_initramfs(assets.ensure_rootfs(progress=_progress), progress=_progress)
+    run_dir = paths.new_run_dir(args.command.replace("-", "_"))
+    return GuestSession.create(k.image, cpio, run_dir, accel=resolve_accel(args.accel), append=append,
+                               qemu_bin=args.qemu_bin, boot_deadline_s=args.boot_timeout), k
+
+
+def cmd_boot(args) -> int:
+    s, k = _session(args, append="smccc.shell" if args.shell else "")
+    if args.print_cmd:
+        print(s.config.shell_command())
+        return 0
+    if args.shell:
+        import subprocess
+        _progress(f"booting {k.version} with a shell on the console (exit QEMU with Ctrl-a x)")
+        argv = s.config.argv()
+        return subprocess.call(argv)
+    with s:
+        _progress(f"guest ready in {s.timings['ready_s']} s; kernel {s.caps.get('uname')}; "
+                  f"KVM: {s.caps.get('kvm_mode')}")
+        print(json.dumps(s.caps, indent=2, sort_keys=True))
+        _progress(f"console log: {s.console_log}")
+    return 0
+
+
+def _parse_filter(text: str) -> list[dict]:
+    from .scenarios import PSCI_FWD
+    if text == "psci":
+        return list(PSCI_FWD)
+    try:
+        rng, _, action = text.partition(":")
+        base, _, nr = rng.partition("+")
+        return [{"base": int(base, 0), "nr": int(nr or "1", 0), "action": action or "fwd"}]
+    except ValueError:
+        raise HarnessError(f"--forward {text!r}: not a range",
+                           hint="use 'psci', or BASE[+NR][:fwd|deny|handle], e.g. 0xC2000000+0x100:fwd") from None
+
+
+def cmd_run_payload(args) -> int:
+    from .payloads import load_elf
+    from .scenarios import scenario
+    p = load_elf(args.elf, vcpus=args.vcpus)
+    filters = [f for text in args.forward for f in _parse_filter(text)]
+    spec = scenario(Path(args.elf).stem, p, filters=filters, el2=args.el2, vcpus=args.vcpus,
+                    handler=args.handler, deadline_s=args.deadline)
+    s, _ = _session(args)
+    with s:
+        r = s.run(spec, payload=p)
+        print(r.describe())
+        _progress(f"trace: {r.trace_path}; console log: {s.console_log}")
+    return 0 if r.outcome in ("done", "system_event", "all_off") else 1
+
+
+# ---- assets / cache ---------------------------------------------------------------------------------
+def cmd_assets(args) -> int:
+    from . import assets
+    if args.action in ("fetch", "lock"):
+        assets.fetch_all(tuple(args.kernels or ["default"]), refresh=(args.action == "lock"), progress=_progress)
+        return 0
+    if args.action == "verify":
+        problems = assets.verify_cache(progress=_progress)
+        for p in problems:
+            print(f"problem: {p}")
+        _progress("cache OK" if not problems else f"{len(problems)} problem(s)")
+        return 1 if problems else 0
+    if args.action == "clean":
+        n = assets.clean_cache(everything=args.all, progress=_progress)
+        _progress(f"removed {n} entries")
+        return 0
+    if args.action == "summary":
+        print(json.dumps(assets.asset_summary(), indent=2, sort_keys=True))
+        return 0
+    return 2
+
+
+# ---- main -------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="smccc-harness", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def common(p, kernel=True):
+        if kernel:
+            p.add_argument("--kernel", default=os.environ.get("SMCCC_KERNEL", "default"),
+                           help="Image path or Debian spec ('default', '7.2', '6.12', package)")
+        p.add_argument("--accel", default=os.environ.get("SMCCC_ACCEL", "auto"), choices=("auto", "tcg", "kvm"))
+        p.add_argument("--qemu-bin", default=os.environ.get("QEMU", "qemu-system-aarch64"))
+        p.add_argument("--boot-timeout", type=float, default=120.0)
+        p.add_argument("--results-dir", default=None)
+
+    p = sub.add_parser("setup", help="install system packages, fetch kernel and rootfs packages, build initramfs")
+    common(p)
+    p.add_argument("--no-system", action="store_true", help="skip apt installs of host packages")
+    p.set_defaults(func=cmd_setup)
+
+    for name, func, helptext in (("run", cmd_run, "set up, then run the PSCI/SMC suite with a results table"),
+                                 ("test", cmd_test, "set up, then run unit and system tests")):
+        p = sub.add_parser(name, help=helptext)
+        common(p)
+        p.add_argument("--no-setup", action="store_true")
+        p.add_argument("--no-system", action="store_true")
+        p.add_argument("-m", "--markers", default=SUITE_MARKERS)
+        p.add_argument("-k", default=None, help="pytest -k expression")
+        p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("boot", help="boot a guest: print its QEMU command, its capabilities, or give a shell")
+    common(p)
+    p.add_argument("--print-cmd", action="store_true", help="print the exact QEMU command line and exit")
+    p.add_argument("--shell", action="store_true", help="interactive shell on the serial console")
+    p.set_defaults(func=cmd_boot)
+
+    p = sub.add_parser("run-payload", help="run your payload ELF against the handler and print the trace")
+    common(p)
+    p.add_argument("elf")
+    p.add_argument("--forward", action="append", default=[],
+                   help="'psci' or BASE[+NR][:fwd|deny|handle]; repeatable")
+    p.add_argument("--el2", action="store_true", help="run at vEL2 (HAS_EL2 vCPU)")
+    p.add_argument("--vcpus", type=int, default=1)
+    p.add_argument("--handler", default="psci", choices=("psci", "record"))
+    p.add_argument("--deadline", type=float, default=10.0)
+    p.set_defaults(func=cmd_run_payload)
+
+    for name in ("assets", "cache"):
+        p = sub.add_parser(name, help="fetch/lock/verify/clean the Debian package cache")
+        p.add_argument("action", choices=("fetch", "lock", "verify", "clean", "summary"))
+        p.add_argument("--kernels", nargs="*", help="kernel specs to fetch (default: the default kernel)")
+        p.add_argument("--all", action="store_true", help="clean: remove everything, downloads included")
+        p.set_defaults(func=cmd_assets)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    args = build_parser().parse_args(argv)
+    if hasattr(args, "pytest_args"):
+        args.pytest_args = list(args.pytest_args) + extra
+    try:
+        return int(args.func(args) or 0)
+    except HarnessError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
