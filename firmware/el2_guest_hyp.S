@@ -1,6 +1,7 @@
 // el2_guest_hyp.S - a tiny guest hypervisor at vEL2 that runs its own EL1 guest (stage 2 off), to
 // observe how NV KVM routes the inner guest's HVC and SMC.  Needs a HAS_EL2 vCPU (VHE, E2H=1); at EL1
-// it ends with DONE 0xE4 (report slot 0 = CurrentEL).
+// it ends with DONE 0xE4 (report slot 0 = CurrentEL).  Also works in a HAS_EL2_E2H0 (nVHE) vCPU: if
+// HCR_EL2.E2H reads back 0, the inner EL1 registers are set through the *_EL1 names.
 //
 // Parameter block at PARAM_BASE: u64 flags (harness.payloads.encode_guest_hyp_params)
 //     bit0 TSC        set HCR_EL2.TSC: the inner guest's SMCs trap to this hypervisor (EC 0x17)
@@ -118,11 +119,17 @@ _start:
     mrs x1, hcr_el2
     str x1, [x19, #0x08]
 
+    // the inner EL1 context: *_EL12 names with E2H=1 (VHE); with E2H=0 (a HAS_EL2_E2H0 vCPU, where E2H is
+    // RES0) the *_EL12 encodings UNDEF and the plain *_EL1 names reach the EL1 registers instead
     LI x0, SCTLR_EL1_MMU_OFF
+    adr x2, inner_vectors
+    tbz x1, #34, 5f
     msr sctlr_el12, x0
-    adr x0, inner_vectors
-    msr vbar_el12, x0
-    adr x0, inner_stack_top
+    msr vbar_el12, x2
+    b 6f
+5:  msr sctlr_el1, x0
+    msr vbar_el1, x2
+6:  adr x0, inner_stack_top
     msr sp_el1, x0
     mov x0, #SPSR_EL1H_DAIF
     msr spsr_el2, x0

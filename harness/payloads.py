@@ -547,7 +547,7 @@ def decode_guest_hyp(block: bytes) -> dict:
 
 # ---- firmware/common.inc constants (for the unit test that keeps both sides in sync) -------------------
 def common_inc_constants(path: Path | None = None) -> dict[str, int]:
-    """The ``.equ NAME, value`` lines of firmware/common.inc that are plain integers."""
+    """The ``.equ NAME, value`` lines with plain integer values in a firmware file (default common.inc)."""
     text = (path or FIRMWARE_DIR / "common.inc").read_text()
     out = {}
     for m in re.finditer(r"^\s*\.equ\s+(\w+)\s*,\s*(0x[0-9A-Fa-f]+|\d+)\b", text, re.MULTILINE):

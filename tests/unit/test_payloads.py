@@ -308,3 +308,38 @@ def test_decode_el2_vectors_and_guest_hyp():
     assert g["current_el"] == 2 and g["ntraps"] == 2 and g["exit_path"] == payloads.GH_EXIT_BY_L1
     assert g["traps"][1]["ec"] == payloads.EC_SMC64 and g["traps"][1]["action"] == payloads.GH_ACT_SMC_MARKER
     assert payloads.encode_guest_hyp_params(tsc=True, proxy=True) == [0b101]
+
+
+def test_concurrent_builds_agree(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(4) as ex:
+        results = list(ex.map(lambda _: payloads.build_payloads(tmp_path), range(4)))
+    assert all(r == results[0] for r in results)
+    assert [p.name for p in tmp_path.iterdir()] == [results[0]["psci_version"].parent.name]   # no temp dirs left
+    for path in results[0].values():
+        payloads.load_elf(path)
+
+
+def test_asm_layout_constants_match_python():
+    c = payloads.common_inc_constants(FIRMWARE_DIR / "smccc_calls.S")
+    assert c["MAX_CALLS"] == payloads.CALLS_MAX
+    assert c["ENTRY_SIZE"] == 8 * payloads.CALL_ENTRY_WORDS
+    assert c["RECORD_SIZE"] == payloads.CALL_RECORD_SIZE
+    assert c["HEADER_SIZE"] == payloads.CALL_HEADER_SIZE
+    assert c["RESULT_MAGIC"] == payloads.CALL_RESULT_MAGIC
+    assert c["N_CONDUITS"] == len(payloads.CONDUITS)
+    v = payloads.common_inc_constants(FIRMWARE_DIR / "el2_vectors.S")
+    assert (v["MAX_TRAPS"], v["TRAP_LOG"], v["TRAP_SIZE"]) == (
+        payloads.EV_MAX_TRAPS, payloads.EV_TRAP_LOG, payloads.EV_TRAP_SIZE)
+    g = payloads.common_inc_constants(FIRMWARE_DIR / "el2_guest_hyp.S")
+    assert g["GH_FLAGS"] == payloads.GH_HDR_FLAGS and g["GH_NTRAPS"] == payloads.GH_HDR_NTRAPS
+    assert g["GH_X0_HVC"] == payloads.GH_HDR_X0_AFTER_HVC and g["GH_X0_SMC"] == payloads.GH_HDR_X0_AFTER_SMC
+    assert g["GH_EXIT_PATH"] == payloads.GH_HDR_EXIT_PATH and g["GH_NINNER"] == payloads.GH_HDR_NINNER
+    assert (g["GH_TRAP_LOG"], g["GH_MAX_TRAPS"], g["GH_INNER_LOG"], g["GH_MAX_INNER"], g["GH_RESULT_SIZE"]) == (
+        payloads.GH_TRAP_LOG, payloads.GH_MAX_TRAPS, payloads.GH_INNER_LOG, payloads.GH_MAX_INNER_EXC,
+        payloads.GH_RESULT_SIZE)
+    assert [1 << g[f"FLAG_{n}_BIT"] for n in ("TSC", "HCD", "PROXY", "PROXY_SMC")] == [
+        payloads.GH_FLAG_TSC, payloads.GH_FLAG_HCD, payloads.GH_FLAG_PROXY, payloads.GH_FLAG_PROXY_SMC]
+    assert [g[f"ACT_{n}"] for n in ("HVC_MARKER", "HVC_PROXY", "SMC_MARKER", "SMC_PROXY", "EXIT", "FATAL")] == [
+        payloads.GH_ACT_HVC_MARKER, payloads.GH_ACT_HVC_PROXY, payloads.GH_ACT_SMC_MARKER,
+        payloads.GH_ACT_SMC_PROXY, payloads.GH_ACT_EXIT, payloads.GH_ACT_FATAL]
