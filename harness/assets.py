@@ -268,6 +268,11 @@ class Lock:
         }
         return json.dumps(data, indent=2, sort_keys=False) + "\n"
 
+    def pruned(self, keep: list[str]) -> Lock:
+        """Only the packages named in ``keep`` or by a kernel spec (stale pins are dropped)."""
+        names = set(keep) | {n for ns in self.kernels.values() for n in ns}
+        return Lock(self.mirror, {n: e for n, e in self.packages.items() if n in names}, dict(self.kernels))
+
     def merge(self, other: Lock) -> Lock:
         """``other``'s entries win (they are newer facts); the union of everything else is kept."""
         out = Lock(mirror=other.mirror or self.mirror, packages=dict(self.packages), kernels=dict(self.kernels))
@@ -339,6 +344,9 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+_UPDATED_LISTS: set[str] = set()
+
+
 class PrivateApt:
     """apt-get / apt-cache with their own sources, lists and cache under ``cache/apt``; arm64 only."""
 
@@ -350,7 +358,10 @@ class PrivateApt:
         self.cache = root / "cache"
         self.sources = root / "sources.list"
         self.archs = [manifest.arch]  # arm64 only; falls back to the host's arch + arm64 if apt refuses
-        self._updated = False
+
+    @property
+    def _updated(self) -> bool:  # one update per process is enough, whichever Store asked for it
+        return str(self.root) in _UPDATED_LISTS
 
     def _opts(self) -> list[str]:
         o = [
@@ -408,7 +419,7 @@ class PrivateApt:
         if r.returncode != 0 or "\nE: " in "\n" + (r.stderr or "") or "\nW: Failed to fetch" in "\n" + (r.stderr or ""):
             raise AssetError(f"private apt-get update failed:\n{(r.stderr or '').strip()}",
                              hint=f"check network access to {self.m.mirror} (override with $SMCCC_HARNESS_MIRROR)")
-        self._updated = True
+        _UPDATED_LISTS.add(str(self.root))
         self.progress(f"apt update done in {time.monotonic() - t0:.1f} s")
 
     def ensure_lists(self, fresh: bool = False) -> None:
@@ -460,13 +471,13 @@ class KernelAsset:
 class Store:
     """Resolve -> download -> verify -> extract, under a file lock; pins in images/lock.json."""
 
-    def __init__(self, progress=print, lock_path: Path = LOCK_FILE, manifest: Manifest | None = None) -> None:
+    def __init__(self, progress=print, lock_path: Path | None = None, manifest: Manifest | None = None) -> None:
         self.progress = progress
         self.m = manifest or load_manifest()
         self.root = cache_dir()
         self.debs = self.root / "debs"
         self.extract_root = self.root / "extract"
-        self.lock_path = lock_path
+        self.lock_path = lock_path or Path(os.environ.get("SMCCC_HARNESS_LOCKFILE") or LOCK_FILE)
         (self.root / "locks").mkdir(parents=True, exist_ok=True)
         self.flock = FileLock(str(self.root / "locks" / "assets.lock"))
         self.apt = PrivateApt(self.m, self.root / "apt", progress)
@@ -482,7 +493,7 @@ class Store:
 
     def record(self, entries: list[LockEntry] = (), kernels: dict[str, list[str]] | None = None) -> None:
         new = Lock(mirror=self.m.mirror, packages={e.name: e for e in entries}, kernels=kernels or {})
-        lock = self.read_lock().merge(new)
+        lock = self.read_lock().merge(new).pruned(self.m.rootfs_packages)
         text = lock.dumps()
         try:
             if self.lock_path.exists() and self.lock_path.read_text() == text:

@@ -204,3 +204,8 @@ def test_find_kernel_files(tmp_path):
     assert ver == "6.12.117+deb13-cloud-arm64" and config is not None
     with pytest.raises(AssetError, match="no vmlinuz"):
         assets._find_kernel_files([tmp_path / "nothing"])
+
+
+def test_lock_pruned_drops_unreferenced():
+    lock = Lock("m", {"a": entry("a", "1"), "k": entry("k", "1"), "old": entry("old", "1")}, {"default": ["k"]})
+    assert set(lock.pruned(["a"]).packages) == {"a", "k"}
