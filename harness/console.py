@@ -112,6 +112,7 @@ class Finding:
     line: str
     excerpt: str
     lineno: int
+    end_lineno: int = 0     # the incident's last line (1-based; may lie beyond the excerpt)
 
     def __str__(self) -> str:
         return f"{self.name}: {self.line.strip()}"
@@ -167,7 +168,7 @@ def scan_failures(text: str) -> list[Finding]:
                 name, best = h[0], j
         last = min(end, best + EXCERPT_LINES)
         excerpt = "\n".join(lines[start:last + 1]).rstrip("\n")
-        findings.append(Finding(name=name, line=lines[best], excerpt=excerpt, lineno=best + 1))
+        findings.append(Finding(name=name, line=lines[best], excerpt=excerpt, lineno=best + 1, end_lineno=end + 1))
         i = end + 1
     return findings
 
@@ -240,6 +241,7 @@ class Console:
         self.started = time.monotonic() if started is None else started
         self._text = ""
         self._cursor = 0            # waits search from here; advanced past each successful match
+        self._watched = 0           # failure lines before this have been checked (and reported) by a wait
         self._eof = False
         # Kept open for the console's lifetime (closed by close()); line-buffered and flushed per chunk.
         self._log = open(self.log_path, "a", encoding="utf-8", buffering=1) if self.log_path else None  # noqa: SIM115
@@ -298,9 +300,14 @@ class Console:
         return self._text[mark:]
 
     def skip(self) -> None:
-        """Let the next wait start at the current end of the text (drains first)."""
+        """Let the next wait start at the current end of the text, failures before it included (drains first).
+
+        Waits raise on every failure line printed since the previous wait (drain/since do not change that,
+        so no failure is ever lost); a caller that reported such failures itself, like the pytest plugin
+        with :meth:`since` + :func:`scan_failures`, acknowledges them with ``skip()``.
+        """
         self.drain()
-        self._cursor = len(self._text)
+        self._cursor = self._watched = len(self._text)
 
     # -- sending --------------------------------------------------------------------------------------
     def send_line(self, s: str) -> None:
@@ -338,6 +345,10 @@ class Console:
             if not self._read(min(0.2, max(0.0, stop - time.monotonic()))) and self._eof:
                 break
         findings = scan_failures(self._text[scan_from:])
+        self._watched = len(self._text)
+        if findings:   # the next wait starts after this incident, not after everything the grace read
+            after = self._text[scan_from:].split("\n")[:findings[0].end_lineno]
+            self._watched = min(len(self._text), scan_from + sum(len(x) + 1 for x in after))
         if not findings:   # cannot happen (the trigger line matched); stay safe
             return ConsoleFailure(f"console failure after {elapsed:.1f} s while waiting for {what}",
                                   kind="failure", excerpt=_tail(self._text), log_path=self.log_path)
@@ -350,8 +361,8 @@ class Console:
         """Wait at most ``deadline_s`` s for ``pattern`` (a regex) in the console output.
 
         The search starts at ``since`` (a :meth:`mark`) or, by default, where the previous successful wait
-        ended.  While waiting, every complete line from there on is checked against
-        :data:`FAILURE_PATTERNS` (unless ``watch_failures`` is false), and EOF is detected.  Raises
+        ended.  While waiting, every complete line printed since the previous wait (or :meth:`skip`) is
+        checked against :data:`FAILURE_PATTERNS` (unless ``watch_failures`` is false), and EOF is detected.  Raises
         :class:`ConsoleFailure` naming the cause; returns the match (its offsets index :attr:`text`).
         """
         if deadline_s is None or deadline_s <= 0:
@@ -359,7 +370,7 @@ class Console:
         rx = pattern if isinstance(pattern, re.Pattern) else re.compile(pattern)
         what = what or repr(_describe(pattern))
         start = self._cursor if since is None else since
-        line_pos = self._text.rfind("\n", 0, start) + 1     # failure scanning works on whole lines
+        line_pos = self._text.rfind("\n", 0, self._watched) + 1     # failure scanning works on whole lines
         scan_from = line_pos
         t_end = time.monotonic() + deadline_s
         while True:
@@ -375,8 +386,12 @@ class Console:
                     line_pos = nl + 1
             if m is not None:
                 self._cursor = m.end()
+                if watch_failures:
+                    self._watched = max(self._watched, line_pos)
                 return m
             if self._eof:
+                if watch_failures:
+                    self._watched = len(self._text)
                 status = self._exit_status()
                 findings = scan_failures(self._text[scan_from:]) if watch_failures else []
                 st = "status unknown" if status is None else (
@@ -391,6 +406,8 @@ class Console:
                                      exit_status=status)
             remaining = t_end - time.monotonic()
             if remaining <= 0:
+                if watch_failures:
+                    self._watched = max(self._watched, line_pos)
                 raise ConsoleFailure(f"no {what} within {deadline_s:g} s", kind="timeout",
                                      excerpt=_tail(self._text[scan_from:] or self._text), log_path=self.log_path)
             self._read(min(remaining, 0.5))
@@ -415,7 +432,8 @@ class Console:
             raise ValueError("run_shell() takes a one-line command")
         a, b = secrets.token_hex(4), secrets.token_hex(4)
         marker = a + b
-        self.skip()
+        self.drain()
+        self._cursor = len(self._text)      # the marker is random: nothing before this can match it
         self.send_line(f"echo '{a}''{b}'; {cmd}; echo '{a}''{b}' $?")
         m = self.expect(re.compile(re.escape(marker) + r"\n(.*?)" + re.escape(marker) + r" (\d+)\n", re.DOTALL),
                         deadline_s, watch_failures=watch_failures, what=f"the end of shell command {cmd!r}")

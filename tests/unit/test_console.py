@@ -312,3 +312,23 @@ def test_run_shell(spawn, tmp_path: Path) -> None:
         c.run_shell("a\nb", 1)
     with pytest.raises(ValueError):
         c.send_line("a\nb")
+
+
+def test_failures_are_never_lost_and_reported_once(spawn) -> None:
+    c = spawn("echo one; sleep 0.3; echo '[    3.2] WARNING: CPU: 0 PID: 1 at x.c:1 f+0/0x4'; echo '[    3.2] ---[ end trace 0 ]---';"
+              " echo two; sleep 0.3; echo three; sleep 30")
+    c.expect("one\n", 10)
+    m = c.mark()
+    time.sleep(0.8)
+    assert "WARNING" in c.since(m)              # drained (by the plugin, say) ...
+    with pytest.raises(ConsoleFailure, match="^kernel WARNING after"):
+        c.expect("three", 10)                   # ... but the next wait still reports it
+    assert c.expect("three", 10).group(0) == "three"   # reported once: the following wait goes on
+
+
+def test_skip_acknowledges_failures(spawn) -> None:
+    c = spawn("echo '[    3.2] BUG: sleeping function called from invalid context'; echo two; sleep 0.5; echo three;"
+              " sleep 30")
+    c.drain(timeout=0.3)
+    c.skip()
+    assert c.expect("three", 10).group(0) == "three"
