@@ -253,3 +253,54 @@ def _zombie_of_init(pid: int) -> bool:
     except FileNotFoundError:
         return True
     return fields[0] == "Z"
+
+
+@needs_qemu
+def test_qemu_dies_with_its_host_process(tmp_path: Path, kernel: Path) -> None:
+    """PR_SET_PDEATHSIG: a SIGKILLed harness process takes its QEMU with it (no stop() ever runs)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from harness.qemu import Machine, MachineConfig\n"
+        f"m = Machine(MachineConfig(kernel=Path({str(kernel)!r}), extra_args=('-S',)), Path({str(tmp_path / 'run')!r}))\n"
+        "m.start(startup_check_s=0.3)\n"
+        "print(m.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        line = p.stdout.readline() if p.stdout else ""
+        qemu_pid = int(line)
+        assert Path(f"/proc/{qemu_pid}").exists()
+    finally:
+        p.kill()
+        p.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and Path(f"/proc/{qemu_pid}").exists() and not _zombie_of_init(qemu_pid):
+        time.sleep(0.05)
+    assert not Path(f"/proc/{qemu_pid}").exists() or _zombie_of_init(qemu_pid)
+
+
+def test_pdeathsig_preexec_sets_sigkill() -> None:
+    import ctypes
+    import signal
+
+    from harness.qemu import _load_libc, _pdeathsig_preexec
+
+    libc = _load_libc()
+    assert libc is not None
+    pid = os.fork()
+    if pid == 0:    # pragma: no cover - child
+        try:
+            _pdeathsig_preexec(os.getppid(), libc)()
+            v = ctypes.c_int(0)
+            libc.prctl(2, ctypes.byref(v), 0, 0, 0)    # PR_GET_PDEATHSIG
+            os._exit(v.value)
+        finally:
+            os._exit(255)
+    _, st = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(st) == signal.SIGKILL
