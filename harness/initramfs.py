@@ -211,6 +211,7 @@ def ensure_base(rootfs: dict[str, Path], progress=print) -> Path:
     if (dest / ".complete").exists():
         return dest
     root.mkdir(parents=True, exist_ok=True)
+    (cache_dir() / "locks").mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache_dir() / "locks" / "rootfs.lock")):
         if (dest / ".complete").exists():
             return dest
