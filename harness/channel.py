@@ -56,7 +56,7 @@ class Channel:
             self.sock.settimeout(left)
             try:
                 chunk = self.sock.recv(1 << 20)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError as e:
                 raise ChannelError(f"control channel broke: {e}", kind="eof") from e

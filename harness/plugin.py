@@ -41,7 +41,7 @@ def pytest_addoption(parser):
     g.addoption("--smp", type=int, default=1, help="vCPUs of the QEMU machine (1 is fastest under TCG)")
     g.addoption("--memory", type=int, default=1024, help="RAM of the QEMU machine in MiB")
     g.addoption("--append", default="", help="extra kernel command line")
-    g.addoption("--boot-timeout", type=float, default=float(os.environ.get("SMCCC_BOOT_TIMEOUT", 120)),
+    g.addoption("--boot-timeout", type=float, default=float(os.environ.get("SMCCC_BOOT_TIMEOUT", "120")),
                 help="seconds from QEMU start to the agent's ready banner")
     g.addoption("--results-dir", default=None, help="where run directories (console logs, traces) go [./runs]")
 
@@ -75,8 +75,8 @@ class GuestPool:
 
     def resolve_assets(self) -> dict:
         if self.assets is None:
-            from .kernel import resolve_kernel
             from . import assets, initramfs
+            from .kernel import resolve_kernel
             kernel = resolve_kernel(self.config.getoption("--kernel"))
             initrd = initramfs.build_initramfs(assets.ensure_rootfs())
             self.assets = {"kernel": kernel, "initrd": initrd}
@@ -128,10 +128,10 @@ def guest(guest_pool, request):
     caps = g.caps
     if not caps.get("kvm"):
         pytest.skip(f"kernel {caps.get('uname')}: {caps.get('reason', '/dev/kvm is absent')}")
-    if request.node.get_closest_marker("filter") or request.node.get_closest_marker("psci"):
-        if not caps.get("smccc_filter"):
-            pytest.skip(f"kernel {caps.get('uname')}: no SMCCC filter (KVM_HAS_DEVICE_ATTR on the VM fd failed: "
-                        f"{caps.get('smccc_filter_errno')}); it needs Linux 6.4+")
+    if (request.node.get_closest_marker("filter") or request.node.get_closest_marker("psci")) \
+            and not caps.get("smccc_filter"):
+        pytest.skip(f"kernel {caps.get('uname')}: no SMCCC filter (KVM_HAS_DEVICE_ATTR on the VM fd failed: "
+                    f"{caps.get('smccc_filter_errno')}); it needs Linux 6.4+")
     if request.node.get_closest_marker("el2") and not caps.get("KVM_CAP_ARM_EL2"):
         pytest.skip(f"kernel {caps.get('uname')}: KVM_CAP_ARM_EL2 is 0 (nested virt needs 6.16+, "
                     f"FEAT_NV2 and kvm-arm.mode=nested; KVM says: {caps.get('kvm_mode')})")
@@ -201,7 +201,7 @@ def format_table(rows: list[dict]) -> str:
     body = [(r["test"], r["conduit"], r["el"], r["outcome"].upper() + (f" ({r['skip'][:70]})" if r["skip"] else ""),
              f"{r['duration']:.2f}s") for r in rows]
     w = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    line = "  ".join("{:<%d}" % x for x in w)
+    line = "  ".join(f"{{:<{x}}}" for x in w)
     out = [line.format(*head), line.format(*("-" * x for x in w))]
     out += [line.format(*b) for b in body]
     return "\n".join(out)

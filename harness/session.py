@@ -17,7 +17,7 @@ from pathlib import Path
 from . import protocol as P
 from .channel import Channel, ChannelError
 from .console import scan_failures
-from .errors import BootError, GuestError
+from .errors import GuestError
 from .qemu import Machine, MachineConfig, default_cmdline
 
 READY_RE = re.compile(re.escape(P.READY_BANNER) + r" (\{.*\})")
@@ -109,7 +109,7 @@ class GuestSession:
     @classmethod
     def create(cls, kernel: Path, initrd: Path, run_dir: Path, *, accel: str = "tcg", smp: int = 1,
                memory_mb: int = 1024, append: str = "", boot_deadline_s: float = 120.0,
-               qemu_bin: str = "qemu-system-aarch64", incoming: str | None = None) -> "GuestSession":
+               qemu_bin: str = "qemu-system-aarch64", incoming: str | None = None) -> GuestSession:
         cfg = MachineConfig(kernel=Path(kernel), initrd=Path(initrd), cmdline=default_cmdline(append),
                             accel=accel, smp=smp, memory_mb=memory_mb, qemu_bin=qemu_bin,
                             control_socket=run_dir / "ctl.sock", qmp_socket=run_dir / "qmp.sock",
@@ -117,7 +117,7 @@ class GuestSession:
         return cls(config=cfg, run_dir=run_dir, boot_deadline_s=boot_deadline_s)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
-    def start(self) -> "GuestSession":
+    def start(self) -> GuestSession:
         t0 = time.monotonic()
         self.machine = Machine(self.config, self.run_dir)
         try:
@@ -135,7 +135,7 @@ class GuestSession:
             raise
         return self
 
-    def __enter__(self) -> "GuestSession":
+    def __enter__(self) -> GuestSession:  # noqa: PYI034
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -189,8 +189,7 @@ class GuestSession:
         tdir.mkdir(exist_ok=True)
         path = tdir / f"{self.scenario_count:03d}-{spec['name']}.jsonl"
         with open(path, "w") as f:
-            for e in raw.get("events", []):
-                f.write(json.dumps(e, sort_keys=True) + "\n")
+            f.writelines(json.dumps(e, sort_keys=True) + "\n" for e in raw.get("events", []))
             summary = {k: v for k, v in raw.items() if k not in ("events", "result_block")}
             f.write(json.dumps({"kind": "summary", **summary}, sort_keys=True) + "\n")
         return ScenarioResult(raw=raw, payload=payload, console=self.machine.console.since(mark), trace_path=path)

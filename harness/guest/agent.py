@@ -36,7 +36,7 @@ def find_port(name: str = P.PORT_NAME, wait_s: float = 10.0) -> str:
 
 def kvm_mode_from_dmesg() -> str | None:
     try:
-        out = subprocess.run(["/bin/busybox", "dmesg"], capture_output=True, text=True, timeout=5).stdout
+        out = subprocess.run(["/bin/busybox", "dmesg"], capture_output=True, text=True, timeout=5, check=False).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     for line in out.splitlines():
@@ -112,7 +112,7 @@ class Agent:
             argv = args.get("argv")
             if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
                 raise P.ProtocolError("exec needs argv: a non-empty list of strings")
-            p = subprocess.run(argv, capture_output=True, text=True, timeout=float(args.get("timeout_s", 30)))
+            p = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=float(args.get("timeout_s", 30)))
             return {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr}
         if op == "stats":
             return {"graveyard_vms": len(GRAVEYARD), "pid": os.getpid()}

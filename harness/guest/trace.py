@@ -23,7 +23,7 @@ class Trace:
         self.t0 = time.monotonic()
         self.records: list[dict] = []
         self._lock = threading.Lock()
-        self._file = open(path, "a", buffering=1) if path else None
+        self._file = open(path, "a", buffering=1) if path else None  # noqa: SIM115 - lives as long as the trace
 
     def add(self, kind: str, vcpu: int | None = None, **fields) -> dict:
         rec = {"t": round(time.monotonic() - self.t0, 6), "kind": kind}

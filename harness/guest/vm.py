@@ -64,7 +64,7 @@ class Memory:
 
 
 class Vcpu:
-    def __init__(self, vm: "Vm", index: int, features: tuple[int, ...]):
+    def __init__(self, vm: Vm, index: int, features: tuple[int, ...]):
         self.vm = vm
         self.index = index
         self.features = features
