@@ -105,6 +105,7 @@ class GuestSession:
     caps: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     scenario_count: int = 0
+    broken: str | None = None       # why this guest can no longer serve requests (the pool boots a new one)
 
     @classmethod
     def create(cls, kernel: Path, initrd: Path, run_dir: Path, *, accel: str = "tcg", smp: int = 1,
@@ -142,7 +143,7 @@ class GuestSession:
         self.close()
 
     def alive(self) -> bool:
-        return self.machine is not None and self.machine.alive()
+        return self.machine is not None and self.machine.alive() and self.broken is None
 
     def close(self) -> None:
         if self.channel is not None:
@@ -163,6 +164,8 @@ class GuestSession:
         try:
             return self.channel.request(op, args, deadline_s)
         except ChannelError as e:
+            if e.kind != "remote":      # timeout / EOF: the agent is stuck or gone; never reuse this guest
+                self.broken = str(e)
             raise self._explain(e, mark) from e
 
     def _explain(self, err: ChannelError, mark: int) -> GuestError:
@@ -173,6 +176,12 @@ class GuestSession:
         if findings:
             f = findings[0]
             return GuestError(f"guest kernel failure while running {err}: {f.name}\n{f.excerpt}\n{where}")
+        agent_exit = re.search(r"SMCCC-AGENT EXITED rc=(-?\d+)", text)
+        if agent_exit:
+            rc = int(agent_exit.group(1))
+            how = f"killed by signal {rc - 128}" if rc > 128 else f"exit status {rc}"
+            return GuestError(f"the guest agent died ({how}) while serving the request ({err}); /init powered "
+                              f"the guest off\n{where}")
         if not self.machine.alive():
             return GuestError(f"QEMU exited while the agent was busy ({err})\n{where}")
         if err.kind == "remote":

@@ -75,6 +75,30 @@ def probe_caps() -> dict:
     return caps
 
 
+FAULT_KINDS = ("raise", "exit", "hang", "kill")
+
+
+def inject_fault(args: dict) -> dict:
+    """The ``fault`` op: make the agent itself fail, so the host's recovery can be tested.
+
+    ``raise``: the op raises (the agent survives and answers with the traceback); ``exit``: the agent exits
+    with ``code`` (default 3), /init then powers the guest off; ``kill``: SIGKILL to itself; ``hang``: the
+    agent never answers (sleeps ``seconds``, default 3600).
+    """
+    kind = args.get("kind")
+    if kind == "raise":
+        raise RuntimeError("injected fault: the handler raised (op 'fault', kind 'raise')")
+    if kind == "exit":
+        sys.stdout.flush()
+        os._exit(int(args.get("code", 3)))
+    if kind == "kill":
+        os.kill(os.getpid(), 9)
+    if kind == "hang":
+        time.sleep(float(args.get("seconds", 3600)))
+        return {"woke": True}
+    raise P.ProtocolError(f"fault kind must be one of {FAULT_KINDS}, got {kind!r}")
+
+
 class Agent:
     def __init__(self, port_path: str):
         self.fd = os.open(port_path, os.O_RDWR)
@@ -114,6 +138,8 @@ class Agent:
                 raise P.ProtocolError("exec needs argv: a non-empty list of strings")
             p = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=float(args.get("timeout_s", 30)))
             return {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr}
+        if op == "fault":      # test-only fault injection (tests/system/test_faults.py)
+            return inject_fault(args)
         if op == "stats":
             return {"graveyard_vms": len(GRAVEYARD), "pid": os.getpid()}
         if op == "shutdown":

@@ -27,6 +27,8 @@ from .trace import Trace
 from .vm import Vcpu, Vm
 
 RESULT_BLOCK_SIZE = 0x4000
+MAX_EXITS_DEFAULT = 100_000     # per scenario: more KVM_RUN exits than this end the run as "exit_storm"
+TRACE_LIMIT_DEFAULT = 4096      # trace records sent back per scenario; later ones are counted, the last kept
 # VMs whose vCPUs had EL2: never destroyed (destroying a nested VM costs 6-8 s under TCG and can lock up a
 # restored guest, platform.md).  They live until the guest is thrown away.
 GRAVEYARD: list[Vm] = []
@@ -59,7 +61,9 @@ class ScenarioRun:
     def __init__(self, spec: dict, sys_fd: int):
         self.spec = P.validate_scenario(spec)
         self.sys_fd = sys_fd
-        self.trace = Trace()
+        self.trace = Trace(limit=int(spec.get("max_trace", TRACE_LIMIT_DEFAULT)))
+        self.exits = 0
+        self.max_exits = int(spec.get("max_exits", MAX_EXITS_DEFAULT))
         self.outcome: str | None = None
         self.exit_code: int | None = None
         self.stopping = False
@@ -167,6 +171,12 @@ class ScenarioRun:
                         v.clear_kick()
                         continue
                     raise
+                self.exits += 1
+                if self.exits > self.max_exits:     # an exit storm: bounded, reported with the count
+                    self.trace.add("exit_storm", v.index, exits=self.exits, max_exits=self.max_exits, pc=v.pc,
+                                   reason=kvm.EXIT_NAMES.get(reason, str(reason)))
+                    self.finish("exit_storm")
+                    break
                 self._dispatch(v, st, reason)
         except Exception as e:  # noqa: BLE001 - reported to the host, never swallowed
             self.errors.append(f"vcpu{v.index}: {type(e).__name__}: {e}")
@@ -286,7 +296,8 @@ class ScenarioRun:
         block = self.mem.read(P.RESULT_BASE, RESULT_BLOCK_SIZE).rstrip(b"\0")
         result = {
             "name": self.spec["name"], "outcome": self.outcome, "exit_code": self.exit_code,
-            "events": self.trace.records, "filters": self.filter_results, "late_filters": late,
+            "events": self.trace.export(), "filters": self.filter_results, "late_filters": late,
+            "exits": self.exits, "trace_dropped": self.trace.dropped,
             "vcpus": vcpus, "stuck_threads": stuck, "errors": self.errors,
             "result_block": base64.b64encode(block).decode(),
             "psci_state": self.psci.affinity_state(),

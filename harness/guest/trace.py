@@ -13,15 +13,23 @@ one vCPU, ``vcpu``):
 
 from __future__ import annotations
 
+import collections
 import json
 import threading
 import time
 
 
 class Trace:
-    def __init__(self, path: str | None = None):
+    """``limit``: keep at most this many records in ``records`` (None: all); later ones only count in
+    ``dropped`` and the last ``tail_len`` of them stay in ``tail`` (an exit storm must not exhaust the
+    guest's memory or the channel)."""
+
+    def __init__(self, path: str | None = None, limit: int | None = None, tail_len: int = 32):
         self.t0 = time.monotonic()
         self.records: list[dict] = []
+        self.limit = limit
+        self.dropped = 0
+        self.tail: collections.deque = collections.deque(maxlen=tail_len)
         self._lock = threading.Lock()
         self._file = open(path, "a", buffering=1) if path else None  # noqa: SIM115 - lives as long as the trace
 
@@ -31,10 +39,22 @@ class Trace:
             rec["vcpu"] = vcpu
         rec.update(fields)
         with self._lock:
+            if self.limit is not None and len(self.records) >= self.limit:
+                self.dropped += 1
+                self.tail.append(rec)
+                return rec
             self.records.append(rec)
             if self._file:
                 self._file.write(json.dumps(rec, sort_keys=True) + "\n")
         return rec
+
+    def export(self) -> list[dict]:
+        """``records``, then (if any were dropped) a ``trace_truncated`` record and the last ones."""
+        if not self.dropped:
+            return list(self.records)
+        marker = {"t": self.tail[0]["t"] if self.tail else 0.0, "kind": "trace_truncated",
+                  "dropped": self.dropped, "kept_tail": len(self.tail)}
+        return list(self.records) + [marker] + list(self.tail)
 
     def of_kind(self, kind: str) -> list[dict]:
         return [r for r in self.records if r["kind"] == kind]
