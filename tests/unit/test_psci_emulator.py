@@ -24,7 +24,7 @@ def test_version_reports_1_minor():
 def test_cpu_on_starts_an_off_cpu_with_entry_and_context():
     m = machine()
     out = m.call(0, psci.CPU_ON64, [1, 0x4000_1000, 0xDEAD_BEEF_CAFE])
-    assert out.regs == [psci.SUCCESS]
+    assert out.regs == [psci.SUCCESS, 0, 0, 0]
     assert out.effect == ("cpu_on", 1, 0x4000_1000, 0xDEAD_BEEF_CAFE)
     assert m.affinity_state() == [True, True]
 
@@ -110,4 +110,8 @@ def test_unknown_psci_function_is_not_supported():
 
 def test_cpu_suspend_returns_success():
     out = machine().call(0, psci.CPU_SUSPEND64, [0, 0, 0])
-    assert out.regs == [psci.SUCCESS] and out.effect == ("suspend",)
+    assert out.regs == [psci.SUCCESS, 0, 0, 0] and out.effect == ("suspend",)
+
+
+def test_results_zero_x1_to_x3_like_kvm():
+    assert machine().call(0, psci.PSCI_VERSION, []).regs == [0x10003, 0, 0, 0]
