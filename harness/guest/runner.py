@@ -125,7 +125,14 @@ class ScenarioRun:
         boot.set_reg(kvm.REG_PC, s["payload"]["entry"])
         for r in s.get("set_regs", []):
             target = self.vm.vcpus[r.get("vcpu", 0)]
-            target.set_reg(reg_id(r["reg"]), r["value"])
+            if "value" in r:
+                target.set_reg(reg_id(r["reg"]), r["value"])
+            else:   # read-modify-write: {"reg", "clear": mask, "set": bits} (e.g. ID_AA64PFR0_EL1.EL3 = 0)
+                old = target.get_reg(reg_id(r["reg"]))
+                new = (old & ~r.get("clear", 0)) | r.get("set", 0)
+                target.set_reg(reg_id(r["reg"]), new)
+                self.trace.add("set_reg", target.index, reg=str(r["reg"]), old=old, value=new,
+                               readback=target.get_reg(reg_id(r["reg"])))
         self.psci = psci.Psci([psci.CpuState(v.mpidr, v.index == 0) for v in self.vm.vcpus],
                               minor=s.get("psci_minor", 3))
         cpu_on_fwd = any(self.filter.action_for(f) == kvm.KVM_SMCCC_FILTER_FWD_TO_USER
