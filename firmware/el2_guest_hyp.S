@@ -13,7 +13,8 @@
 //                     reply x0..x3 goes back to the inner guest
 //     bit3 PROXY_SMC  the same for inner SMCs trapped by TSC
 //
-// Guest hypervisor (L1, vEL2) setup: VBAR_EL2 = l1_vectors; HCR_EL2 = E2H|RW (+TSC/HCD), i.e. TGE=0 and
+// Guest hypervisor (L1, vEL2) setup: VBAR_EL2 = l1_vectors; HCR_EL2 = RW (+TSC/HCD) plus E2H as found at
+// reset (1 in a HAS_EL2 vCPU, 0 with HAS_EL2_E2H0), i.e. TGE=0 and
 // VM=0 (no stage 2); SCTLR_EL12 = 0x30D00800 (MMU and caches off); VBAR_EL12 = inner_vectors;
 // SP_EL1 = top of a 1 KiB stack in .bss; SPSR_EL2 = 0x3c5 (EL1h, DAIF masked); ELR_EL2 = inner_entry; ERET.
 //
@@ -109,7 +110,11 @@ _start:
     LI x20, PARAM_BASE
     ldr x21, [x20]
     str x21, [x19, #GH_FLAGS]
-    LI x0, (HCR_E2H | HCR_RW)
+    // E2H: keep the reset value's.  With HAS_EL2_E2H0 it is RES0, yet under NV2 HCR_EL2 lives in the
+    // VNCR page, so a written E2H=1 reads back as 1 while the *_EL12 names UNDEF: never set it ourselves.
+    mrs x0, hcr_el2
+    and x0, x0, #HCR_E2H
+    orr x0, x0, #HCR_RW
     tbz x21, #FLAG_TSC_BIT, 3f
     orr x0, x0, #HCR_TSC
 3:  tbz x21, #FLAG_HCD_BIT, 4f

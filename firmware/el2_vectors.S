@@ -16,12 +16,20 @@
 //     REPORT slot 4 <- x0 after the SMC
 //     REPORT slot 5 <- number of exceptions logged (1 expected)
 //     DONE 0
-// Any exception other than an HVC on a synchronous vector (+0x200 or +0x400) is logged and then ends the
-// run with DONE 0xE1 (e.g. the UNDEF an HVC becomes with HCR_EL2.HCD=1 when HCD is effective).
+// Parameter block at PARAM_BASE: u64 flags; bit 0 = set HCR_EL2.HCD (read-modify-write of the reset value)
+// before the HVC.  HCD is RES0 while KVM advertises EL3 (ID_AA64PFR0_EL1.EL3 != 0), so the HVC still lands
+// on +0x200; once the VMM has cleared that field, the HVC is an UNDEF (EC 0) taken to +0x200: logged and
+// skipped with x0 = 0x0DEF0000, and the run goes on (report slot 0).  Skipped means: ELR_EL2 += 4 when ELR
+// is hvc_insn itself (the architectural preferred return address of an UNDEF), or returning as is when
+// ELR is already hvc_insn + 4 (what KVM 7.3 injects: handle_hvc() raises the UNDEF after the HVC trap has
+// advanced the PC; docs/nested-routing.md).  Any other ELR is fatal.
+// Any other exception than these two on a synchronous vector (+0x200 or +0x400) is logged and then ends
+// the run with DONE 0xE1.
 //
 // Result block at RESULT_BASE (harness.payloads.decode_el2_vectors):
 //     +0x00  number of exceptions taken (counts beyond the 16 logged entries too)
-//     +0x08..+0x3F  0 (reserved)
+//     +0x08  HCR_EL2 as read back before the HVC (after setting HCD when asked)
+//     +0x10..+0x3F  0 (reserved)
 //     entry k at +0x40 + k*0x40, k < 16:
 //         +0x00 vector offset   +0x08 ESR_EL2   +0x10 ELR_EL2   +0x18 FAR_EL2
 //         +0x20 SPSR_EL2        +0x28 x0 at the exception       +0x30 x0 returned (0 if fatal)
@@ -50,6 +58,15 @@ _start:
     adr x0, el2_vectors
     msr vbar_el2, x0
     isb
+    LI x1, PARAM_BASE               // flags bit 0: set HCR_EL2.HCD before the HVC
+    ldr x1, [x1]
+    mrs x2, hcr_el2
+    tbz x1, #0, 7f
+    orr x2, x2, #HCR_HCD
+    msr hcr_el2, x2
+    isb
+    mrs x2, hcr_el2
+7:  str x2, [x19, #0x08]
 
     LI x0, PSCI_VERSION
     .global hvc_insn
@@ -129,10 +146,26 @@ trap_common:
 2:  mrs x13, esr_el2
     lsr x14, x13, #26
     cmp x14, #EC_HVC64
+    b.eq 4f
+    // an UNDEF (EC 0) of hvc_insn itself on +0x200 (HCR_EL2.HCD effective): skip it, x0 = 0x0DEF0000
+    cbnz x14, fatal
+    cmp x9, #0x200
     b.ne fatal
-    and x0, x13, #0xffff
+    mrs x13, elr_el2
+    adr x14, hvc_insn
+    cmp x13, x14
+    b.ne 6f
+    add x13, x13, #4                // ELR = the HVC (the architectural UNDEF): step over it
+    msr elr_el2, x13
+    b 8f
+6:  add x14, x14, #4                // ELR = after the HVC (KVM 7.3 injects it so): return there
+    cmp x13, x14
+    b.ne fatal
+8:  LI x0, 0x0DEF0000
+    b 5f
+4:  and x0, x13, #0xffff
     movk x0, #0xE1E1, lsl #16
-    cbz x12, 3f
+5:  cbz x12, 3f
     str x0, [x12, #0x30]
 3:  ldp x13, x14, [sp], #16
     ldp x11, x12, [sp], #16

@@ -481,6 +481,7 @@ EV_RESULT_SIZE = EV_TRAP_LOG + EV_MAX_TRAPS * EV_TRAP_SIZE   # 0x440
 EV_SLOT_X0_AFTER_HVC, EV_SLOT_ESR, EV_SLOT_ELR, EV_SLOT_VECTOR, EV_SLOT_X0_AFTER_SMC, EV_SLOT_NTRAPS, \
     EV_SLOT_CURRENT_EL = range(7)
 _EV_FIELDS = ("vector", "esr", "elr", "far", "spsr", "x0_in", "x0_out")
+EV_FLAG_HCD = 1 << 0
 
 
 def _trap_entry(block: bytes, off: int, fields: Sequence[str]) -> dict:
@@ -495,9 +496,14 @@ def _trap_entry(block: bytes, off: int, fields: Sequence[str]) -> dict:
 def decode_el2_vectors(block: bytes) -> dict:
     """``{"count": exceptions taken, "traps": [{vector, esr, ec, iss, elr, far, spsr, x0_in, x0_out}]}``."""
     _need(block, EV_RESULT_SIZE, "el2_vectors results")
-    count = _q(block, 0)[0]
+    count, hcr = _q(block, 0, 2)
     traps = [_trap_entry(block, EV_TRAP_LOG + k * EV_TRAP_SIZE, _EV_FIELDS) for k in range(min(count, EV_MAX_TRAPS))]
-    return {"count": count, "traps": traps}
+    return {"count": count, "hcr_el2": hcr, "traps": traps}
+
+
+def encode_el2_vectors_params(*, hcd: bool = False) -> list[int]:
+    """el2_vectors' parameter block: ``[flags]`` (bit 0: set HCR_EL2.HCD before the HVC)."""
+    return [EV_FLAG_HCD if hcd else 0]
 
 
 # ---- el2_guest_hyp ----------------------------------------------------------------------------------
@@ -543,6 +549,41 @@ def decode_guest_hyp(block: bytes) -> dict:
     return {"current_el": (cur >> 2) & 3, "hcr_el2": hcr, "flags": flags, "ntraps": ntraps,
             "x0_after_hvc": x0h, "x0_after_smc": x0s, "exit_path": exit_path, "ninner": ninner,
             "traps": traps, "inner_exceptions": inner}
+
+
+# ---- el2_cpu_on ------------------------------------------------------------------------------------
+CO_RESULT_SIZE = 0x80
+CO_MAGIC = 0x5EC0_DA7A
+CO_DEFAULT_TARGET, CO_DEFAULT_CTX = 1, 0xC0FFEE
+CO_SLOT_CPU_ON, CO_SLOT_AFFINITY, CO_SLOT_POLLS, CO_SLOT_SEEN, CO_SLOT_CPU_ON_AGAIN = range(5)
+CO_SLOT_SEC_X0, CO_SLOT_SEC_EL, CO_SLOT_SEC_PC = 8, 9, 10
+_CO_FIELDS = ("current_el_raw", "cpu_on", "affinity_calls", "affinity", "cpu_on_again", "secondary_seen",
+              "target", "context_id")
+_CO_SEC_FIELDS = ("magic", "x0", "current_el_raw", "pc", "mpidr", "hcr_el2", "sctlr")
+
+
+def decode_cpu_on(block: bytes) -> dict:
+    """el2_cpu_on's result block: the boot vCPU's fields plus ``secondary`` (None until its magic is there).
+
+    PSCI return values (``cpu_on``, ``affinity``, ``cpu_on_again``) are returned as signed integers.
+    """
+    _need(block, CO_RESULT_SIZE, "el2_cpu_on results")
+    d = dict(zip(_CO_FIELDS, _q(block, 0, len(_CO_FIELDS))))
+    for k in ("cpu_on", "affinity", "cpu_on_again"):
+        d[k] = d[k] - (1 << 64) if d[k] >> 63 else d[k]
+    d["current_el"] = (d["current_el_raw"] >> 2) & 3
+    sec = dict(zip(_CO_SEC_FIELDS, _q(block, 0x40, len(_CO_SEC_FIELDS))))
+    if sec["magic"] == CO_MAGIC:
+        sec["current_el"] = (sec["current_el_raw"] >> 2) & 3
+        d["secondary"] = sec
+    else:
+        d["secondary"] = None
+    return d
+
+
+def encode_cpu_on_params(target: int = CO_DEFAULT_TARGET, context_id: int = CO_DEFAULT_CTX) -> list[int]:
+    """el2_cpu_on's parameter block: ``[target MPIDR, context id]``."""
+    return [target, context_id]
 
 
 # ---- firmware/common.inc constants (for the unit test that keeps both sides in sync) -------------------
