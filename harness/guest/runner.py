@@ -218,7 +218,10 @@ class ScenarioRun:
         elif self.spec["handler"] == "psci":
             if smccc.owner(fid) == smccc.OWNER_STANDARD and smccc.func_num(fid) <= 0x1F:
                 out = self.psci.call(v.index, fid, args[1:4], aarch32=False)
-                reply = None if out.regs is None else [smccc.narrow(fid, x) for x in out.regs]
+                # Results are NOT truncated for 32-bit ids: KVM writes (unsigned long)-1 etc. in full (the
+                # differential caught kvmtool's truncation convention disagreeing; SMCCC leaves the upper
+                # halves to the implementation, and we follow KVM).
+                reply = out.regs
                 effect, by = out.effect, "psci"
             else:
                 reply, by = [smccc.to_u64(smccc.SMCCC_RET_NOT_SUPPORTED)], "psci"

@@ -1,0 +1,176 @@
+"""PSCI for multi-vCPU EL1 guests: the userspace emulator, checked against KVM's own PSCI.
+
+Every program runs twice on the same kernel: once with no filter (KVM's in-kernel PSCI, psci.c,
+kvm-smccc-abi.md §2.3) and once with the PSCI ranges FWD_TO_USER (harness/guest/psci.py).  The guest's view
+(return values x0..x3, which secondaries came up, with which x0 and at which EL, system events) must be
+identical; a difference fails with both views side by side.  Behaviours: kvm-smccc-abi.md §6 items 17–22.
+"""
+
+import pytest
+
+from harness import psci_program as pp
+from harness.guest import psci
+from harness.payloads import get_payload
+from harness.scenarios import PSCI_FWD, scenario
+
+pytestmark = [pytest.mark.el1, pytest.mark.psci]
+CONDUITS = [pytest.param("hvc", marks=pytest.mark.hvc), pytest.param("smc", marks=pytest.mark.smc)]
+U64 = 0xFFFF_FFFF_FFFF_FFFF
+CTX = 0xC0FFEE_0000_1234
+
+
+@pytest.fixture(scope="module")
+def smp():
+    return get_payload("psci_smp")
+
+
+def run_both(guest, payload, steps, *, secondary=pp.SEC_PARK, conduit="hvc", vcpus=2, name="psci"):
+    """Run ``steps`` in-kernel and forwarded; return (kernel_view, user_view, kernel_result, user_result)."""
+    minor = guest.caps["psci_version_raw"] & 0xFFFF
+    params = pp.encode(steps, secondary, conduit)
+    out = []
+    for mode, filters in (("kernel", []), ("user", list(PSCI_FWD))):
+        r = guest.run(scenario(f"{name}_{conduit}_{mode}", payload, filters=filters, vcpus=vcpus, params=params,
+                               psci_minor=minor, deadline_s=30), payload=payload)
+        out.append(r)
+    kv, uv = pp.guest_view(out[0], steps), pp.guest_view(out[1], steps)
+    return kv, uv, out[0], out[1]
+
+
+def assert_same(kv, uv, rk, ru):
+    assert kv == uv, ("in-kernel and userspace PSCI differ:\n" + pp.side_by_side(kv, uv)
+                      + "\n--- in-kernel run ---\n" + rk.describe() + "\n--- userspace run ---\n" + ru.describe())
+
+
+def x0s(view):
+    return [r["x0"] for r in view["records"]]
+
+
+@pytest.mark.parametrize("conduit", CONDUITS)
+def test_cpu_on_starts_secondary_at_entry_with_context_id(guest, smp, conduit):
+    sec = smp.sym("secondary_entry")
+    steps = [pp.call(conduit, psci.CPU_ON64, 1, sec, CTX, "CPU_ON64(1)"), pp.wait_secondary(1),
+             pp.call(conduit, psci.AFFINITY_INFO64, 1, 0, label="AFFINITY_INFO64(1,0)")]
+    kv, uv, rk, ru = run_both(guest, smp, steps, conduit=conduit)
+    assert_same(kv, uv, rk, ru)
+    assert x0s(uv) == [psci.SUCCESS, 1, psci.AFFINITY_ON], ru.describe()
+    assert uv["secondaries"][1]["context_id"] == CTX and uv["secondaries"][1]["el"] == 1
+    fwd = [h for h in ru.hypercalls if h["nr"] == psci.CPU_ON64]
+    assert len(fwd) == 1 and fwd[0]["conduit"] == conduit and fwd[0]["args"][2] == sec, ru.describe()
+    on = [e for e in ru.events if e["kind"] == "psci" and e["effect"] == "powered_on"]
+    assert on and on[0]["vcpu"] == 1 and on[0]["entry"] == sec and on[0]["context_id"] == CTX, ru.describe()
+
+
+@pytest.mark.parametrize("conduit", CONDUITS)
+def test_cpu_on_errors_already_on_and_invalid_params(guest, smp, conduit):
+    sec = smp.sym("secondary_entry")
+    steps = [pp.call(conduit, psci.CPU_ON64, 1, sec, 1, "CPU_ON64(1)"), pp.wait_secondary(1),
+             pp.call(conduit, psci.CPU_ON64, 1, sec, 2, "CPU_ON64(1) again"),
+             pp.call(conduit, psci.CPU_ON64, 0, sec, 3, "CPU_ON64(self)"),
+             pp.call(conduit, psci.CPU_ON64, 7, sec, 4, "CPU_ON64(no such cpu)"),
+             pp.call(conduit, psci.CPU_ON64, 1 << 40, sec, 5, "CPU_ON64(bad mpidr bits)")]
+    kv, uv, rk, ru = run_both(guest, smp, steps, conduit=conduit)
+    assert_same(kv, uv, rk, ru)
+    assert x0s(uv) == [0, 1, psci.ALREADY_ON & U64, psci.ALREADY_ON & U64, psci.INVALID_PARAMS & U64,
+                       psci.INVALID_PARAMS & U64], pp.side_by_side(kv, uv)
+
+
+@pytest.mark.parametrize("conduit", CONDUITS)
+def test_affinity_info_levels_and_bad_affinity(guest, smp, conduit):
+    steps = [pp.call(conduit, psci.AFFINITY_INFO64, t, lvl, label=f"AFFINITY_INFO64({t:#x},{lvl})")
+             for t, lvl in ((0, 0), (1, 0), (2, 0), (0, 1), (0x100, 1), (0, 2), (0, 3), (0, 4), (1 << 40, 0))]
+    kv, uv, rk, ru = run_both(guest, smp, steps, conduit=conduit)
+    assert_same(kv, uv, rk, ru)
+    ON, OFF, INV = psci.AFFINITY_ON, psci.AFFINITY_OFF, psci.INVALID_PARAMS & U64
+    assert x0s(uv) == [ON, OFF, INV, ON, INV, ON, ON, INV, INV], pp.side_by_side(kv, uv)
+
+
+@pytest.mark.parametrize("conduit", CONDUITS)
+def test_cpu_off_does_not_return_and_affinity_becomes_off(guest, smp, conduit):
+    sec = smp.sym("secondary_entry")
+    steps = [pp.call(conduit, psci.CPU_ON64, 1, sec, 0x111, "CPU_ON64(1)"),
+             pp.poll(conduit, psci.AFFINITY_INFO64, 1, 0, until=psci.AFFINITY_OFF, label="poll AFFINITY==OFF"),
+             pp.call(conduit, psci.CPU_ON64, 1, sec, 0x222, "CPU_ON64(1) after off"),
+             pp.wait_secondary(1, 2),
+             pp.poll(conduit, psci.AFFINITY_INFO64, 1, 0, until=psci.AFFINITY_OFF, label="poll AFFINITY==OFF")]
+    kv, uv, rk, ru = run_both(guest, smp, steps, secondary=pp.SEC_CPU_OFF, conduit=conduit)
+    assert_same(kv, uv, rk, ru)
+    assert x0s(uv) == [0, psci.AFFINITY_OFF, 0, 2, psci.AFFINITY_OFF], pp.side_by_side(kv, uv)
+    s = uv["secondaries"][1]
+    assert s["arrivals"] == 2 and s["context_id"] == 0x222 and s["cpu_off_returned"] == 0
+    offs = [h for h in ru.hypercalls if h["nr"] == psci.CPU_OFF]
+    assert [h["vcpu"] for h in offs] == [1, 1] and all(h["reply"] is None for h in offs), ru.describe()
+
+
+@pytest.mark.parametrize("conduit", CONDUITS)
+def test_cpu_on_32bit_narrows_its_arguments(guest, smp, conduit):
+    sec = smp.sym("secondary_entry")
+    steps = [pp.call(conduit, psci.CPU_ON, 0xFFFF_FFFF_0000_0001, (0xABCD << 32) | sec, 0x1234_5678_9ABC_DEF0,
+                     "CPU_ON(1) high bits set"), pp.wait_secondary(1)]
+    kv, uv, rk, ru = run_both(guest, smp, steps, conduit=conduit)
+    assert_same(kv, uv, rk, ru)
+    assert x0s(uv)[0] == psci.SUCCESS and uv["secondaries"][1]["context_id"] == 0x9ABC_DEF0
+
+
+@pytest.mark.parametrize("conduit", CONDUITS)
+@pytest.mark.parametrize("width", ["32", "64"])
+def test_psci_features_table_matches_kvm(guest, smp, conduit, width):
+    base = 0x8400_0000 if width == "32" else 0xC400_0000
+    fids = [base | n for n in range(0x20)] + ([0x8000_0000] if width == "32" else [])
+    steps = [pp.call(conduit, psci.PSCI_FEATURES, f, label=f"FEATURES({psci.name(f)})") for f in fids]
+    kv, uv, rk, ru = run_both(guest, smp, steps, conduit=conduit, vcpus=1)
+    assert_same(kv, uv, rk, ru)
+    assert all(r["x0"] != 0 for r in uv["records"] if "MIGRATE(" in r["step"])
+
+
+@pytest.mark.parametrize("conduit", CONDUITS)
+def test_version_migrate_and_unknown_ids(guest, smp, conduit):
+    steps = [pp.call(conduit, f, label=psci.name(f)) for f in (
+        psci.PSCI_VERSION, psci.MIGRATE_INFO_TYPE, psci.MIGRATE, psci.MIGRATE64, psci.MIGRATE_INFO_UP_CPU,
+        psci.MIGRATE_INFO_UP_CPU64, 0x8400_001F, 0xC400_001F, 0x8400_000B)]
+    kv, uv, rk, ru = run_both(guest, smp, steps, conduit=conduit, vcpus=1)
+    assert_same(kv, uv, rk, ru)
+    NS = psci.NOT_SUPPORTED & U64
+    assert x0s(uv) == [guest.caps["psci_version_raw"], psci.TOS_MP, NS, NS, NS, NS, NS, NS, NS]
+    assert all(h["conduit"] == conduit for h in ru.hypercalls) and len(ru.hypercalls) == len(steps)
+
+
+SYSTEM_CASES = [
+    pytest.param([(psci.SYSTEM_OFF, 0, 0)], "SHUTDOWN", 0, id="system_off"),
+    pytest.param([(psci.SYSTEM_RESET, 0, 0)], "RESET", 0, id="system_reset"),
+    pytest.param([(psci.SYSTEM_RESET2, 1, 0), (psci.SYSTEM_RESET2, 0, 0)], "RESET", 1, id="system_reset2"),
+    pytest.param([(psci.SYSTEM_RESET2_64, 0x8000_0001, 0)], "RESET", 1, id="system_reset2_vendor"),
+    pytest.param([(psci.SYSTEM_OFF2_64, 1, 1), (psci.SYSTEM_OFF2_64, 1, 0)], "SHUTDOWN", 1, id="system_off2"),
+]
+
+
+@pytest.mark.parametrize("conduit", CONDUITS)
+@pytest.mark.parametrize("calls,event,flag", SYSTEM_CASES)
+def test_system_calls_end_the_vm_with_the_same_event(guest, smp, conduit, calls, event, flag):
+    steps = [pp.call(conduit, f, a1, a2, label=f"{psci.name(f)}({a1:#x},{a2:#x})") for f, a1, a2 in calls]
+    kv, uv, rk, ru = run_both(guest, smp, steps, conduit=conduit, vcpus=1)
+    assert_same(kv, uv, rk, ru)
+    assert uv["outcome"] == "system_event" and uv["system_events"] == [(event, [flag])], pp.side_by_side(kv, uv)
+    assert all(r["x0"] == psci.INVALID_PARAMS & U64 for r in uv["records"]), "the invalid calls must return"
+
+
+def test_psci_0_1_vcpu_still_forwards_0_2_ids(guest, smp):
+    """Without KVM_ARM_VCPU_PSCI_0_2 KVM answers 0.2 ids NOT_SUPPORTED, but a FWD range still forwards them."""
+    steps = [pp.call("hvc", psci.PSCI_VERSION, label="PSCI_VERSION")]
+    params = pp.encode(steps)
+    rk = guest.run(scenario("psci01_kernel", smp, vcpus=1, params=params, psci_0_2=False), payload=smp)
+    ru = guest.run(scenario("psci01_fwd", smp, vcpus=1, params=params, psci_0_2=False, filters=PSCI_FWD),
+                   payload=smp)
+    assert x0s(pp.guest_view(rk, steps)) == [psci.NOT_SUPPORTED & U64], rk.describe()
+    assert [h["nr"] for h in ru.hypercalls] == [psci.PSCI_VERSION], ru.describe()
+    assert x0s(pp.guest_view(ru, steps)) == [guest.caps["psci_version_raw"]], ru.describe()
+
+
+def test_cpu_suspend_returns_success_with_registers_preserved(guest, smp):
+    """Forwarded CPU_SUSPEND: SUCCESS, x4.. untouched.  (Not differential: in-kernel CPU_SUSPEND is a WFI
+    that waits for an interrupt this payload never arms — psci.c kvm_psci_vcpu_suspend.)"""
+    steps = [pp.call("hvc", psci.CPU_SUSPEND64, 0, 0, 0, "CPU_SUSPEND64")]
+    r = guest.run(scenario("cpu_suspend_fwd", smp, vcpus=1, params=pp.encode(steps), filters=PSCI_FWD),
+                  payload=smp)
+    assert x0s(pp.guest_view(r, steps)) == [psci.SUCCESS], r.describe()
+    assert [e["effect"] for e in r.events if e["kind"] == "psci"] == ["suspend"]
