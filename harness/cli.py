@@ -133,6 +133,8 @@ def cmd_run_payload(args) -> int:
     from .scenarios import scenario
     p = load_elf(args.elf, vcpus=args.vcpus)
     filters = [f for text in args.forward for f in _parse_filter(text)]
+    from .filter_model import check_filters
+    check_filters(filters, what="--forward range")      # before anything boots: KVM would refuse it
     spec = scenario(Path(args.elf).stem, p, filters=filters, el2=args.el2, vcpus=args.vcpus,
                     handler=args.handler, deadline_s=args.deadline)
     s, _ = _session(args)
