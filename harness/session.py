@@ -20,6 +20,7 @@ from .console import scan_failures
 from .errors import GuestError
 from .qemu import Machine, MachineConfig, default_cmdline
 
+RESULT_BLOCK_SIZE = 0x4000
 READY_RE = re.compile(re.escape(P.READY_BANNER) + r" (\{.*\})")
 
 
@@ -56,7 +57,8 @@ class ScenarioResult:
 
     @property
     def result_block(self) -> bytes:
-        return P.unb64(self.raw.get("result_block", ""))
+        data = P.unb64(self.raw.get("result_block", ""))
+        return data + bytes(max(0, RESULT_BLOCK_SIZE - len(data)))   # the agent strips trailing zeros
 
     def symbol(self, addr: int) -> str:
         if self.payload is not None and hasattr(self.payload, "symbolize"):

@@ -17,6 +17,7 @@ KVM_ARM_VCPU_INIT (warm reset) and sets PC/x0 itself — a vCPU is only ever tou
 from __future__ import annotations
 
 import base64
+import ctypes
 import errno
 import threading
 import time
@@ -95,6 +96,26 @@ class ScenarioRun:
             out.append(rec)
         return out
 
+    def _probes(self, probes) -> list[dict]:
+        """VM-fd device-attribute probes: ``{"ioctl": "has"|"get", "group", "attr"}`` → errno or None.
+
+        (vm.rst §6: HAS answers 0 for the filter; other groups/attrs ENXIO; the VM fd has no GET.)
+        """
+        out = []
+        for pr in probes:
+            kind = pr.get("ioctl", "has")
+            buf = ctypes.create_string_buffer(64)
+            attr = kvm.DeviceAttr(flags=0, group=pr.get("group", 0), attr=pr.get("attr", 0),
+                                  addr=ctypes.addressof(buf))
+            req = {"has": kvm.KVM_HAS_DEVICE_ATTR, "get": kvm.KVM_GET_DEVICE_ATTR}[kind]
+            rec = {"ioctl": kind, "group": attr.group, "attr": attr.attr, "errno": None}
+            try:
+                kvm.ioctl(self.vm.fd, req, attr)
+            except kvm.KvmError as e:
+                rec["errno"] = e.errname
+            out.append(rec)
+        return out
+
     def setup(self) -> None:
         s = self.spec
         self.vm = Vm(self.sys_fd)
@@ -104,6 +125,7 @@ class ScenarioRun:
             self.mem.write(seg["addr"], P.unb64(seg["data"]))
         if s["params"]:
             self.mem.write_u64s(P.PARAM_BASE, s["params"])
+        self.probe_results = self._probes(s.get("probes", []))
         self.filter_results = self._install_filters(s["filters"])
         feats = self._features()
         for _ in range(s["vcpus"]):
@@ -307,6 +329,7 @@ class ScenarioRun:
         result = {
             "name": self.spec["name"], "outcome": self.outcome, "exit_code": self.exit_code,
             "events": self.trace.export(), "filters": self.filter_results, "late_filters": late,
+            "probes": self.probe_results,
             "exits": self.exits, "trace_dropped": self.trace.dropped,
             "vcpus": vcpus, "stuck_threads": stuck, "errors": self.errors,
             "result_block": base64.b64encode(block).decode(),
