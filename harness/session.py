@@ -108,19 +108,29 @@ class GuestSession:
     timings: dict = field(default_factory=dict)
     scenario_count: int = 0
     broken: str | None = None       # why this guest can no longer serve requests (the pool boots a new one)
+    snapshots: bool = False         # start() restores a cached snapshot (harness.snapshot); cold boot as fallback
 
     @classmethod
     def create(cls, kernel: Path, initrd: Path, run_dir: Path, *, accel: str = "tcg", smp: int = 1,
                memory_mb: int = 1024, append: str = "", boot_deadline_s: float = 120.0,
-               qemu_bin: str = "qemu-system-aarch64", incoming: str | None = None) -> GuestSession:
+               qemu_bin: str = "qemu-system-aarch64", incoming: str | None = None,
+               snapshots: bool = False) -> GuestSession:
         cfg = MachineConfig(kernel=Path(kernel), initrd=Path(initrd), cmdline=default_cmdline(append),
                             accel=accel, smp=smp, memory_mb=memory_mb, qemu_bin=qemu_bin,
                             control_socket=run_dir / "ctl.sock", qmp_socket=run_dir / "qmp.sock",
                             incoming=incoming)
-        return cls(config=cfg, run_dir=run_dir, boot_deadline_s=boot_deadline_s)
+        return cls(config=cfg, run_dir=run_dir, boot_deadline_s=boot_deadline_s, snapshots=snapshots)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> GuestSession:
+        """Warm start from a snapshot (``snapshots``), else :meth:`boot`."""
+        if self.snapshots:
+            from .snapshot import warm_start
+            return warm_start(self)
+        return self.boot()
+
+    def boot(self) -> GuestSession:
+        """Cold boot: QEMU start -> the agent's ready banner -> the control channel's hello."""
         t0 = time.monotonic()
         self.machine = Machine(self.config, self.run_dir)
         try:
