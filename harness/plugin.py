@@ -44,6 +44,10 @@ def pytest_addoption(parser):
     g.addoption("--boot-timeout", type=float, default=float(os.environ.get("SMCCC_BOOT_TIMEOUT", "120")),
                 help="seconds from QEMU start to the agent's ready banner")
     g.addoption("--results-dir", default=None, help="where run directories (console logs, traces) go [./runs]")
+    g.addoption("--no-snapshot", action="store_true",
+                default=os.environ.get("SMCCC_NO_SNAPSHOT", "") not in ("", "0"),
+                help="cold-boot every guest instead of restoring the cached snapshot of a booted guest "
+                     "(harness.snapshot) [env SMCCC_NO_SNAPSHOT=1]")
 
 
 def pytest_configure(config):
@@ -61,6 +65,10 @@ def resolve_accel(accel: str) -> str:
 
 class GuestPool:
     """Hands each test a healthy booted guest; boots a new one when the previous guest died.
+
+    Guests are restored from the cached snapshot of a booted guest (harness.snapshot; built on the first
+    use, ~0.5 s per restore afterwards) unless ``--no-snapshot``; a failed restore falls back to a cold boot
+    with a warning.  :meth:`fresh` throws the current guest away and hands out a new one.
 
     A boot failure is remembered (labgrid's never_retry): every later test fails at once with the same
     cause instead of paying the boot timeout again.
@@ -97,13 +105,23 @@ class GuestPool:
             self.session = GuestSession.create(
                 a["kernel"].image, a["initrd"], run_dir, accel=resolve_accel(opt("--accel")), smp=opt("--smp"),
                 memory_mb=opt("--memory"), append=opt("--append"), boot_deadline_s=opt("--boot-timeout"),
-                qemu_bin=opt("--qemu-bin"))
+                qemu_bin=opt("--qemu-bin"), snapshots=not opt("--no-snapshot"))
             self.sessions.append(self.session)
             self.session.start()
         except BaseException as e:
             self.boot_error = e
             raise
+        if self.session.timings.get("snapshot_fallback"):
+            import warnings
+            warnings.warn(f"snapshot restore failed, the guest was cold-booted: "
+                          f"{self.session.timings['snapshot_fallback']}", stacklevel=2)
         return self.session
+
+    def fresh(self):
+        """A new guest with no state from earlier tests (a fresh restore): the current one is thrown away."""
+        if self.session is not None:
+            self.session.close()
+        return self.get()
 
     def close(self):
         for s in self.sessions:
