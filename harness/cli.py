@@ -175,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p, kernel=True):
         if kernel:
             p.add_argument("--kernel", default=os.environ.get("SMCCC_KERNEL", "default"),
-                           help="Image path or Debian spec ('default', '7.2', '6.12', package)")
+                           help="Image, Image.gz or vmlinux path, or Debian spec ('default', '7.2', '6.12', package)")
+            p.add_argument("--kernel-pkg", default=os.environ.get("SMCCC_KERNEL_PKG"), metavar="NAME[/SUITE]",
+                           help="a Debian arm64 kernel package (overrides --kernel) [env SMCCC_KERNEL_PKG]")
         p.add_argument("--accel", default=os.environ.get("SMCCC_ACCEL", "auto"), choices=("auto", "tcg", "kvm"))
         p.add_argument("--qemu-bin", default=os.environ.get("QEMU", "qemu-system-aarch64"))
         p.add_argument("--boot-timeout", type=float, default=120.0)
@@ -220,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--kernels", nargs="*", help="kernel specs to fetch (default: the default kernel)")
         p.add_argument("--all", action="store_true", help="clean: remove everything, downloads included")
         p.set_defaults(func=cmd_assets)
+
+    from . import bisect, kbuild, matrix  # kernel build/source/info, bisect, matrix (issue 5)
+    for mod in (kbuild, bisect, matrix):
+        mod.add_cli(sub)
     return ap
 
 
@@ -230,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]
     args = build_parser().parse_args(argv)
+    if getattr(args, "kernel_pkg", None):
+        args.kernel = "pkg:" + args.kernel_pkg
     if hasattr(args, "pytest_args"):
         args.pytest_args = list(args.pytest_args) + extra
     try:
