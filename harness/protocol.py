@@ -142,6 +142,7 @@ def validate_scenario(s: dict) -> dict:
     if not RAM_BASE <= entry < ram_end:
         raise ProtocolError(f"payload entry {entry:#x} is outside guest RAM")
     filters = [validate_filter(f) for f in s.get("filters", [])]
+    late_filters = [validate_filter(f) for f in s.get("late_filters", [])]
     handler = s.get("handler", "psci")
     if handler not in ("psci", "record"):
         raise ProtocolError(f"handler must be 'psci' or 'record', got {handler!r}")
@@ -162,7 +163,7 @@ def validate_scenario(s: dict) -> dict:
     if not isinstance(deadline, (int, float)) or not 0 < deadline <= 600:
         raise ProtocolError("deadline_s must be in (0, 600]")
     out = dict(s)
-    out.update(vcpus=vcpus, ram_size=ram_size, filters=filters, handler=handler, replies=replies,
+    out.update(vcpus=vcpus, ram_size=ram_size, filters=filters, late_filters=late_filters, handler=handler, replies=replies,
                params=params, deadline_s=float(deadline), el2=bool(s.get("el2", False)),
                e2h0=bool(s.get("e2h0", False)))
     return out
