@@ -231,3 +231,40 @@ def _backports_configured(suite: str) -> bool:
             if suite in s.split() or (s.lower().startswith("suites:") and suite in s.split()[1:]):
                 return True
     return False
+
+
+# ---- kernel builds (installed on demand by `smccc-harness kernel build`) ------------------------------
+KBUILD_REQUIREMENTS = (
+    Requirement("gcc-aarch64-linux-gnu", "aarch64-linux-gnu-gcc"),
+    Requirement("binutils-aarch64-linux-gnu", "aarch64-linux-gnu-ld"),
+    Requirement("make", "make"),
+    Requirement("flex", "flex"),
+    Requirement("bison", "bison"),
+    Requirement("bc", "bc"),
+    Requirement("libssl-dev", "/usr/include/openssl/ssl.h"),
+    Requirement("libelf-dev", "/usr/include/libelf.h"),
+    Requirement("ccache", "ccache"),
+    Requirement("gcc", "gcc"),
+    Requirement("libc6-dev", "/usr/include/stdio.h"),
+)
+
+
+def missing_kbuild_requirements() -> list[Requirement]:
+    return [r for r in KBUILD_REQUIREMENTS if not _present(r.probe)]
+
+
+def ensure_kbuild_packages(progress=print) -> list[str]:
+    """Install the cross compiler and kernel build tools that are missing; no network when none is."""
+    missing = missing_kbuild_requirements()
+    if not missing:
+        return []
+    names = [r.package for r in missing]
+    if os.geteuid() != 0:
+        raise SetupError(f"missing kernel build tools: {', '.join(names)}",
+                         hint="run as root, or: apt-get install --no-install-recommends " + " ".join(names))
+    _apt(["update", "-q"], progress)
+    _apt(["install", "-y", "-q", "--no-install-recommends", *names], progress)
+    still = missing_kbuild_requirements()
+    if still:
+        raise SetupError(f"installed {', '.join(names)} but still missing: {', '.join(r.probe for r in still)}")
+    return names

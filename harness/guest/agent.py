@@ -9,6 +9,7 @@ told to shut down.  No Python start-up per scenario: a scenario costs only its o
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import subprocess
@@ -99,6 +100,23 @@ def inject_fault(args: dict) -> dict:
     raise P.ProtocolError(f"fault kind must be one of {FAULT_KINDS}, got {kind!r}")
 
 
+def put_file(args: dict) -> dict:
+    """``{"path": "/tmp/...", "data": base64, "mode": 0o755}``: write atomically (temp file + rename) under /tmp."""
+    path, data, mode = args.get("path"), args.get("data"), args.get("mode", 0o644)
+    if not (isinstance(path, str) and path.startswith("/tmp/") and ".." not in path.split("/")):
+        raise P.ProtocolError(f"put needs an absolute path under /tmp (the guest's tmpfs), got {path!r}")
+    if not isinstance(data, str) or not isinstance(mode, int):
+        raise P.ProtocolError("put needs data (base64 text) and an integer mode")
+    blob = P.unb64(data)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.part{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(blob)
+    os.chmod(tmp, mode & 0o7777)
+    os.replace(tmp, path)
+    return {"path": path, "size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+
+
 class Agent:
     def __init__(self, port_path: str):
         self.fd = os.open(port_path, os.O_RDWR)
@@ -140,6 +158,8 @@ class Agent:
             return {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr}
         if op == "fault":      # test-only fault injection (tests/system/test_faults.py)
             return inject_fault(args)
+        if op == "put":        # receive a file into the guest's tmpfs (upstream selftests: harness/selftests.py)
+            return put_file(args)
         if op == "stats":
             return {"graveyard_vms": len(GRAVEYARD), "pid": os.getpid()}
         if op == "shutdown":

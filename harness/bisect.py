@@ -1,0 +1,220 @@
+"""``smccc-harness bisect``: one ``git bisect run`` step inside a kernel tree.
+
+    git bisect start BAD GOOD
+    git bisect run smccc-harness bisect -- -k "test_hypercall_flags_name_the_conduit and smc"
+
+Each step builds the checked-out tree (harness/kbuild.py: persistent O=, ccache; incremental after a
+checkout), boots it, runs the selected tests in a pytest subprocess, and exits with the code ``git bisect run``
+understands (git-bisect(1): 0 good, 1-127 except 125 bad, 125 skip, anything else aborts the bisect;
+../shared/docs/prior-art.md section 6).  ``OUTCOMES`` below is the only place outcomes map to exit codes
+(the table in harness/plugin.py's docstring and the README's "Outcomes" are checked against it by
+tests/unit/test_bisect.py):
+
+| outcome   | what happened                                                         | exit |
+|-----------|-----------------------------------------------------------------------|------|
+| good      | the selected tests ran and passed (console clean)                     | 0    |
+| bad       | a selected test failed: an assertion, or an Oops/WARNING/BUG/panic/lockdep splat while it ran | 1 |
+| build     | the kernel did not build                                              | 125  |
+| skipped   | every selected test was skipped (the kernel lacks a capability)       | 125  |
+| boot      | the guest did not come up (panic at boot, no agent banner in time): setup errors only | 125 |
+| infra     | harness/infrastructure failure (QEMU missing, asset download, ...)    | 125  |
+| no_tests  | pytest collected nothing (exit 5): the selection is wrong             | 128  |
+| usage     | pytest usage error, internal error or interrupt (exit 2, 3, 4)        | 128  |
+
+A test failure is never 128+ or 255 (which would abort the bisect), and "no tests collected" is never good.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import paths
+from .errors import HarnessError
+
+GOOD, BAD, SKIP, ABORT = 0, 1, 125, 128
+
+OUTCOMES: dict[str, int] = {
+    "good": GOOD,
+    "bad": BAD,
+    "build": SKIP,
+    "skipped": SKIP,
+    "boot": SKIP,
+    "infra": SKIP,
+    "no_tests": ABORT,
+    "usage": ABORT,
+}
+
+# pytest.ExitCode values (kept as ints so this module imports without pytest)
+PYTEST_OK, PYTEST_FAILED, PYTEST_INTERRUPTED, PYTEST_INTERNAL, PYTEST_USAGE, PYTEST_NO_TESTS = range(6)
+
+
+@dataclass
+class Counts:
+    """What a JUnit XML file says happened (pytest --junitxml)."""
+
+    passed: int = 0
+    failed: int = 0  # a <failure>: the test's call phase failed (assertion, console splat)
+    errors: int = 0  # an <error>: setup/teardown failed (the guest did not come up)
+    skipped: int = 0
+    failed_names: list[str] = field(default_factory=list)
+    error_names: list[str] = field(default_factory=list)
+
+
+def parse_junit(path: Path) -> Counts:
+    c = Counts()
+    root = ET.parse(path).getroot()
+    for tc in root.iter("testcase"):
+        name = f"{tc.get('classname', '')}::{tc.get('name', '')}"
+        kinds = {child.tag for child in tc}
+        if "failure" in kinds:
+            c.failed += 1
+            c.failed_names.append(name)
+        elif "error" in kinds:
+            c.errors += 1
+            c.error_names.append(name)
+        elif "skipped" in kinds:
+            c.skipped += 1
+        else:
+            c.passed += 1
+    return c
+
+
+def classify(pytest_rc: int, counts: Counts | None) -> str:
+    """The outcome (a key of OUTCOMES) of one pytest run, from its exit code and its JUnit counts."""
+    if pytest_rc == PYTEST_NO_TESTS:
+        return "no_tests"
+    if pytest_rc in (PYTEST_INTERRUPTED, PYTEST_INTERNAL, PYTEST_USAGE):
+        return "usage"
+    if pytest_rc not in (PYTEST_OK, PYTEST_FAILED) or counts is None:
+        return "infra"  # pytest died (signal, crash) or wrote no report: not evidence about the kernel
+    if counts.failed:
+        return "bad"
+    if counts.errors:
+        return "boot"
+    if counts.passed:
+        return "good"
+    if counts.skipped:
+        return "skipped"
+    return "no_tests"
+
+
+def exit_code(outcome: str) -> int:
+    return OUTCOMES[outcome]
+
+
+def has_path_arg(args: list[str]) -> bool:
+    """Does a pytest argument list name a file/dir/node id?  (If not, the bisect runs tests/system.)"""
+    takes_value = {"-k", "-m", "-p", "-c", "-o", "--kernel", "--accel", "--qemu-bin", "--junitxml", "--junit-xml",
+                   "--results-dir", "--boot-timeout", "--smp", "--memory", "--append", "--rootdir", "-n",
+                   "--deselect", "--ignore", "--kernel-pkg", "--timeout"}
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a in takes_value:
+            skip = True
+            continue
+        if not a.startswith("-"):
+            return True
+    return False
+
+
+def pytest_argv(selection: list[str], kernel: str, junit: Path, extra: list[str] = ()) -> list[str]:
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--kernel", kernel,
+            f"--junitxml={junit}", *extra, *selection]
+    if not has_path_arg(selection):
+        argv.append("tests/system")
+    return argv
+
+
+def _say(msg: str) -> None:
+    print(f"[smccc-harness bisect] {msg}", flush=True)
+
+
+def run_step(selection: list[str], *, src: Path, build: bool = True, out: Path | None = None,
+             kernel: str | None = None, jobs: int | None = None, timeout_s: float = 1800.0,
+             extra_pytest: list[str] = ()) -> tuple[str, str]:
+    """One bisect step; returns (outcome, one-line explanation).  Never raises for a kernel problem."""
+    from . import kbuild
+    t0 = time.monotonic()
+    if build:
+        try:
+            res = kbuild.build(src, out, jobs=jobs, progress=_say)
+        except kbuild.KernelBuildError as e:
+            return "build", str(e).splitlines()[0]
+        except HarnessError as e:
+            return "infra", str(e).splitlines()[0]
+        kernel = str(res.image)
+        _say(f"built {res.version} in {res.seconds:.1f} s: {res.image}")
+    elif kernel is None:
+        image = (out or kbuild.default_out_dir(src)) / "arch" / "arm64" / "boot" / "Image"
+        if not image.is_file():
+            return "infra", f"--no-build: no {image}; build first or pass --kernel"
+        kernel = str(image)
+    with tempfile.TemporaryDirectory(prefix="smccc-bisect-") as tmp:
+        junit = Path(tmp) / "junit.xml"
+        argv = pytest_argv(selection, kernel, junit, list(extra_pytest))
+        _say("$ " + " ".join(shlex.quote(a) for a in argv))
+        try:
+            rc = subprocess.run(argv, cwd=paths.REPO_ROOT, check=False, timeout=timeout_s,
+                                stdin=subprocess.DEVNULL).returncode
+        except subprocess.TimeoutExpired:
+            return "infra", f"pytest did not finish within {timeout_s:.0f} s"
+        counts = parse_junit(junit) if junit.is_file() else None
+    outcome = classify(rc, counts)
+    c = counts or Counts()
+    detail = (f"pytest exit {rc}: {c.passed} passed, {c.failed} failed, {c.errors} errors, {c.skipped} skipped "
+              f"({time.monotonic() - t0:.1f} s)")
+    if c.failed_names:
+        detail += "; failed: " + ", ".join(c.failed_names[:3])
+    return outcome, detail
+
+
+def main(args) -> int:
+    """CLI entry (harness/cli.py): run one step and exit with OUTCOMES[outcome]."""
+    src = Path(args.src or os.getcwd()).resolve()
+    selection = list(args.pytest_args)
+    if not selection:
+        _say("no test selection after '--' (e.g. -- -k 'test_hypercall_flags_name_the_conduit and smc')")
+        return ABORT
+    try:
+        outcome, detail = run_step(selection, src=src, build=args.build, out=Path(args.out) if args.out else None,
+                                   kernel=args.image, jobs=args.jobs)
+    except Exception as e:  # noqa: BLE001 - the harness broke: never let a traceback become exit 1 (bad)
+        outcome, detail = "infra", f"{type(e).__name__}: {e}"
+    code = exit_code(outcome)
+    head = _head(src)
+    _say(f"{head or src}: {outcome} -> exit {code} ({detail})")
+    return code
+
+
+def _head(src: Path) -> str:
+    try:
+        return subprocess.run(["git", "-C", str(src), "log", "-1", "--format=%h %s"], capture_output=True,
+                              text=True, check=False, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("bisect", help="one 'git bisect run' step in a kernel tree: build, boot, run the selection; "
+                                      "exit 0 good / 1 bad / 125 skip / 128 abort")
+    p.add_argument("--build", dest="build", action="store_true", default=True,
+                   help="build the tree first (default; a build failure exits 125)")
+    p.add_argument("--no-build", dest="build", action="store_false", help="use --image, or the last build in --out")
+    p.add_argument("--src", default=None, help="kernel tree (default: the current directory, as in git bisect run)")
+    p.add_argument("--out", default=os.environ.get("SMCCC_BISECT_OUT"),
+                   help="build directory O= (default: a persistent one per tree in the cache) [env SMCCC_BISECT_OUT]")
+    p.add_argument("--image", default=None, help="with --no-build: the kernel to test")
+    p.add_argument("-j", "--jobs", type=int, default=None)
+    p.add_argument("pytest_args", nargs="*", help="the pytest selection, after '--' (e.g. -k 'flags and smc')")
+    p.set_defaults(func=main)

@@ -1,0 +1,109 @@
+"""``smccc-harness matrix``: the suite over several kernels, one pytest subprocess per kernel.
+
+    smccc-harness matrix --kernels 6.12 7.2 default [--out DIR] [-n 2] [-- extra pytest args]
+
+Per kernel ``K`` (a Debian spec, a package via ``pkg:NAME[/SUITE]``, or an Image path) it runs
+``python3 -m pytest tests/system -m 'not slow' --kernel K --junitxml OUT/K/junit.xml --results-dir OUT/K/runs``;
+the run directories keep each guest's console log, a per-test console slice (``tests/*.console.log``) and the
+handler traces.  Then it writes ``OUT/report.html`` and prints the same scenario x kernel table.  Exit code:
+0 when every kernel ran and nothing failed, 1 when a test failed or errored, 2 when a kernel's run broke
+(pytest usage/internal error or no JUnit file).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import paths
+from .report import KernelRun, format_matrix, read_junit, render_html
+
+DEFAULT_KERNELS = ("6.12", "7.2", "default")
+
+
+def label_dir(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", label).strip("_") or "kernel"
+
+
+def pytest_argv(kernel: str, out: Path, markers: str, k: str | None, workers: int, accel: str,
+                extra: list[str]) -> list[str]:
+    argv = [sys.executable, "-m", "pytest", "tests/system", "-m", markers, "-q", "-p", "no:cacheprovider",
+            "--kernel", kernel, "--accel", accel, f"--junitxml={out / 'junit.xml'}",
+            "--results-dir", str(out / "runs")]
+    if k:
+        argv += ["-k", k]
+    if workers > 1:
+        argv += ["-n", str(workers)]
+    return argv + list(extra)
+
+
+def run_matrix(kernels: list[str], out: Path, *, markers: str = "not slow", k: str | None = None, workers: int = 1,
+               accel: str = "auto", extra: list[str] = (), progress=print) -> list[KernelRun]:
+    out.mkdir(parents=True, exist_ok=True)
+    runs: list[KernelRun] = []
+    for spec in kernels:
+        d = out / label_dir(spec)
+        d.mkdir(parents=True, exist_ok=True)
+        junit = d / "junit.xml"
+        if junit.exists():
+            junit.unlink()
+        argv = pytest_argv(os.path.abspath(spec) if os.path.exists(spec) else spec, d, markers, k, workers, accel,
+                           list(extra))
+        progress(f"[{spec}] $ {' '.join(shlex.quote(a) for a in argv)}")
+        t0 = time.monotonic()
+        with open(d / "pytest.log", "w") as log:
+            rc = subprocess.run(argv, cwd=paths.REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, check=False).returncode
+        dt = time.monotonic() - t0
+        if junit.is_file():
+            run = read_junit(junit, spec)
+        else:
+            run = KernelRun(label=spec)
+        run.note = f"pytest exit {rc} in {dt:.0f} s; log {d / 'pytest.log'}"
+        c = run.counts()
+        progress(f"[{spec}] {c['passed']} passed, {c['failed']} failed, {c['error']} errors, {c['skipped']} skipped "
+                 f"(exit {rc}, {dt:.1f} s)")
+        runs.append(run)
+    return runs
+
+
+def exit_status(runs: list[KernelRun]) -> int:
+    if any(r.junit is None or "exit 2 " in r.note or "exit 3 " in r.note or "exit 4 " in r.note for r in runs):
+        return 2
+    if any(c["failed"] or c["error"] for c in (r.counts() for r in runs)):
+        return 1
+    return 0
+
+
+def main(args) -> int:
+    out = Path(args.out or (paths.results_root() / f"matrix-{time.strftime('%Y%m%d-%H%M%S')}")).resolve()
+
+    def say(msg: str) -> None:
+        print(f"[smccc-harness matrix] {msg}", flush=True)
+
+    runs = run_matrix(list(args.kernels), out, markers=args.markers, k=args.k, workers=args.workers,
+                      accel=args.accel, extra=list(args.pytest_args), progress=say)
+    table = format_matrix(runs)
+    (out / "report.txt").write_text(table + "\n")
+    (out / "report.html").write_text(render_html(runs))
+    print(table)
+    say(f"report: {out / 'report.html'} (text: {out / 'report.txt'})")
+    return exit_status(runs)
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("matrix", help="run the suite over several kernels; JUnit XML per kernel + report.html")
+    p.add_argument("--kernels", nargs="+", default=list(DEFAULT_KERNELS),
+                   help=f"kernel specs or Image paths (default: {' '.join(DEFAULT_KERNELS)})")
+    p.add_argument("--out", default=None, help="output directory (default: runs/matrix-<time>)")
+    p.add_argument("-m", "--markers", default="not slow")
+    p.add_argument("-k", default=None, help="pytest -k expression")
+    p.add_argument("-n", "--workers", type=int, default=1, help="pytest-xdist workers per kernel (each boots its VM)")
+    p.add_argument("--accel", default=os.environ.get("SMCCC_ACCEL", "auto"), choices=("auto", "tcg", "kvm"))
+    p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    p.set_defaults(func=main)

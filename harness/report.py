@@ -1,0 +1,206 @@
+"""Reports for nightly CI: JUnit suite properties, per-test console slices, the scenario x kernel matrix.
+
+* ``suite_properties()`` — what the plugin writes as JUnit ``<properties>`` of the test suite (kernel
+  version and image sha256, QEMU version, accel, initramfs and rootfs package hashes, harness commit).
+* ``read_junit()`` — one kernel's results (per test: outcome, message, console log) and its properties.
+* ``format_matrix()`` / ``render_html()`` — the same scenario x kernel table for the terminal and as
+  ``report.html``.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import subprocess
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import paths
+
+SYMBOL = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped": "SKIP", None: "-"}
+
+
+# ---- JUnit properties written by the plugin --------------------------------------------------------
+def harness_commit() -> str:
+    try:
+        r = subprocess.run(["git", "-C", str(paths.REPO_ROOT), "describe", "--always", "--dirty"],
+                           capture_output=True, text=True, check=False, timeout=10)
+        return r.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def suite_properties(kernel=None, caps: dict | None = None, qemu_bin: str = "qemu-system-aarch64",
+                     accel: str = "", initrd: Path | None = None) -> list[tuple[str, str]]:
+    """(name, value) pairs describing the run; every value is a string, unknowns are 'unknown'."""
+    from . import assets, sysdeps
+    props: list[tuple[str, str]] = []
+    caps = caps or {}
+    if kernel is not None:
+        props += [("kernel_version", caps.get("uname") or kernel.version), ("kernel_image", str(kernel.image)),
+                  ("kernel_sha256", kernel.sha256), ("kernel_package", f"{kernel.package} {kernel.deb_version}".strip())]
+        vm = getattr(kernel, "vmlinux", None)
+        if vm:
+            props.append(("kernel_vmlinux", str(vm)))
+    if caps:
+        props += [("kvm_mode", str(caps.get("kvm_mode"))), ("psci_version", str(caps.get("psci_version"))),
+                  ("KVM_CAP_ARM_EL2", str(caps.get("KVM_CAP_ARM_EL2"))),
+                  ("smccc_filter", str(caps.get("smccc_filter")))]
+    try:
+        props.append(("qemu_version", ".".join(map(str, sysdeps.qemu_version(qemu_bin)))))
+    except Exception:  # noqa: BLE001 - a property must never fail the run
+        props.append(("qemu_version", "unknown"))
+    props.append(("accel", accel or "unknown"))
+    if initrd is not None and Path(initrd).is_file():
+        props.append(("initramfs_sha256", assets.sha256_file(Path(initrd))))
+    try:
+        summary = assets.asset_summary()
+    except Exception:  # noqa: BLE001 - a property must never fail the run
+        summary = {}
+    for name, e in sorted((summary.get("rootfs") or summary.get("packages") or {}).items()):
+        props.append((f"deb:{name}", f"{e.get('version')} sha256:{e.get('sha256')}"))
+    for spec, k in sorted((summary.get("kernels") or {}).items()):
+        if isinstance(k, dict) and k.get("deb_sha256"):
+            props.append((f"kernel_deb:{spec}", f"{k.get('package')} {k.get('deb_version')} sha256:{k['deb_sha256']}"))
+    props.append(("harness_commit", harness_commit()))
+    return props
+
+
+def safe_name(nodeid: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid)[-150:]
+
+
+def save_test_console(run_dir: Path, nodeid: str, text: str) -> Path:
+    """The console output printed while one test ran, as ``<run_dir>/tests/<nodeid>.console.log``."""
+    d = Path(run_dir) / "tests"
+    d.mkdir(parents=True, exist_ok=True)
+    p = d / f"{safe_name(nodeid)}.console.log"
+    p.write_text(text)
+    return p
+
+
+# ---- reading results -------------------------------------------------------------------------------
+@dataclass
+class TestResult:
+    outcome: str  # passed | failed | error | skipped
+    message: str = ""
+    time: float = 0.0
+    properties: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class KernelRun:
+    label: str  # the --kernel spec
+    results: dict[str, TestResult] = field(default_factory=dict)  # scenario -> result
+    properties: dict[str, str] = field(default_factory=dict)
+    junit: Path | None = None
+    note: str = ""  # e.g. "pytest exit 3"
+
+    def counts(self) -> dict[str, int]:
+        out = {"passed": 0, "failed": 0, "error": 0, "skipped": 0}
+        for r in self.results.values():
+            out[r.outcome] = out.get(r.outcome, 0) + 1
+        return out
+
+
+def scenario_name(classname: str, name: str) -> str:
+    """'tests.system.test_forwarding_el1' + 'test_x[smc]' -> 'test_forwarding_el1::test_x[smc]'."""
+    return f"{classname.rsplit('.', 1)[-1]}::{name}" if classname else name
+
+
+def read_junit(path: Path, label: str) -> KernelRun:
+    run = KernelRun(label=label, junit=Path(path))
+    root = ET.parse(path).getroot()
+    for suite in root.iter("testsuite"):
+        for prop in suite.findall("properties/property"):
+            run.properties[prop.get("name", "")] = prop.get("value", "")
+    for tc in root.iter("testcase"):
+        name = scenario_name(tc.get("classname", ""), tc.get("name", ""))
+        outcome, msg = "passed", ""
+        for child in tc:
+            if child.tag in ("failure", "error", "skipped"):
+                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[child.tag]
+                msg = child.get("message", "") or (child.text or "")[:300]
+                break
+        props = {p.get("name", ""): p.get("value", "") for p in tc.findall("properties/property")}
+        run.results[name] = TestResult(outcome, msg, float(tc.get("time", 0) or 0), props)
+    return run
+
+
+# ---- rendering -------------------------------------------------------------------------------------
+def _scenarios(runs: list[KernelRun]) -> list[str]:
+    seen: dict[str, None] = {}
+    for r in runs:
+        for s in r.results:
+            seen.setdefault(s, None)
+    return list(seen)
+
+
+def column_title(run: KernelRun) -> str:
+    v = run.properties.get("kernel_version")
+    return f"{run.label} ({v})" if v and v != run.label else run.label
+
+
+def format_matrix(runs: list[KernelRun]) -> str:
+    """The scenario x kernel table, plain text, plus a totals row and each kernel's properties."""
+    scen = _scenarios(runs)
+    head = ["scenario"] + [column_title(r) for r in runs]
+    body = [[s] + [SYMBOL[r.results[s].outcome] if s in r.results else "-" for r in runs] for s in scen]
+    totals = ["total"] + ["{passed}P {failed}F {error}E {skipped}S".format(**r.counts()) for r in runs]
+    rows = [head, *body, totals]
+    w = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    fmt = "  ".join(f"{{:<{x}}}" for x in w)
+    out = [fmt.format(*head), fmt.format(*("-" * x for x in w))]
+    out += [fmt.format(*b) for b in body]
+    out += [fmt.format(*("-" * x for x in w)), fmt.format(*totals)]
+    for r in runs:
+        p = r.properties
+        out.append(f"{r.label}: kernel {p.get('kernel_version', '?')}, QEMU {p.get('qemu_version', '?')}, "
+                   f"accel {p.get('accel', '?')}, KVM {p.get('kvm_mode', '?')}"
+                   + (f"; {r.note}" if r.note else "") + (f"; junit {r.junit}" if r.junit else ""))
+    return "\n".join(out)
+
+
+_CSS = """body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}
+td,th{border:1px solid #bbb;padding:3px 8px;font-size:13px;vertical-align:top}th{background:#eee}
+.passed{background:#c8f0c8}.failed{background:#f4b4b4}.error{background:#f7d08a}.skipped{background:#e4e4e4}
+td.s{font-family:monospace}small{color:#555}"""
+
+
+def render_html(runs: list[KernelRun], title: str = "smccc-harness kernel matrix") -> str:
+    e = html.escape
+    scen = _scenarios(runs)
+    parts = [f"<!doctype html><meta charset=utf-8><title>{e(title)}</title><style>{_CSS}</style>",
+             f"<h1>{e(title)}</h1><table><tr><th>scenario</th>"]
+    parts += [f"<th>{e(column_title(r))}</th>" for r in runs]
+    parts.append("</tr>")
+    for s in scen:
+        parts.append(f"<tr><td class=s>{e(s)}</td>")
+        for r in runs:
+            t = r.results.get(s)
+            if t is None:
+                parts.append("<td>-</td>")
+                continue
+            log = t.properties.get("test_console_log") or t.properties.get("console_log")
+            link = f' <a href="{e(Path(log).as_uri())}">log</a>' if log and Path(log).is_absolute() else ""
+            tip = f' title="{e(t.message[:500])}"' if t.message else ""
+            parts.append(f"<td class={t.outcome}{tip}>{SYMBOL[t.outcome]} <small>{t.time:.2f}s</small>{link}</td>")
+        parts.append("</tr>")
+    parts.append("<tr><th>total</th>")
+    parts += ["<th>{passed} pass, {failed} fail, {error} error, {skipped} skip</th>".format(**r.counts()) for r in runs]
+    parts.append("</tr></table><h2>Runs</h2>")
+    for r in runs:
+        parts.append(f"<h3>{e(r.label)}</h3><table>")
+        if r.note:
+            parts.append(f"<tr><th>note</th><td>{e(r.note)}</td></tr>")
+        if r.junit:
+            parts.append(f"<tr><th>junit</th><td>{e(str(r.junit))}</td></tr>")
+        parts += [f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in r.properties.items()]
+        parts.append("</table>")
+    failures = [(r.label, s, t) for r in runs for s, t in r.results.items() if t.outcome in ("failed", "error")]
+    if failures:
+        parts.append("<h2>Failures</h2>")
+        for label, s, t in failures:
+            parts.append(f"<h3>{e(label)}: {e(s)}</h3><pre>{e(t.message)}</pre>")
+    return "".join(parts) + "\n"
