@@ -59,6 +59,8 @@ def _common_pytest_args(args) -> list[str]:
     out = ["--kernel", args.kernel, "--accel", args.accel, "--qemu-bin", args.qemu_bin]
     if getattr(args, "results_dir", None):
         out += ["--results-dir", args.results_dir]
+    if getattr(args, "no_snapshot", False):
+        out += ["--no-snapshot"]
     return out
 
 
@@ -93,8 +95,10 @@ def _session(args, append: str = ""):
     k = resolve_kernel(args.kernel)
     cpio = initramfs.build_initramfs(assets.ensure_rootfs(progress=_progress), progress=_progress)
     run_dir = paths.new_run_dir(args.command.replace("-", "_"))
+    from .snapshot import disabled_by_env
+    warm = not (getattr(args, "no_snapshot", False) or disabled_by_env() or getattr(args, "shell", False))
     return GuestSession.create(k.image, cpio, run_dir, accel=resolve_accel(args.accel), append=append,
-                               qemu_bin=args.qemu_bin, boot_deadline_s=args.boot_timeout), k
+                               qemu_bin=args.qemu_bin, boot_deadline_s=args.boot_timeout, snapshots=warm), k
 
 
 def cmd_boot(args) -> int:
@@ -182,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--qemu-bin", default=os.environ.get("QEMU", "qemu-system-aarch64"))
         p.add_argument("--boot-timeout", type=float, default=120.0)
         p.add_argument("--results-dir", default=None)
+        p.add_argument("--no-snapshot", action="store_true",
+                       help="cold-boot the guest instead of restoring the cached snapshot [env SMCCC_NO_SNAPSHOT=1]")
 
     p = sub.add_parser("setup", help="install system packages, fetch kernel and rootfs packages, build initramfs")
     common(p)
