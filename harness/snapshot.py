@@ -1,0 +1,411 @@
+"""Warm start: a snapshot of a booted, idle guest, restored in a fraction of a second (platform.md, last sections).
+
+Save (once per key): cold-boot a guest, wait for the agent's hello (agent idle in ``recv``, host channel
+connected), then over QMP ``stop`` -> ``migrate-set-capabilities mapped-ram`` -> ``migrate file:<state>`` ->
+``quit``.  Restore: the same QEMU command line plus ``-incoming defer`` -> ``migrate-set-capabilities`` ->
+``migrate-incoming file:<state>`` -> wait for ``query-migrate`` "completed" -> ``cont``; then connect the
+control channel (a new host socket: the socket paths are host-side chardev config, not in the migration
+stream) and ``ping`` the agent.  The guest's virtio-serial port still believes the host is connected (that
+state is migrated), so the agent, blocked in ``read``, simply gets the next request.  The agent's hello was
+consumed before the save; a restored guest never greets again.
+
+Cache layout (``cache_dir()/snapshots``)::
+
+    snapshots/<key>/state.ram          the migration stream (sparse: ~1.2 GB apparent, ~100 MB on disk)
+    snapshots/<key>/meta.json          the key inputs, the agent's caps, when/how long the save took
+    snapshots/<key>/boot-console.log   the console of the cold boot that was saved
+    snapshots/<key>/last-used          touched on every restore (pruning keeps recently used snapshots)
+    snapshots/digests.json             sha256 memo of big files, by (path, size, mtime_ns, inode)
+    locks/snapshot-<key>.lock          one builder per key (pytest-xdist workers wait, then restore)
+
+``key`` = sha256 over everything that determines the saved state (:func:`key_inputs`): the kernel's and the
+initramfs's sha256, the QEMU version string, the rendered command line without the per-run socket paths
+(and with the kernel/initrd paths replaced by their hashes), the kernel command line and
+:data:`SNAPSHOT_FORMAT`.  Any change gives a new key, i.e. a rebuild on the next start.  Built in a temp dir
+and renamed into place (atomic); readers never see a half-written snapshot.
+
+Restored guests are thrown away, never torn down: destroying a nested VM after a restore locks the guest
+up (platform.md), and the agent never destroys nested VMs (``GRAVEYARD``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from . import paths
+from .channel import Channel
+from .errors import BootError, HarnessError
+from .qemu import Machine, MachineConfig
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_FORMAT = 1          # bump when the save procedure or the layout changes
+STATE_FILE = "state.ram"
+META_FILE = "meta.json"
+BOOT_LOG = "boot-console.log"
+LAST_USED = "last-used"
+DIGESTS = "digests.json"
+KEEP = 4                     # snapshots kept (the newest by last use); each is ~100 MB on disk
+KEEP_RECENT_S = 600.0        # never prune a snapshot restored this recently (another worker may be using it)
+SAVE_DEADLINE_S = 60.0
+RESTORE_DEADLINE_S = 30.0
+PING_DEADLINE_S = 10.0
+LOCK_TIMEOUT_S = 600.0       # waiting for another process that is building the same snapshot
+NO_SNAPSHOT_ENV = "SMCCC_NO_SNAPSHOT"
+_MAPPED_RAM = [{"capability": "mapped-ram", "state": True}]
+_KERNEL_PH, _INITRD_PH, _CTL_PH, _QMP_PH = "<kernel>", "<initrd>", "<control-socket>", "<qmp-socket>"
+
+
+class SnapshotError(HarnessError):
+    """Saving or restoring a snapshot failed (the caller falls back to a cold boot)."""
+
+
+def disabled_by_env() -> bool:
+    """``SMCCC_NO_SNAPSHOT`` set to anything but "" or "0"."""
+    return os.environ.get(NO_SNAPSHOT_ENV, "") not in ("", "0")
+
+
+def snapshots_root() -> Path:
+    return paths.cache_dir() / "snapshots"
+
+
+# ==== the key =======================================================================================
+def _digest_memo_path() -> Path:
+    return snapshots_root() / DIGESTS
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, memoized on disk by (path, size, mtime_ns, inode): a 40 MB kernel is hashed once."""
+    path = Path(path).resolve()
+    st = path.stat()
+    ident = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    memo_path = _digest_memo_path()
+    memo: dict = {}
+    with contextlib.suppress(OSError, ValueError):
+        memo = json.loads(memo_path.read_text())
+    hit = memo.get(str(path))
+    if isinstance(hit, dict) and hit.get("id") == ident:
+        return hit["sha256"]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    memo[str(path)] = {"id": ident, "sha256": digest}
+    with contextlib.suppress(OSError):       # a lost memo entry only costs a re-hash
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=memo_path.parent, prefix=".digests-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(memo, f, sort_keys=True)
+        os.replace(tmp, memo_path)
+    return digest
+
+
+_VERSIONS: dict[str, str] = {}
+
+
+def qemu_version(qemu_bin: str) -> str:
+    """The first line of ``qemu_bin --version`` (memoized per binary path + mtime in this process)."""
+    exe = shutil.which(qemu_bin) or qemu_bin
+    try:
+        st = os.stat(exe)
+        ident = f"{os.path.realpath(exe)}:{st.st_size}:{st.st_mtime_ns}"
+    except OSError as e:
+        raise SnapshotError(f"cannot find QEMU {qemu_bin!r}: {e}") from None
+    if ident not in _VERSIONS:
+        try:
+            out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
+        except (OSError, subprocess.SubprocessError) as e:
+            raise SnapshotError(f"{exe} --version failed: {e}") from None
+        _VERSIONS[ident] = out.strip().splitlines()[0] if out.strip() else "unknown"
+    return _VERSIONS[ident]
+
+
+def normalized_argv(config: MachineConfig) -> list[str]:
+    """The QEMU command line as it matters for the saved state: per-run socket paths and ``-incoming``
+    removed, kernel/initrd paths replaced by placeholders (their contents are hashed separately)."""
+    cfg = dataclasses.replace(config, incoming=None)
+    subst = {str(cfg.kernel): _KERNEL_PH}
+    if cfg.initrd is not None:
+        subst[str(cfg.initrd)] = _INITRD_PH
+    if cfg.control_socket is not None:
+        subst[str(cfg.control_socket)] = _CTL_PH
+    if cfg.qmp_socket is not None:
+        subst[str(cfg.qmp_socket)] = _QMP_PH
+    out = []
+    for a in cfg.argv()[1:]:              # argv[0] (the binary's path) is covered by its version string
+        for old, new in subst.items():
+            a = a.replace(old, new)
+        out.append(a)
+    return out
+
+
+def key_inputs(config: MachineConfig, *, qemu_version_string: str | None = None) -> dict:
+    """Everything that determines a saved guest's state (the key is their sha256)."""
+    return {
+        "format": SNAPSHOT_FORMAT,
+        "kernel_sha256": file_sha256(config.kernel),
+        "initrd": config.initrd.name if config.initrd is not None else None,
+        "initrd_sha256": file_sha256(config.initrd) if config.initrd is not None else None,
+        "qemu_version": qemu_version_string if qemu_version_string is not None else qemu_version(config.qemu_bin),
+        "argv": normalized_argv(config),
+        "cmdline": config.cmdline,
+    }
+
+
+def snapshot_key(inputs: dict) -> str:
+    """sha256 of the canonical JSON of :func:`key_inputs` (32 hex digits, like the initramfs keys)."""
+    blob = json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+# ==== the cache =====================================================================================
+@dataclass(frozen=True)
+class Snapshot:
+    key: str
+    path: Path
+
+    @property
+    def state(self) -> Path:
+        return self.path / STATE_FILE
+
+    @property
+    def meta_path(self) -> Path:
+        return self.path / META_FILE
+
+    def meta(self) -> dict:
+        return json.loads(self.meta_path.read_text())
+
+    def complete(self) -> bool:
+        return self.state.is_file() and self.meta_path.is_file()
+
+    def touch(self) -> None:
+        with contextlib.suppress(OSError):
+            (self.path / LAST_USED).write_text(f"{time.time():.3f}\n")
+
+
+class SnapshotStore:
+    """``cache_dir()/snapshots``: lookup, atomic creation under a per-key file lock, pruning."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root) if root is not None else snapshots_root()
+
+    def snapshot(self, key: str) -> Snapshot:
+        return Snapshot(key, self.root / key)
+
+    def lookup(self, key: str) -> Snapshot | None:
+        s = self.snapshot(key)
+        return s if s.complete() else None
+
+    def lock(self, key: str) -> FileLock:
+        d = self.root.parent / "locks"
+        d.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(d / f"snapshot-{key}.lock"), timeout=LOCK_TIMEOUT_S)
+
+    def create(self, key: str, build) -> Snapshot:
+        """Return the snapshot for ``key``, calling ``build(tmpdir)`` to make it if it is missing.
+
+        ``build`` writes STATE_FILE and META_FILE (and anything else) into ``tmpdir``; the directory is then
+        renamed to ``<root>/<key>``.  One builder per key across processes; the others wait and reuse it.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            with self.lock(key):
+                snap = self.lookup(key)
+                if snap is not None:
+                    return snap
+                tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".build-{key}-"))
+                try:
+                    build(tmp)
+                    snap = Snapshot(key, tmp)
+                    if not snap.complete():
+                        raise SnapshotError(f"the snapshot build left no {STATE_FILE} / {META_FILE} in {tmp}")
+                    dest = self.snapshot(key)
+                    if dest.path.exists():          # an incomplete leftover (crash before the rename)
+                        shutil.rmtree(dest.path, ignore_errors=True)
+                    os.rename(tmp, dest.path)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+                dest.touch()
+        except Timeout:
+            raise SnapshotError(f"another process held the snapshot lock for {key} longer than "
+                                f"{LOCK_TIMEOUT_S:.0f} s") from None
+        self.prune(keep=dest)
+        return dest
+
+    def entries(self) -> list[Snapshot]:
+        if not self.root.is_dir():
+            return []
+        return [Snapshot(p.name, p) for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+
+    def prune(self, keep: Snapshot | None = None, max_keep: int = KEEP) -> list[str]:
+        """Remove all but the ``max_keep`` most recently used snapshots (never one used in the last
+        :data:`KEEP_RECENT_S` s, nor ``keep``).  Returns the removed keys."""
+        def used(s: Snapshot) -> float:
+            for name in (LAST_USED, META_FILE):
+                with contextlib.suppress(OSError):
+                    return (s.path / name).stat().st_mtime
+            return 0.0
+        snaps = sorted(self.entries(), key=used, reverse=True)
+        now, removed = time.time(), []
+        for s in snaps[max_keep:]:
+            if (keep is not None and s.key == keep.key) or now - used(s) < KEEP_RECENT_S:
+                continue
+            shutil.rmtree(s.path, ignore_errors=True)
+            removed.append(s.key)
+        for stale in self.root.glob(".build-*"):       # builders that died (older than any live build)
+            with contextlib.suppress(OSError):
+                if now - stale.stat().st_mtime > LOCK_TIMEOUT_S:
+                    shutil.rmtree(stale, ignore_errors=True)
+        return removed
+
+
+# ==== QMP steps =====================================================================================
+def _wait_migration(qmp, deadline_s: float, what: str) -> dict:
+    stop = time.monotonic() + deadline_s
+    while True:
+        st = qmp.cmd("query-migrate")
+        status = st.get("status")
+        if status == "completed":
+            return st
+        if status in ("failed", "cancelled"):
+            raise SnapshotError(f"{what} {status}: {st.get('error-desc', 'no error description')}")
+        if time.monotonic() > stop:
+            raise SnapshotError(f"{what} did not complete within {deadline_s:g} s (status {status!r})")
+        time.sleep(0.005)
+
+
+def save(session, dest: Path) -> dict:
+    """Save ``session`` (a started GuestSession, agent idle) into ``dest``/STATE_FILE; QEMU quits.
+
+    Returns figures for meta.json.  The session is closed afterwards (its QEMU is gone).
+    """
+    t0 = time.monotonic()
+    try:
+        q = session.machine.qmp()
+        q.cmd("stop")
+        q.cmd("migrate-set-capabilities", capabilities=_MAPPED_RAM)
+        q.cmd("migrate", uri=f"file:{Path(dest) / STATE_FILE}")
+        st = _wait_migration(q, SAVE_DEADLINE_S, "saving the guest (migrate to file)")
+        with contextlib.suppress(Exception):     # QEMU exits while answering: the socket may just close
+            q.cmd("quit")
+    except SnapshotError:
+        raise
+    except Exception as e:   # QMP errors of every kind mean "no snapshot"
+        raise SnapshotError(f"saving the guest failed: {type(e).__name__}: {e}") from e
+    finally:
+        session.close()
+    st_ram = (Path(dest) / STATE_FILE).stat()
+    return {"save_s": round(time.monotonic() - t0, 3), "migrate_total_ms": st.get("total-time"),
+            "state_bytes": st_ram.st_size, "state_disk_bytes": st_ram.st_blocks * 512}
+
+
+def _note(run_dir: Path, text: str) -> None:
+    """A line in the session's console.log (the Console appends to the same file)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "console.log", "a", encoding="utf-8") as f:
+        f.write(f"[smccc-harness] {text}\n")
+
+
+def restore(session, snap: Snapshot) -> None:
+    """Start ``session`` (not yet started) from ``snap``: QEMU with ``-incoming defer``, load, cont, ping."""
+    t0 = time.monotonic()
+    meta = snap.meta()
+    cfg = dataclasses.replace(session.config, incoming="defer")
+    if cfg.qmp_socket is None or cfg.control_socket is None:
+        raise SnapshotError("a restore needs both the QMP and the control socket in the machine config")
+    _note(session.run_dir, f"restored from snapshot {snap.key} ({snap.path}); the serial console of a restored "
+                           f"guest starts here; the boot console is {snap.path / BOOT_LOG}")
+    session.machine = Machine(cfg, session.run_dir)
+    try:
+        session.machine.start(startup_check_s=0.0)
+        q = session.machine.qmp(timeout_s=RESTORE_DEADLINE_S)
+        t1 = time.monotonic()
+        q.cmd("migrate-set-capabilities", capabilities=_MAPPED_RAM)
+        q.cmd("migrate-incoming", uri=f"file:{snap.state}")
+        _wait_migration(q, RESTORE_DEADLINE_S, f"restoring snapshot {snap.key} (migrate-incoming)")
+        t2 = time.monotonic()
+        q.cmd("cont")
+        session.channel = Channel(cfg.control_socket)
+        session.channel.connect(PING_DEADLINE_S)
+        pong = session.channel.request("ping", None, PING_DEADLINE_S)
+        if not pong.get("pong"):
+            raise SnapshotError(f"the restored agent answered ping with {pong!r}")
+    except SnapshotError:
+        session.close()
+        raise
+    except Exception as e:   # QMP/channel errors of every kind: the caller falls back
+        session.close()
+        raise SnapshotError(f"restoring snapshot {snap.key} failed: {type(e).__name__}: {e}") from e
+    t3 = time.monotonic()
+    session.caps = dict(meta.get("caps") or {})
+    session.timings.update({"snapshot": snap.key, "qemu_to_qmp_s": round(t1 - t0, 3),
+                            "load_s": round(t2 - t1, 3), "cont_to_ping_s": round(t3 - t2, 3),
+                            "boot_s": round(t3 - t0, 3), "ready_s": round(t3 - t0, 3)})
+    snap.touch()
+
+
+# ==== warm start ====================================================================================
+def _build(session, tmp: Path, inputs: dict) -> None:
+    """Cold-boot a twin of ``session`` (same config, its own run dir and sockets) and save it into ``tmp``."""
+    from .session import GuestSession
+    run_dir = paths.new_run_dir("snapshot-boot")
+    cfg = dataclasses.replace(session.config, incoming=None, control_socket=run_dir / "ctl.sock",
+                              qmp_socket=run_dir / "qmp.sock")
+    twin = GuestSession(config=cfg, run_dir=run_dir, boot_deadline_s=session.boot_deadline_s)
+    twin.boot()     # a BootError here is a real boot failure: it propagates (no point in a second cold boot)
+    caps, boot_timings = dict(twin.caps), dict(twin.timings)
+    figures = save(twin, tmp)
+    with contextlib.suppress(OSError):
+        shutil.copyfile(run_dir / "console.log", tmp / BOOT_LOG)
+    meta = {"key_inputs": inputs, "caps": caps, "boot": boot_timings, "save": figures,
+            "boot_run_dir": str(run_dir), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+
+
+def warm_start(session, store: SnapshotStore | None = None):
+    """Start ``session`` from its snapshot (built by a cold boot on a cache miss); cold boot if that fails.
+
+    A boot failure of the cold boot that would have been saved is raised as is (the guest does not boot:
+    a second cold boot would only repeat it).  Any other failure (QMP, migration, channel) is logged, noted
+    in the console log and in ``session.timings["snapshot_fallback"]``, and the session boots cold.
+    """
+    store = store or SnapshotStore()
+    t0 = time.monotonic()
+    try:
+        inputs = key_inputs(session.config)
+        key = snapshot_key(inputs)
+        snap = store.lookup(key)
+        created = False
+        if snap is None:
+            snap = store.create(key, lambda tmp: _build(session, tmp, inputs))
+            created = True
+        restore(session, snap)
+        session.timings["snapshot_created"] = created
+        session.timings["warm_start_s"] = round(time.monotonic() - t0, 3)
+        return session
+    except BootError:
+        raise
+    except (SnapshotError, HarnessError, OSError) as e:
+        reason = f"{type(e).__name__}: {e}"
+    log.warning("snapshot restore failed, cold boot instead: %s", reason)
+    _note(session.run_dir, f"snapshot restore failed ({reason}); cold boot")
+    session.timings["snapshot_fallback"] = reason
+    session.close()
+    session.machine, session.channel = None, None
+    session.config = dataclasses.replace(session.config, incoming=None)
+    return session.boot()
