@@ -268,3 +268,33 @@ def ensure_kbuild_packages(progress=print) -> list[str]:
     if still:
         raise SetupError(f"installed {', '.join(names)} but still missing: {', '.join(r.probe for r in still)}")
     return names
+
+
+# ---- upstream KVM selftests (installed on demand by `smccc-harness selftests build`) ---------------------
+SELFTEST_REQUIREMENTS = (
+    Requirement("gcc-aarch64-linux-gnu", "aarch64-linux-gnu-gcc"),
+    Requirement("libc6-dev-arm64-cross", "/usr/aarch64-linux-gnu/lib/libc.a"),  # -static
+    Requirement("binutils-aarch64-linux-gnu", "aarch64-linux-gnu-strip"),
+    Requirement("make", "make"),
+    Requirement("gcc", "gcc"),  # host tools of `make headers_install` (fixdep, unifdef)
+    Requirement("libc6-dev", "/usr/include/stdio.h"),
+    Requirement("rsync", "rsync"),  # headers_install copies with rsync
+    Requirement("xz-utils", "xz"),  # linux-source-*.tar.xz
+)
+
+
+def ensure_selftest_packages(progress=print) -> list[str]:
+    """Install what building the arm64 KVM selftests needs and is missing; no network when nothing is."""
+    missing = [r for r in SELFTEST_REQUIREMENTS if not _present(r.probe)]
+    if not missing:
+        return []
+    names = [r.package for r in missing]
+    if os.geteuid() != 0:
+        raise SetupError(f"missing selftest build tools: {', '.join(names)}",
+                         hint="run as root, or: apt-get install --no-install-recommends " + " ".join(names))
+    _apt(["update", "-q"], progress)
+    _apt(["install", "-y", "-q", "--no-install-recommends", *names], progress)
+    still = [r for r in SELFTEST_REQUIREMENTS if not _present(r.probe)]
+    if still:
+        raise SetupError(f"installed {', '.join(names)} but still missing: {', '.join(r.probe for r in still)}")
+    return names
