@@ -68,6 +68,13 @@ class ScenarioRun:
         self.outcome: str | None = None
         self.exit_code: int | None = None
         self.stopping = False
+        # VMM-side save/restore ("migrate": {"after_hypercalls": N, "replay_filter": bool}): stop the world
+        # after the N-th forwarded call, save, restore into a fresh VM, continue there (guest/migrate.py).
+        self.migrate = spec.get("migrate") or {}
+        self.hypercall_count = 0
+        self.pausing = False
+        self.paused: set[int] = set()
+        self.migrations: list[dict] = []
         self.finished = threading.Event()
         self.cond = threading.Condition()
         self.errors: list[str] = []
@@ -173,17 +180,32 @@ class ScenarioRun:
             v.kick()
         self.finished.set()
 
+    def _pause_point(self, idx: int) -> None:
+        with self.cond:
+            self.paused.add(idx)
+            self.cond.notify_all()
+            while self.pausing and not self.stopping:
+                self.cond.wait(0.05)
+            self.paused.discard(idx)
+
     def _loop(self, v: Vcpu) -> None:
-        st = self.vstate[v.index]
+        idx = v.index
+        st = self.vstate[idx]
         v.thread_ident = threading.get_ident()
         try:
             while not self.stopping and not st.done:
+                v = self.vm.vcpus[idx]          # a restore (migrate) swaps in new vCPUs
+                if self.pausing:
+                    self._pause_point(idx)
+                    continue
                 if st.parked:
                     with self.cond:
-                        while st.parked and st.pending_on is None and not self.stopping:
+                        while st.parked and st.pending_on is None and not self.stopping and not self.pausing:
                             self.cond.wait(0.1)
                         if self.stopping:
                             break
+                        if self.pausing:
+                            continue
                         entry, ctx = st.pending_on
                         st.pending_on = None
                     # Warm reset (re-INIT with the same features), then the entry point and context id.
@@ -255,6 +277,37 @@ class ScenarioRun:
                        name=psci.name(fid))
         if effect:
             self._apply(v, st, effect)
+        self.hypercall_count += 1
+        if self.migrate and self.hypercall_count == self.migrate.get("after_hypercalls", 0) and not self.migrations:
+            with self.cond:
+                self.pausing = True
+            for other in self.vm.vcpus:
+                if other is not v:
+                    other.kick()
+
+    def _migrate(self) -> None:
+        """All vCPU threads are parked at their pause point: save, restore into a new VM, swap."""
+        from .migrate import restore_vm, save_vm
+        t0 = time.monotonic()
+        state = save_vm(self.vm, self.filter.ranges, self.psci.affinity_state())
+        t1 = time.monotonic()
+        replay = self.migrate.get("replay_filter", True)
+        new_vm, report = restore_vm(self.sys_fd, state, replay_filter=replay, gic=(P.GICD_BASE, P.GICR_BASE))
+        for c, on in zip(self.psci.cpus, state["psci_on"], strict=True):
+            c.on = on
+        old, self.vm, self.mem = self.vm, new_vm, new_vm.memory[0]
+        if self.spec["el2"]:
+            GRAVEYARD.append(old)
+        else:
+            old.close()
+        rec = dict(report, save_s=round(t1 - t0, 6), restore_s=round(time.monotonic() - t1, 6),
+                   regs_per_vcpu=[len(v["regs"]) for v in state["vcpus"]], replay_filter=replay,
+                   filter=[list(r) for r in state["filter"]])
+        self.migrations.append(rec)
+        self.trace.add("migrate", None, **rec)
+        with self.cond:
+            self.pausing = False
+            self.cond.notify_all()
 
     def _apply(self, v: Vcpu, st: _VcpuState, effect: tuple) -> None:
         kind = effect[0]
@@ -310,8 +363,23 @@ class ScenarioRun:
                    for v in self.vm.vcpus]
         for t in threads:
             t.start()
-        if not self.finished.wait(self.spec["deadline_s"]):
-            self.finish("deadline")
+        end = time.monotonic() + self.spec["deadline_s"]
+        while not self.finished.is_set():
+            if time.monotonic() > end:
+                self.finish("deadline")
+                break
+            with self.cond:
+                live = {i for i, t in enumerate(threads) if t.is_alive()}
+                ready = self.pausing and live <= self.paused
+            if ready:
+                try:
+                    self._migrate()
+                except Exception as e:  # noqa: BLE001 - reported to the host
+                    self.errors.append(f"migrate: {type(e).__name__}: {e}")
+                    self.trace.add("error", None, message=f"migrate: {type(e).__name__}: {e}")
+                    self.finish("error")
+                continue
+            self.finished.wait(0.01 if self.pausing else 0.05)
         for t in threads:
             t.join(5.0)
         stuck = [t.name for t in threads if t.is_alive()]
@@ -329,7 +397,7 @@ class ScenarioRun:
         result = {
             "name": self.spec["name"], "outcome": self.outcome, "exit_code": self.exit_code,
             "events": self.trace.export(), "filters": self.filter_results, "late_filters": late,
-            "probes": self.probe_results,
+            "probes": self.probe_results, "migrations": self.migrations,
             "exits": self.exits, "trace_dropped": self.trace.dropped,
             "vcpus": vcpus, "stuck_threads": stuck, "errors": self.errors,
             "result_block": base64.b64encode(block).decode(),
