@@ -196,11 +196,18 @@ def pytest_runtest_logreport(report):
     rows = _CONFIG.stash[_ROWS_KEY] if _CONFIG else None
     if rows is None or "tests/system" not in report.nodeid:
         return
-    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+    if report.when == "setup" and report.outcome == "passed":
+        _SETUP_S[report.nodeid] = report.duration       # boot or a shared module run is part of the cost
+        return
+    if report.when == "call" or report.when == "setup":
         r = _row(report)
+        r["duration"] += _SETUP_S.pop(report.nodeid, 0.0)
         if report.when == "setup" and report.outcome == "failed":
             r["outcome"] = "error"
         rows.append(r)
+
+
+_SETUP_S: dict[str, float] = {}
 
 
 _CONFIG = None
