@@ -1,0 +1,46 @@
+"""The command line a kernel developer types: run-payload on their own ELF, boot --print-cmd."""
+
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from harness.payloads import build_payloads
+from harness.paths import REPO_ROOT
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "harness.cli", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+@pytest.mark.el1
+@pytest.mark.psci
+@pytest.mark.hvc
+@pytest.mark.smc
+def test_run_payload_prints_the_handler_trace(tmp_path):
+    elf = build_payloads()["psci_version"]
+    p = cli("run-payload", str(elf), "--forward", "psci", "--results-dir", str(tmp_path))
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = [ln for ln in p.stdout.splitlines() if " hypercall " in ln]
+    assert len(lines) == 2, p.stdout
+    assert "conduit=hvc" in lines[0] and "pc=hvc_insn+0x4" in lines[0] and "name=PSCI_VERSION" in lines[0]
+    assert "conduit=smc" in lines[1] and "pc=smc_insn+0x4" in lines[1]
+    assert "outcome=done" in p.stdout and "trace:" in p.stderr + p.stdout
+
+
+@pytest.mark.bad_input
+def test_run_payload_rejects_a_non_arm64_elf(tmp_path):
+    p = cli("run-payload", "/bin/true", "--forward", "psci", "--results-dir", str(tmp_path))
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "EM_X86_64" in p.stderr or "x86" in p.stderr, p.stderr
+
+
+def test_boot_print_cmd_is_a_runnable_qemu_command_line(tmp_path):
+    p = cli("boot", "--print-cmd", "--results-dir", str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    argv = shlex.split(p.stdout.strip().splitlines()[-1])
+    assert argv[0].endswith("qemu-system-aarch64")
+    assert "virt,virtualization=on,gic-version=3" in " ".join(argv)
+    assert "-kernel" in argv and "-initrd" in argv and "kvm-arm.mode=nested" in " ".join(argv)
