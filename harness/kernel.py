@@ -98,6 +98,11 @@ def banner_version(banner: str) -> str | None:
     return m.group(1).decode() if m else None
 
 
+def _same_build(a: str, b: str) -> bool:
+    """Two linux_banner strings from the same build (version, builder, compiler, #N and timestamp agree)."""
+    return a.strip().split("\n", 1)[0].strip() == b.strip().split("\n", 1)[0].strip()
+
+
 def image_next_to(vmlinux: Path) -> Path | None:
     for p in (vmlinux.parent / "arch" / "arm64" / "boot" / "Image", vmlinux.parent / "Image",
               vmlinux.parent / "arch" / "arm64" / "boot" / "Image.gz", vmlinux.parent / "Image.gz"):
@@ -222,11 +227,11 @@ def _file_kernel(path: Path) -> KernelAsset:
         cand = vmlinux_next_to(path)
         if cand is not None:
             try:
-                if img_banner and vmlinux_banner(cand).startswith(img_banner.strip()[:80]):
+                if img_banner and _same_build(vmlinux_banner(cand), img_banner):
                     vmlinux = cand
             except SetupError:
                 vmlinux = None
-    elif img_banner and not vmlinux_banner(vmlinux).startswith(img_banner.strip()[:80]):
+    elif img_banner and not _same_build(vmlinux_banner(vmlinux), img_banner):
         raise SetupError(f"--kernel {vmlinux}: its banner differs from {path}'s: they come from different builds",
                          hint="rebuild ('make Image' updates both), or pass the Image alone")
     sha = hashlib.sha256(image.read_bytes()).hexdigest()
