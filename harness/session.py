@@ -32,6 +32,23 @@ class ScenarioResult:
     console: str = ""               # console output printed while the scenario ran
     trace_path: Path | None = None
 
+    @classmethod
+    def from_trace_file(cls, path: Path, payload=None) -> ScenarioResult:
+        """Load a saved ``traces/NNN-name.jsonl`` (events, then a ``summary`` line) for offline diagnosis."""
+        events, raw = [], {}
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    rec = json.loads(line)
+                except ValueError as e:
+                    raise GuestError(f"{path}:{n}: not a trace record: {e}") from None
+                if rec.get("kind") == "summary":
+                    raw = {k: v for k, v in rec.items() if k != "kind"}
+                else:
+                    events.append(rec)
+        raw["events"] = events
+        return cls(raw=raw, payload=payload, trace_path=Path(path))
+
     @property
     def outcome(self) -> str:
         return self.raw.get("outcome")

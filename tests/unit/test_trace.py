@@ -1,0 +1,39 @@
+"""Parsing a recorded handler trace (tests/unit/data/traces: a real run of firmware/psci_version.S)."""
+
+from pathlib import Path
+
+import pytest
+
+from harness.errors import GuestError
+from harness.payloads import get_payload
+from harness.session import ScenarioResult
+
+DATA = Path(__file__).parent / "data" / "traces"
+
+
+@pytest.fixture
+def result():
+    return ScenarioResult.from_trace_file(DATA / "psci_version_fwd.jsonl", payload=get_payload("psci_version"))
+
+
+def test_trace_has_one_exit_per_conduit(result):
+    assert [(h["conduit"], h["flags"], h["nr"]) for h in result.hypercalls] == [("hvc", 0, 0x84000000),
+                                                                                 ("smc", 1, 0x84000000)]
+
+
+def test_reports_and_summary_are_parsed(result):
+    assert result.reports == {0: 0x10001, 1: 0x10001}
+    assert result.outcome == "done"
+
+
+def test_format_trace_names_pcs_with_payload_symbols(result):
+    text = result.format_trace()
+    assert "pc=hvc_insn+0x4" in text and "pc=smc_insn+0x4" in text
+    assert "nr=0x84000000" in text and "reply=0x10001" in text
+
+
+def test_a_corrupt_trace_line_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "t.jsonl"
+    bad.write_text('{"kind": "report", "slot": 0, "value": 1, "t": 0}\n{not json\n')
+    with pytest.raises(GuestError, match=r"t.jsonl:2"):
+        ScenarioResult.from_trace_file(bad)
