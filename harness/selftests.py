@@ -1,0 +1,438 @@
+"""Upstream's own arm64 KVM selftests (``tools/testing/selftests/kvm``): build on the host, run in the guest.
+
+Build (``smccc-harness selftests build [SRC]``)
+    SRC is a kernel tree, or nothing: Debian's ``linux-source-X.Y`` whose version equals the kernel under test
+    (``7.3.4-1~bpo13+1`` for the default kernel), fetched through the harness's private apt and unpacked once
+    under ``<cache>/ksrc/<sha16>/`` (the layout harness.kbuild uses, so the two share one tree).  Nothing is
+    written into the tree when it is clean: the UAPI headers are installed with ``O=`` into the build
+    directory, the selftests are built with ``OUTPUT=`` there.  A tree that was built in place (it has a
+    ``.config``) cannot take ``O=``; its headers are then made in place, as ``make kselftest`` would.
+
+    Then ``make -C tools/testing/selftests/kvm ARCH=arm64 CROSS_COMPILE=aarch64-linux-gnu-
+    USERLDFLAGS=-static <the test targets>``, only the tests asked for (default :data:`DEFAULT_TESTS`).
+    The stripped static binaries land in ``<cache>/selftests/<key>/bin/``; ``key`` hashes the recipe, the
+    cross compiler and the source (a Debian source: its .deb's sha256; a tree: the content of what the
+    build reads, see :func:`hash_tree`).  One file lock per key; binaries and the manifest are renamed into
+    place, so a killed build leaves nothing half-written that a later run would trust.
+
+Run (``smccc-harness selftests run``, ``tests/system/test_upstream_selftests.py``)
+    Each binary is sent once per booted guest through the agent's ``put`` op into ``/tmp/selftests/<key>/``
+    and run by the ``exec`` op under ``busybox timeout`` with a deadline, stdout and stderr merged.  Its exit
+    code and output are written up the way kselftest's ``runner.sh`` does (``ok 1 selftests: kvm: NAME``,
+    ``# SKIP`` for exit 4, ``# TIMEOUT``, ``# exit=N``, the program's output ``# ``-prefixed), and that KTAP
+    document is parsed by :mod:`harness.tap`: a program that prints its own KTAP gets one result per case.
+
+Variants: upstream's library gives every vCPU ``KVM_ARM_VCPU_HAS_EL2`` when ``KVM_CAP_ARM_EL2`` is present,
+unless ``NV=0`` is in the environment (lib/arm64/processor.c ``vm_supports_el2()``).  Tests whose vCPUs come
+from that default run twice: ``el2`` (no NV: the guest code runs at vEL2) and ``el1`` (``NV=0``).
+``hello_el2`` asks for EL2 itself and runs once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import paths
+from .errors import HarnessError
+from .tap import TapDocument
+from .tap import parse as parse_tap
+
+RECIPE = 1  # bump when the build recipe changes: it is part of the cache key
+CROSS = "aarch64-linux-gnu-"
+KVM_DIR = "tools/testing/selftests/kvm"
+DEFAULT_TESTS = ("arm64/smccc_filter", "arm64/psci_test", "arm64/hypercalls", "arm64/hello_el2")
+KSFT_PASS, KSFT_FAIL, KSFT_XFAIL, KSFT_XPASS, KSFT_SKIP = 0, 1, 2, 3, 4
+GUEST_DIR = "/tmp/selftests"
+# tests whose vCPUs take upstream's default (HAS_EL2 when KVM_CAP_ARM_EL2): worth running with and without NV
+NV_SENSITIVE = ("arm64/smccc_filter", "arm64/psci_test", "arm64/hypercalls")
+# per-test deadline under TCG (seconds); nested VMs make teardown slow
+DEFAULT_TIMEOUT_S = 300.0
+
+
+class SelftestError(HarnessError):
+    """The selftests could not be found, built, or sent to the guest."""
+
+
+def _progress_default(msg: str) -> None:
+    print(f"[smccc-harness] {msg}", flush=True)
+
+
+# ==== source ======================================================================================
+@dataclass
+class Source:
+    tree: Path
+    key: str  # content identity: a .deb sha256 or a tree hash
+    label: str  # for humans: "linux-source-7.3 7.3.4-1~bpo13+1" or the tree's path
+    version: str  # the tree's kernel version (Makefile VERSION.PATCHLEVEL.SUBLEVEL)
+
+
+def tree_version(tree: Path) -> str:
+    """``VERSION.PATCHLEVEL.SUBLEVEL`` from the top Makefile ('' when it is not a kernel tree)."""
+    try:
+        text = (tree / "Makefile").read_text(errors="replace")[:2000]
+    except OSError:
+        return ""
+    parts = {k: v for k, v in re.findall(r"^(VERSION|PATCHLEVEL|SUBLEVEL)\s*=\s*(\d+)\s*$", text, re.MULTILINE)}
+    return ".".join(parts.get(k, "0") for k in ("VERSION", "PATCHLEVEL", "SUBLEVEL")) if parts else ""
+
+
+# what a KVM selftest build reads (beyond these, nothing of the tree matters)
+HASH_ROOTS = ("Makefile", "scripts", "include/uapi", "arch/arm64/include/uapi", "arch/arm64/Makefile",
+              "arch/arm64/tools", "tools")
+_ARTIFACT_SUFFIXES = (".o", ".d", ".cmd", ".a", ".so", ".tmp")
+
+
+def hash_tree(tree: Path) -> str:
+    """sha256 over (relative path, content) of every source file the build reads, build artifacts skipped
+    (``.o``/``.d``/``.cmd``/..., and ELF files: in-tree selftest binaries and host tools)."""
+    h = hashlib.sha256()
+    for root in HASH_ROOTS:
+        p = tree / root
+        files = [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file() and not x.is_symlink()) \
+            if p.is_dir() else []
+        for f in files:
+            if f.name.endswith(_ARTIFACT_SUFFIXES) or f.name.startswith(".tmp"):
+                continue
+            data = f.read_bytes()
+            if data[:4] == b"\x7fELF":
+                continue
+            h.update(str(f.relative_to(tree)).encode() + b"\0" + len(data).to_bytes(8, "little"))
+            h.update(data)
+    return h.hexdigest()
+
+
+def tree_source(path: str | os.PathLike) -> Source:
+    tree = Path(path).resolve()
+    if not (tree / KVM_DIR / "Makefile").is_file():
+        raise SelftestError(f"{tree} is not a kernel tree with KVM selftests (no {KVM_DIR}/Makefile)",
+                            hint="give the top of a Linux source tree, or no SRC for Debian's linux-source package")
+    return Source(tree=tree, key="tree-" + hash_tree(tree), label=str(tree), version=tree_version(tree))
+
+
+def _series(uname: str) -> str:
+    m = re.match(r"(\d+)\.(\d+)", uname)
+    if not m:
+        raise SelftestError(f"cannot tell the kernel series of {uname!r}")
+    return f"{m.group(1)}.{m.group(2)}"
+
+
+def _unpack_tarball(deb_dir: Path, tree: Path, progress) -> None:
+    tarballs = sorted((deb_dir / "usr" / "src").glob("linux-source-*.tar.*"))
+    if not tarballs:
+        raise SelftestError(f"no linux-source tarball in {deb_dir}/usr/src")
+    tree.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=tree.parent, prefix=f".x{os.getpid()}-"))
+    t0 = time.monotonic()
+    progress(f"unpacking {tarballs[0].name} ...")
+    try:
+        r = subprocess.run(["tar", "-xf", str(tarballs[0]), "-C", str(tmp)], check=False, capture_output=True,
+                           text=True)
+        if r.returncode != 0:
+            raise SelftestError(f"tar -xf {tarballs[0]} failed: {r.stderr.strip()}")
+        inner = [p for p in tmp.iterdir() if p.is_dir()]
+        if len(inner) != 1:
+            raise SelftestError(f"{tarballs[0]}: expected one top directory, found {[p.name for p in inner]}")
+        try:
+            os.rename(inner[0], tree)
+        except OSError:
+            if not (tree / "Makefile").is_file():  # lost a race, and the winner did not finish either
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    progress(f"unpacked in {time.monotonic() - t0:.1f} s: {tree}")
+
+
+def debian_source(kernel_spec: str = "default", progress=_progress_default) -> Source:
+    """Debian's ``linux-source-X.Y`` of exactly the version of the Debian kernel ``kernel_spec`` resolves to.
+
+    The package's sha256 is remembered in ``<cache>/selftests/sources.json``: a second run needs no apt.
+    """
+    from filelock import FileLock
+
+    from .assets import LockEntry, Store, ensure_kernel
+    kernel = ensure_kernel(kernel_spec, progress)
+    if not kernel.deb_version:
+        raise SelftestError(f"kernel {kernel_spec!r} is not a Debian package: no matching linux-source",
+                            hint="pass the kernel's source tree: smccc-harness selftests build SRC")
+    name, version = f"linux-source-{_series(kernel.version)}", kernel.deb_version
+    store = Store(progress)
+    index_path = paths.cache_dir() / "selftests" / "sources.json"
+    index_path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(index_path) + ".lock"):
+        index = json.loads(index_path.read_text()) if index_path.exists() else {}
+        raw = index.get(f"{name}={version}")
+        entry = LockEntry(**raw) if raw else None
+        if entry is None or store.cached(entry) is None:
+            suite = store.read_lock().packages.get(kernel.package)
+            entry = store.download(name, version, suite.suite if suite else "")
+            index[f"{name}={version}"] = asdict(entry)
+            tmp = index_path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, index_path)
+    tree = paths.cache_dir() / "ksrc" / entry.sha256[:16] / name
+    if not (tree / "Makefile").is_file():
+        with FileLock(str(tree.parent) + ".lock"):
+            if not (tree / "Makefile").is_file():
+                _unpack_tarball(store.extract(entry), tree, progress)
+    return Source(tree=tree, key="deb-" + entry.sha256, label=f"{name} {version}", version=tree_version(tree))
+
+
+# ==== build =======================================================================================
+@dataclass
+class Build:
+    dir: Path  # <cache>/selftests/<key>
+    key: str
+    source: Source
+    binaries: dict[str, Path]  # "arm64/smccc_filter" -> stripped static binary
+    seconds: float  # this call's wall time
+    cached: bool  # nothing had to be compiled
+    log: Path | None = None
+    meta: dict = field(default_factory=dict)
+
+    def unstripped(self, test: str) -> Path:
+        return self.dir / "obj" / "kvm" / test
+
+
+def _toolchain_id() -> str:
+    try:
+        out = subprocess.run([CROSS + "gcc", "--version"], check=False, capture_output=True, text=True, timeout=30)
+    except OSError as e:
+        raise SelftestError(f"{CROSS}gcc is not installed ({e})",
+                            hint="smccc-harness selftests build installs it (gcc-aarch64-linux-gnu)") from None
+    return out.stdout.splitlines()[0] if out.stdout else "?"
+
+
+def build_key(source: Source) -> str:
+    return hashlib.sha256(f"{RECIPE}|{_toolchain_id()}|{source.key}".encode()).hexdigest()[:16]
+
+
+def available_tests(tree: Path) -> list[str]:
+    """The arm64 tests of the tree's KVM selftests (``TEST_GEN_PROGS_arm64`` of Makefile.kvm, or Makefile)."""
+    names: list[str] = []
+    for mk in ("Makefile.kvm", "Makefile"):
+        p = tree / KVM_DIR / mk
+        if p.is_file():
+            names += re.findall(r"^TEST_GEN_PROGS_(?:arm64|aarch64)\s*\+?=\s*(\S+)\s*$", p.read_text(), re.MULTILINE)
+    return [n for n in dict.fromkeys(names) if not n.startswith("$(")]
+
+
+def _tree_is_clean(tree: Path) -> bool:
+    return not (tree / ".config").exists() and not (tree / "include" / "config").exists()
+
+
+def _make(argv: list[str], log, what: str) -> None:
+    log.write(f"$ {' '.join(argv)}\n")
+    log.flush()
+    r = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if r.returncode != 0:
+        log.flush()
+        tail = "\n".join(Path(log.name).read_text(errors="replace").splitlines()[-25:])
+        raise SelftestError(f"{what} failed (exit {r.returncode}); last lines of {log.name}:\n{tail}")
+
+
+def build(source: Source, tests: tuple[str, ...] | list[str] = DEFAULT_TESTS, jobs: int | None = None,
+          progress=_progress_default) -> Build:
+    """Build (or find cached) static arm64 binaries of ``tests`` ("arm64/smccc_filter", ...) from ``source``."""
+    from filelock import FileLock
+    t0 = time.monotonic()
+    tests = [t if "/" in t or t in available_tests(source.tree) else f"arm64/{t}" for t in tests]
+    key = build_key(source)
+    bdir = paths.cache_dir() / "selftests" / key
+    bdir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(bdir) + ".lock"):
+        mpath = bdir / "manifest.json"
+        meta = json.loads(mpath.read_text()) if mpath.exists() else {}
+        have = meta.get("binaries", {})
+        missing = [t for t in tests if t not in have or not (bdir / "bin" / have[t]).is_file()]
+        log_path = bdir / "build.log"
+        if missing:
+            known = available_tests(source.tree)
+            unknown = [t for t in missing if t not in known]
+            if unknown:
+                raise SelftestError(f"{source.label} has no KVM selftest {', '.join(unknown)}",
+                                    hint="arm64 tests of this tree: " + " ".join(known))
+            from .sysdeps import ensure_selftest_packages
+            ensure_selftest_packages(progress)
+            obj = bdir / "obj"
+            (obj / "tools").mkdir(parents=True, exist_ok=True)
+            jobs = jobs or os.cpu_count() or 1
+            with open(log_path, "a") as log:
+                hdr = obj / "usr"
+                if not (hdr / "include" / "linux" / "kvm.h").is_file():
+                    t1 = time.monotonic()
+                    progress(f"installing the arm64 UAPI headers of {source.label} ...")
+                    argv = ["make", "-s", "-C", str(source.tree), "ARCH=arm64", f"CROSS_COMPILE={CROSS}",
+                            f"INSTALL_HDR_PATH={hdr}", f"-j{jobs}", "headers_install"]
+                    if _tree_is_clean(source.tree):
+                        argv.insert(4, f"O={obj / 'kobj'}")
+                    _make(argv, log, "make headers_install")
+                    meta["headers_s"] = round(time.monotonic() - t1, 1)
+                t1 = time.monotonic()
+                progress(f"building {' '.join(missing)} (static, {CROSS}gcc, -j{jobs}) ...")
+                out = obj / "kvm"
+                argv = ["make", "-C", str(source.tree / KVM_DIR), "ARCH=arm64", f"CROSS_COMPILE={CROSS}",
+                        f"OUTPUT={out}", f"INSTALL_HDR_PATH={hdr}", f"KHDR_INCLUDES=-isystem {hdr / 'include'}",
+                        f"abs_objdir={obj}", "USERLDFLAGS=-static", f"-j{jobs}", *(str(out / t) for t in missing)]
+                _make(argv, log, "make (KVM selftests)")
+                meta.setdefault("compile_s", {})[" ".join(missing)] = round(time.monotonic() - t1, 1)
+            (bdir / "bin").mkdir(exist_ok=True)
+            for t in missing:
+                name = t.replace("/", "_")
+                part = bdir / "bin" / f".{name}.{os.getpid()}"
+                r = subprocess.run([CROSS + "strip", "-o", str(part), str(out / t)], check=False,
+                                   capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise SelftestError(f"{CROSS}strip {out / t} failed: {r.stderr.strip()}")
+                os.replace(part, bdir / "bin" / name)
+                have[t] = name
+            meta.update({"key": key, "recipe": RECIPE, "source": source.label, "source_key": source.key,
+                         "version": source.version, "toolchain": _toolchain_id(), "binaries": have})
+            tmp = mpath.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, mpath)
+        dt = time.monotonic() - t0
+        return Build(dir=bdir, key=key, source=source, seconds=dt, cached=not missing,
+                     binaries={t: bdir / "bin" / have[t] for t in tests}, log=log_path, meta=meta)
+
+
+# ==== run =========================================================================================
+@dataclass
+class Variant:
+    name: str  # "el2" | "el1"
+    env: dict[str, str]
+    note: str
+
+
+EL2 = Variant("el2", {}, "upstream default: vCPUs get KVM_ARM_VCPU_HAS_EL2 when KVM_CAP_ARM_EL2 is present")
+EL1 = Variant("el1", {"NV": "0"}, "NV=0: upstream's library does not ask for HAS_EL2")
+VARIANTS = {v.name: v for v in (EL2, EL1)}
+
+
+def variants_of(test: str) -> list[Variant]:
+    """hello_el2 asks for EL2 itself: one run.  NV-sensitive tests: el2 and el1."""
+    return [EL2, EL1] if test in NV_SENSITIVE else [EL2]
+
+
+@dataclass
+class SelftestRun:
+    test: str  # "arm64/smccc_filter"
+    variant: str
+    rc: int
+    output: str  # stdout+stderr, merged
+    seconds: float
+    timed_out: bool
+    tap_text: str  # runner.sh-style KTAP document
+    tap: TapDocument
+
+    @property
+    def name(self) -> str:
+        return self.test.rsplit("/", 1)[-1]
+
+    @property
+    def result(self):
+        """The TapResult of the binary (kselftest's one line per program)."""
+        return self.tap.results[0]
+
+
+def runner_tap(test: str, rc: int, output: str, timeout_s: float, timed_out: bool) -> str:
+    """What kselftest's runner.sh prints for one program: header, ``# ``-prefixed output, one result line."""
+    hdr = f"selftests: kvm: {test.rsplit('/', 1)[-1]}"
+    lines = ["TAP version 13", "1..1", f"# timeout set to {timeout_s:g}", f"# {hdr}"]
+    lines += [f"# {ln}" if ln else "#" for ln in output.splitlines()]
+    if timed_out:
+        lines.append(f"not ok 1 {hdr} # TIMEOUT {timeout_s:g} seconds")
+    elif rc == KSFT_PASS:
+        lines.append(f"ok 1 {hdr}")
+    elif rc == KSFT_SKIP:
+        lines.append(f"ok 1 {hdr} # SKIP")
+    elif rc == KSFT_XFAIL:
+        lines.append(f"ok 1 {hdr} # XFAIL")
+    else:
+        lines.append(f"not ok 1 {hdr} # exit={rc}")
+    return "\n".join(lines) + "\n"
+
+
+_SENT: dict[str, set[str]] = {}  # guest run dir -> guest paths already put there
+
+
+def send_binary(session, build: Build, test: str) -> str:
+    """Put the binary into the guest once per booted guest; its guest path."""
+    local = build.binaries[test]
+    gpath = f"{GUEST_DIR}/{build.key}/{local.name}"
+    sent = _SENT.setdefault(str(session.run_dir), set())
+    if gpath not in sent:
+        from . import protocol as P
+        data = local.read_bytes()
+        r = session.request("put", {"path": gpath, "data": P.b64(data), "mode": 0o755}, deadline_s=60.0)
+        if r.get("sha256") != hashlib.sha256(data).hexdigest():
+            raise SelftestError(f"put {gpath}: the guest wrote sha256 {r.get('sha256')}, not the file's")
+        sent.add(gpath)
+    return gpath
+
+
+def run_in_guest(session, build: Build, test: str, variant: Variant = EL2,
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> SelftestRun:
+    """Run one selftest binary in the booted guest, with a deadline; its KTAP written up like runner.sh."""
+    gpath = send_binary(session, build, test)
+    env = [f"{k}={v}" for k, v in variant.env.items()]
+    # cd to the binary's directory like runner.sh; stderr into stdout; busybox timeout kills at the deadline
+    script = 'cd "${1%/*}" && exec /bin/busybox timeout -s KILL "$0" "$@" 2>&1'
+    argv = ["/bin/busybox", "env", *env, "/bin/busybox", "sh", "-c", script, f"{int(timeout_s)}", gpath]
+    t0 = time.monotonic()
+    r = session.request("exec", {"argv": argv, "timeout_s": timeout_s + 30}, deadline_s=timeout_s + 60)
+    dt = time.monotonic() - t0
+    rc = r["rc"]
+    output = (r.get("stdout") or "") + (r.get("stderr") or "")
+    timed_out = rc in (-9, 137) and dt >= timeout_s * 0.95
+    text = runner_tap(test, rc, output, timeout_s, timed_out)
+    return SelftestRun(test=test, variant=variant.name, rc=rc, output=output, seconds=round(dt, 3),
+                       timed_out=timed_out, tap_text=text, tap=parse_tap(text))
+
+
+def outcome(run: SelftestRun) -> tuple[str, str]:
+    """("passed" | "failed" | "skipped" | "xfail", reason) of a whole program, reasons from its own output."""
+    res = run.result
+    if res.directive == "SKIP":
+        return "skipped", skip_reason(run)
+    if res.directive == "XFAIL":
+        return "xfail", res.reason or "upstream reported XFAIL (exit 2)"
+    if res.ok:
+        return "passed", ""
+    if run.timed_out:
+        return "failed", f"timed out after {res.reason}"
+    return "failed", f"exit code {run.rc}"
+
+
+def skip_reason(run: SelftestRun) -> str:
+    """The program's own skip reason: ``1..0 # SKIP reason`` or its last ``ok N # SKIP reason`` line."""
+    res = run.result
+    sub = res.subtests
+    if sub is not None:
+        if sub.skip_all is not None:
+            return sub.skip_all or "upstream skipped every case (no reason given)"
+        for r in reversed(sub.results):
+            if r.directive == "SKIP" and r.reason:
+                return r.reason
+    return res.reason or f"upstream exited with KSFT_SKIP ({KSFT_SKIP}) without a reason"
+
+
+def save_run(run: SelftestRun, run_dir: Path) -> Path:
+    """``<run_dir>/selftests/<name>-<variant>.tap`` (the KTAP) next to a JSON summary."""
+    d = Path(run_dir) / "selftests"
+    d.mkdir(parents=True, exist_ok=True)
+    p = d / f"{run.name}-{run.variant}.tap"
+    p.write_text(run.tap_text)
+    o, why = outcome(run)
+    (d / f"{run.name}-{run.variant}.json").write_text(json.dumps(
+        {"test": run.test, "variant": run.variant, "rc": run.rc, "seconds": run.seconds, "outcome": o,
+         "reason": why, "timed_out": run.timed_out}, indent=2) + "\n")
+    return p
