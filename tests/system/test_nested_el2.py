@@ -37,6 +37,7 @@ PSCI_DENY = [deny(PSCI_BASE32, PSCI_NR), deny(PSCI_BASE64, PSCI_NR)]
 PSCI_HANDLE = [handle(PSCI_BASE32, PSCI_NR), handle(PSCI_BASE64, PSCI_NR)]
 REPLY = {PSCI_VERSION: [HANDLER_MARK]}
 CALLS = [("smc", [PSCI_VERSION, 0x1111, 0x2222, 0x3333])]
+FWD_REPLY = [HANDLER_MARK, 0xA1, 0xA2, 0xA3]
 
 # name -> (payload, scenario keywords); el2=True and the variant's e2h0 are added by NestedRuns.get
 SCENARIOS = {
@@ -46,6 +47,8 @@ SCENARIOS = {
                                     "params": pl.encode_el2_vectors_params(hcd=True)}),
     "vectors_hcd_no_el3": ("el2_vectors", {"filters": PSCI_FWD, "replies": REPLY, "set_regs": HIDE_EL3,
                                            "params": pl.encode_el2_vectors_params(hcd=True)}),
+    "calls_fwd": ("smccc_calls", {"filters": PSCI_FWD, "replies": {PSCI_VERSION: FWD_REPLY},
+                                  "params": pl.encode_call_table(CALLS)}),
     "calls_deny": ("smccc_calls", {"filters": PSCI_DENY, "params": pl.encode_call_table(CALLS)}),
     "calls_handle": ("smccc_calls", {"filters": PSCI_HANDLE, "params": pl.encode_call_table(CALLS)}),
     "ghyp": ("el2_guest_hyp", {"filters": PSCI_FWD, "replies": REPLY}),
@@ -152,6 +155,20 @@ def test_vel2_smc_reply_reaches_the_guest(guest, nested, e2h0):
     r = ok(nested.get(guest, "vectors", e2h0))
     assert _only_exit(r)["reply"] == [HANDLER_MARK], r.describe()
     assert r.reports[4] == HANDLER_MARK, r.describe()
+
+
+@pytest.mark.smc
+@pytest.mark.parametrize("e2h0", VARIANTS)
+def test_vel2_smc_call_table_round_trips_x0_to_x3(guest, nested, e2h0):
+    """§1.2, §6 items 8/9 at vEL2: the handler reads x1..x3 with KVM_GET_ONE_REG; the x0..x3 it writes are what
+    the smccc_calls payload records, and x4..x30 are left alone."""
+    r = ok(nested.get(guest, "calls_fwd", e2h0))
+    h = _only_exit(r)
+    assert h["args"][:4] == CALLS[0][1] and h["pc"] == r.payload.sym("call_smc0") + 4, r.describe()
+    rec = pl.decode_call_results(block(r), 1)[0]
+    assert rec["ret"] == FWD_REPLY, f"x0..x3 = {[hex(x) for x in rec['ret']]}\n{r.describe()}"
+    assert rec["regs"][4:18] == [0] * 14, "x4..x17 must be the guest's own values (0)\n" + r.describe()
+    assert rec["regs"][18:31] == [pl.call_pattern(0, n) for n in range(18, 31)], r.describe()
 
 
 @pytest.mark.smc
