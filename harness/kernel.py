@@ -300,3 +300,19 @@ def skip_reason(caps: dict, markers: set[str] | frozenset[str]) -> str | None:
     if "system_suspend" in markers and not caps.get("KVM_CAP_ARM_SYSTEM_SUSPEND"):
         return f"kernel {k}: KVM_CAP_ARM_SYSTEM_SUSPEND is 0 (PSCI SYSTEM_SUSPEND exits need Linux 6.2+)"
     return None
+
+
+_symbolizers: dict[Path, Symbolizer] = {}
+
+
+def symbolize_for(kernel: KernelAsset | None, excerpt: str) -> str:
+    """``Symbolizer.symbolize_excerpt`` with the kernel's vmlinux (cached per process); '' without one."""
+    vm = vmlinux_of(kernel) if kernel is not None else None
+    if vm is None:
+        return ""
+    try:
+        if vm not in _symbolizers:
+            _symbolizers[vm] = Symbolizer(vm)
+        return _symbolizers[vm].symbolize_excerpt(excerpt)
+    except Exception as e:  # noqa: BLE001 - symbolizing is best effort: never hide the excerpt itself
+        return f"(could not symbolize with {vm}: {e})"

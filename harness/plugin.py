@@ -44,6 +44,9 @@ def pytest_addoption(parser):
     g.addoption("--boot-timeout", type=float, default=float(os.environ.get("SMCCC_BOOT_TIMEOUT", "120")),
                 help="seconds from QEMU start to the agent's ready banner")
     g.addoption("--results-dir", default=None, help="where run directories (console logs, traces) go [./runs]")
+    g.addoption("--kernel-pkg", default=os.environ.get("SMCCC_KERNEL_PKG"), metavar="NAME[/SUITE]",
+                help="a Debian arm64 kernel package, e.g. linux-image-6.12.117+deb13-cloud-arm64/trixie "
+                     "(overrides --kernel) [env SMCCC_KERNEL_PKG]")
     g.addoption("--no-snapshot", action="store_true",
                 default=os.environ.get("SMCCC_NO_SNAPSHOT", "") not in ("", "0"),
                 help="cold-boot every guest instead of restoring the cached snapshot of a booted guest "
@@ -55,6 +58,9 @@ def pytest_configure(config):
     rd = config.getoption("--results-dir", None)
     if rd:
         os.environ["SMCCC_HARNESS_RESULTS"] = str(Path(rd).resolve())
+    if config.getoption("--kernel-pkg", None):
+        config.option.kernel = "pkg:" + config.getoption("--kernel-pkg")
+    config.addinivalue_line("markers", "system_suspend: needs KVM_CAP_ARM_SYSTEM_SUSPEND")
 
 
 def resolve_accel(accel: str) -> str:
@@ -143,18 +149,10 @@ def guest(guest_pool, request):
         g = guest_pool.get()
     except HarnessError as e:
         pytest.fail(f"guest did not come up: {e}", pytrace=False)
-    caps = g.caps
-    if not caps.get("kvm"):
-        pytest.skip(f"kernel {caps.get('uname')}: {caps.get('reason', '/dev/kvm is absent')}")
-    if (request.node.get_closest_marker("filter") or request.node.get_closest_marker("psci")) \
-            and not caps.get("smccc_filter"):
-        pytest.skip(f"kernel {caps.get('uname')}: no SMCCC filter (KVM_HAS_DEVICE_ATTR on the VM fd failed: "
-                    f"{caps.get('smccc_filter_errno')}); it needs Linux 6.4+")
-    if request.node.get_closest_marker("el2") and not caps.get("KVM_CAP_ARM_EL2"):
-        pytest.skip(f"kernel {caps.get('uname')}: KVM_CAP_ARM_EL2 is 0 (nested virt needs 6.16+, "
-                    f"FEAT_NV2 and kvm-arm.mode=nested; KVM says: {caps.get('kvm_mode')})")
-    if request.node.get_closest_marker("e2h0") and not caps.get("KVM_CAP_ARM_EL2_E2H0"):
-        pytest.skip(f"kernel {caps.get('uname')}: KVM_CAP_ARM_EL2_E2H0 is 0")
+    from .kernel import skip_reason  # the capability -> skip-reason table (unit-tested in tests/unit/test_kernel.py)
+    reason = skip_reason(g.caps, {m.name for m in request.node.iter_markers()})
+    if reason:
+        pytest.skip(reason)
     request.node.user_properties.append(("console_log", str(g.console_log)))
     request.node.stash[_MARK_KEY] = (g, g.machine.console.mark())
     yield g
@@ -179,8 +177,48 @@ def pytest_runtest_call(item):
     if findings:
         f = findings[0]
         outcome.force_exception(pytest.fail.Exception(
-            f"the guest kernel printed {f.name!r} while this test ran:\n{f.excerpt}\nconsole log: {g.console_log}",
-            pytrace=False))
+            f"the guest kernel printed {f.name!r} while this test ran:\n{f.excerpt}\nconsole log: {g.console_log}"
+            + _symbolized(item.config, f.excerpt), pytrace=False))
+
+
+def _symbolized(config, excerpt: str) -> str:
+    """pc/lr of a panic excerpt resolved with the kernel's vmlinux, when --kernel named one (else '')."""
+    pool = config.stash.get(_POOL_KEY, None)
+    kernel = (pool.assets or {}).get("kernel") if pool is not None else None
+    from .kernel import symbolize_for
+    text = symbolize_for(kernel, excerpt)
+    return f"\n{text}" if text else ""
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item):
+    """Keep the console output printed while this test ran as its own file (JUnit property test_console_log)."""
+    mark = item.stash.get(_MARK_KEY, None)
+    if mark is None:
+        return
+    g, pos = mark
+    try:
+        from .report import save_test_console
+        p = save_test_console(Path(g.console_log).parent, item.nodeid, g.machine.console.since(pos))
+        item.user_properties.append(("test_console_log", str(p)))
+    except Exception as e:  # noqa: BLE001 - a dead console must not turn into a teardown error
+        item.user_properties.append(("test_console_log", f"unavailable: {e}"))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session):
+    """JUnit suite properties (kernel version, QEMU version, accel, asset hashes) for --junitxml reports."""
+    from _pytest.junitxml import xml_key
+    xml = session.config.stash.get(xml_key, None)
+    pool = session.config.stash.get(_POOL_KEY, None)
+    if xml is None or pool is None or not pool.assets:
+        return
+    from .report import suite_properties
+    caps = next((s.caps for s in pool.sessions if getattr(s, "caps", None)), {})
+    opt = session.config.getoption
+    for name, value in suite_properties(pool.assets.get("kernel"), caps, opt("--qemu-bin"),
+                                        resolve_accel(opt("--accel")), pool.assets.get("initrd")):
+        xml.add_global_property(name, value)
 
 
 def _row(report) -> dict:
