@@ -229,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--all", action="store_true", help="clean: remove everything, downloads included")
         p.set_defaults(func=cmd_assets)
 
-    from . import bisect, kbuild, matrix  # kernel build/source/info, bisect, matrix (issue 5)
-    for mod in (kbuild, bisect, matrix):
+    from . import bisect, kbuild, matrix, selftests  # kernel build/source/info, bisect, matrix (issue 5); selftests (9)
+    for mod in (kbuild, bisect, matrix, selftests):
         mod.add_cli(sub)
     return ap
 

@@ -436,3 +436,89 @@ def save_run(run: SelftestRun, run_dir: Path) -> Path:
         {"test": run.test, "variant": run.variant, "rc": run.rc, "seconds": run.seconds, "outcome": o,
          "reason": why, "timed_out": run.timed_out}, indent=2) + "\n")
     return p
+
+
+# ==== command line ================================================================================
+def resolve_source(src: str | None, kernel_spec: str, progress=_progress_default) -> Source:
+    """SRC given: that tree.  Else Debian's linux-source matching ``kernel_spec``."""
+    if src:
+        return tree_source(src)
+    if "/" in kernel_spec or os.path.exists(kernel_spec):
+        raise SelftestError(f"--kernel {kernel_spec} is a file: which source built it is unknown",
+                            hint="pass its tree: smccc-harness selftests build SRC (or SMCCC_SELFTESTS_SRC=SRC)")
+    return debian_source(kernel_spec, progress)
+
+
+def _tests_arg(args, tree: Path) -> list[str]:
+    if args.all:
+        return [t for t in available_tests(tree) if t.startswith("arm64/")]
+    return list(args.tests or DEFAULT_TESTS)
+
+
+def cmd_build(args) -> int:
+    t0 = time.monotonic()
+    source = resolve_source(args.src, args.kernel)
+    t1 = time.monotonic()
+    b = build(source, _tests_arg(args, source.tree), jobs=args.jobs)
+    _progress_default(f"source {source.label} ({source.version}) in {t1 - t0:.1f} s; "
+                      f"build {'cached' if b.cached else 'compiled'} in {b.seconds:.1f} s; key {b.key}")
+    for t, p in b.binaries.items():
+        print(f"{t:<32} {p}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .cli import _session
+    source = resolve_source(args.src, args.kernel)
+    tests = _tests_arg(args, source.tree)
+    b = build(source, tests, jobs=args.jobs)
+    _progress_default(f"selftests of {source.label}: {'cached' if b.cached else 'built'} in {b.seconds:.1f} s")
+    s, _ = _session(args)
+    failed = 0
+    with s:
+        _progress_default(f"guest ready in {s.timings.get('ready_s')} s; kernel {s.caps.get('uname')}; "
+                          f"KVM_CAP_ARM_EL2={s.caps.get('KVM_CAP_ARM_EL2')}")
+        for t in tests:
+            for v in variants_of(t):
+                if args.variants and v.name not in args.variants:
+                    continue
+                r = run_in_guest(s, b, t, v, timeout_s=args.timeout)
+                save_run(r, s.run_dir)
+                o, why = outcome(r)
+                failed += o == "failed"
+                print(f"{t:<28} {v.name:<4} {o.upper():<8} {r.seconds:7.2f}s  {why}", flush=True)
+                if o == "failed" or args.verbose:
+                    print(r.tap_text)
+        _progress_default(f"KTAP and summaries: {s.run_dir / 'selftests'}; console log: {s.console_log}")
+    return 1 if failed else 0
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("selftests", help="upstream's arm64 KVM selftests: build (static, cross) and run in the guest")
+    ss = p.add_subparsers(dest="selftests_command", required=True)
+
+    def common(q):
+        q.add_argument("--kernel", default=os.environ.get("SMCCC_KERNEL", "default"),
+                       help="the kernel under test; without SRC, Debian's linux-source of its version is built")
+        q.add_argument("--tests", nargs="+", default=None,
+                       help=f"tests to build/run, e.g. arm64/smccc_filter (default: {' '.join(DEFAULT_TESTS)})")
+        q.add_argument("--all", action="store_true", help="every arm64 test of the tree")
+        q.add_argument("-j", "--jobs", type=int, default=None)
+
+    q = ss.add_parser("build", help="build the selftests from SRC (default: Debian's linux-source for --kernel)")
+    q.add_argument("src", nargs="?", default=os.environ.get("SMCCC_SELFTESTS_SRC"))
+    common(q)
+    q.set_defaults(func=cmd_build)
+
+    q = ss.add_parser("run", help="build (cached), boot the guest, run each test; KTAP under the run directory")
+    q.add_argument("--src", default=os.environ.get("SMCCC_SELFTESTS_SRC"))
+    common(q)
+    q.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=None,
+                   help="el2: upstream default (HAS_EL2 when KVM_CAP_ARM_EL2), el1: NV=0 (default: both)")
+    q.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="deadline per test run (s)")
+    q.add_argument("-v", "--verbose", action="store_true", help="print every test's KTAP")
+    q.add_argument("--accel", default=os.environ.get("SMCCC_ACCEL", "auto"), choices=("auto", "tcg", "kvm"))
+    q.add_argument("--qemu-bin", default=os.environ.get("QEMU", "qemu-system-aarch64"))
+    q.add_argument("--boot-timeout", type=float, default=120.0)
+    q.add_argument("--no-snapshot", action="store_true", help="cold-boot the guest")
+    q.set_defaults(func=cmd_run, command="selftests-run")
