@@ -6,12 +6,17 @@ never hangs.
 
 from __future__ import annotations
 
+import itertools
 import socket
 import time
 from pathlib import Path
 
 from . import protocol as P
 from .errors import HarnessError
+
+# Request ids are unique per host process, not per connection: after a reconnect, a late answer to a request
+# sent over the dropped connection is skipped instead of being taken for the answer to a new request.
+_REQUEST_IDS = itertools.count(1)
 
 
 class ChannelError(HarnessError):
@@ -78,8 +83,8 @@ class Channel:
     def request(self, op: str, args: dict | None = None, deadline_s: float = 30.0) -> dict:
         if self.sock is None:
             raise ChannelError("control channel is not connected")
-        rid = self.next_id
-        self.next_id += 1
+        rid = next(_REQUEST_IDS)
+        self.next_id = rid + 1
         msg = {"type": "request", "id": rid, "op": op, "args": args or {}}
         self.log.append((time.time(), "send", {"id": rid, "op": op}))
         try:

@@ -195,24 +195,49 @@ class GuestSession:
         except ChannelError as e:
             if e.kind != "remote":      # timeout / EOF: the agent is stuck or gone; never reuse this guest
                 self.broken = str(e)
-            raise self._explain(e, mark) from e
+            raise self._explain(e, mark, op) from e
 
-    def _explain(self, err: ChannelError, mark: int) -> GuestError:
+    def reconnect(self, deadline_s: float = 10.0) -> dict:
+        """After the host end of the control channel dropped: connect again to the same QEMU and ping.
+
+        Answers to requests sent over the old connection are skipped (request ids are unique per process).
+        Raises GuestError if QEMU is gone or the agent does not answer; on success the guest is usable again.
+        """
+        if self.machine is None or not self.machine.alive():
+            raise GuestError("cannot reconnect: QEMU is not running", hint=f"console log: {self.console_log}")
+        if self.channel is not None:
+            self.channel.close()
+        self.channel = Channel(self.config.control_socket)
+        self.channel.connect(deadline_s)
+        self.broken = None
+        return self.request("ping", {}, deadline_s)
+
+    def _explain(self, err: ChannelError, mark: int, op: str = "?") -> GuestError:
         """Turn a broken channel into a failure that names the cause (panic, QEMU gone, timeout)."""
+        if err.kind == "eof":       # the socket closes a moment before QEMU is reapable: let it finish dying
+            stop = time.monotonic() + 1.0
+            while self.machine.alive() and time.monotonic() < stop:
+                time.sleep(0.02)
         text = self.machine.console.since(mark)
         findings = scan_failures(text)
         where = f"console log: {self.console_log}"
-        if findings:
-            f = findings[0]
-            return GuestError(f"guest kernel failure while running {err}: {f.name}\n{f.excerpt}\n{where}")
         agent_exit = re.search(r"SMCCC-AGENT EXITED rc=(-?\d+)", text)
         if agent_exit:
             rc = int(agent_exit.group(1))
             how = f"killed by signal {rc - 128}" if rc > 128 else f"exit status {rc}"
-            return GuestError(f"the guest agent died ({how}) while serving the request ({err}); /init powered "
-                              f"the guest off\n{where}")
+            return GuestError(f"the guest agent died ({how}) while serving the {op!r} request ({err}); /init "
+                              f"powered the guest off\n{where}")
+        if findings:
+            f = findings[0]
+            return GuestError(f"guest kernel failure while running {err}: {f.name}\n{f.excerpt}\n{where}")
         if not self.machine.alive():
-            return GuestError(f"QEMU exited while the agent was busy ({err})\n{where}")
+            st = self.machine._reap()
+            how = "" if st is None else (f" (killed by signal {-st})" if st < 0 else f" (exit status {st})")
+            return GuestError(f"QEMU exited{how} while the agent was busy with the {op!r} request ({err})\n{where}")
+        if err.kind == "timeout":
+            return GuestError(f"the guest agent did not answer the {op!r} request before the deadline: it is stuck "
+                              f"(the guest is thrown away)\nlast console lines:\n"
+                              + "\n".join(text.splitlines()[-20:]) + f"\n{where}")
         if err.kind == "remote":
             return GuestError(f"{err}\n--- agent traceback ---\n{err.remote_traceback}")
         return GuestError(f"{err}\nlast console lines:\n" + "\n".join(text.splitlines()[-20:]) + f"\n{where}")
@@ -221,7 +246,17 @@ class GuestSession:
         """Run one scenario in the guest; the trace is saved as ``<run_dir>/traces/NNN-<name>.jsonl``."""
         spec = P.validate_scenario(scenario)
         mark = self.machine.console.mark()
-        raw = self.request("run", spec, deadline_s or spec["deadline_s"] + 30.0)
+        try:
+            raw = self.request("run", spec, deadline_s or spec["deadline_s"] + 30.0)
+        except GuestError as e:     # keep a trace file that names the failure (the guest's own trace is lost)
+            self.scenario_count += 1
+            tdir = self.run_dir / "traces"
+            tdir.mkdir(exist_ok=True)
+            path = tdir / f"{self.scenario_count:03d}-{spec['name']}.jsonl"
+            path.write_text(json.dumps({"kind": "summary", "name": spec["name"], "outcome": "harness_error",
+                                        "error": str(e), "console_log": str(self.console_log)}) + "\n")
+            e.trace_path = path
+            raise
         self.scenario_count += 1
         tdir = self.run_dir / "traces"
         tdir.mkdir(exist_ok=True)
