@@ -5,19 +5,23 @@
 //
 // Parameter block at PARAM_BASE (u64):
 //     +0x00  n, the number of program entries (<= MAX_ENTRIES = 48)
-//     +0x08  secondary action: 0 park (stay ON, wfe loop), 1 CPU_OFF over the secondary conduit, 2 DONE
+//     +0x08  secondary action: 0 park (stay ON, wfe loop), 1 CPU_OFF over the secondary conduit, 2 DONE,
+//            3 CPU_ON64(target MPIDR at +0x18, entry secondary_entry, context id 0x3ACE) then park
 //     +0x10  secondary conduit: 0 hvc #0, 1 smc #0
+//     +0x18  target MPIDR for action 3
 //     +0x20 + i*0x40  entry i: [op, x0, x1, x2, x3, arg, max_iter, 0]
 //        op 0: hvc #0 with x0..x3 (symbol psci_hvc)       op 1: smc #0 (symbol psci_smc)
 //        op 2: like 0, repeated until x0 == arg or max_iter calls      op 3: the same over smc
 //        op 4: wait until secondary number x1 (MPIDR.Aff0) has arrived x2 times (max_iter spins);
 //              the record's x0 is the arrival count seen
+//        op 5: wait until secondary number x1 has finished its action (+0x38 != 0; max_iter spins)
 // Result block at RESULT_BASE:
 //     +0x00 magic "PSCISMP", +0x08 entries completed, +0x10 CurrentEL (raw) of the boot vCPU
 //     +0x40 + i*0x40  record i: x0, x1, x2, x3 after the call, +0x20 number of calls/spins made
 //     +0x1000 + k*0x40  secondary k (Aff0 = k): +0x00 magic 0x5EC0ED, +0x08 x0 at entry (the context id),
-//        +0x10 CurrentEL (raw), +0x18 MPIDR_EL1, +0x20 x0 returned by CPU_OFF (only if it returned),
-//        +0x28 SPSel, +0x30 arrivals (incremented on every entry, written last)
+//        +0x10 CurrentEL (raw), +0x18 MPIDR_EL1, +0x20 x0 returned by its action's call (CPU_OFF only
+//        if it returned), +0x28 SPSel, +0x30 arrivals (incremented on every entry, written last),
+//        +0x38 action finished (1)
 // Registers: the program keeps its state in x19..x28 (SMCCC preserves x18..x30 across calls).
 
     .include "common.inc"
@@ -56,6 +60,8 @@ next_entry:
     mov x28, #0
     cmp x19, #4
     b.eq wait_secondary
+    cmp x19, #5
+    b.eq wait_action
     b.hi bad_params
 call_again:
     add x28, x28, #1
@@ -104,6 +110,17 @@ wait_secondary:
     mov x3, #0
     b record
 
+wait_action:
+    ldr x10, [x24, #0x10]
+    LI x12, (RESULT_BASE + SEC_BASE)
+    add x12, x12, x10, lsl #6
+5:  add x28, x28, #1
+    ldr x13, [x12, #0x38]
+    cbnz x13, 4b
+    cmp x28, x27
+    b.lo 5b
+    b 4b
+
 all_done:
     DONE #DONE_OK
 
@@ -137,7 +154,26 @@ secondary_entry:
     cbz x2, park
     cmp x2, #1
     b.eq cpu_off
+    cmp x2, #3
+    b.eq cpu_on_other
     DONE #DONE_OK
+cpu_on_other:
+    ldr x3, [x1, #0x10]
+    ldr x4, [x1, #0x18]
+    LI x0, PSCI_CPU_ON64
+    mov x1, x4
+    adr x2, secondary_entry
+    mov x3, #0x3ACE
+    LI x9, PARAM_BASE
+    ldr x9, [x9, #0x10]
+    cbnz x9, 7f
+    hvc #0
+    b 8f
+7:  smc #0
+8:  str x0, [x22, #0x20]
+    mov x0, #1
+    str x0, [x22, #0x38]
+    b park
 cpu_off:
     ldr x3, [x1, #0x10]
     LI x0, PSCI_CPU_OFF

@@ -10,8 +10,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-OP_HVC, OP_SMC, OP_POLL_HVC, OP_POLL_SMC, OP_WAIT_SECONDARY = range(5)
-SEC_PARK, SEC_CPU_OFF, SEC_DONE = range(3)
+OP_HVC, OP_SMC, OP_POLL_HVC, OP_POLL_SMC, OP_WAIT_SECONDARY, OP_WAIT_ACTION = range(6)
+SEC_PARK, SEC_CPU_OFF, SEC_DONE, SEC_CPU_ON_OTHER = range(4)
 MAX_ENTRIES = 48
 ENTRY_WORDS = 8
 RECORD_SIZE = 0x40
@@ -44,10 +44,15 @@ def wait_secondary(index: int, arrivals: int = 1, max_iter: int = 5_000_000) -> 
     return Step(OP_WAIT_SECONDARY, (0, index, arrivals, 0), max_iter=max_iter, label=f"wait cpu{index}")
 
 
-def encode(steps: list[Step], secondary_action: int = SEC_PARK, secondary_conduit: str = "hvc") -> list[int]:
+def wait_action(index: int, max_iter: int = 5_000_000) -> Step:
+    return Step(OP_WAIT_ACTION, (0, index, 0, 0), max_iter=max_iter, label=f"wait cpu{index} action")
+
+
+def encode(steps: list[Step], secondary_action: int = SEC_PARK, secondary_conduit: str = "hvc",
+           target_mpidr: int = 0) -> list[int]:
     if len(steps) > MAX_ENTRIES:
         raise ValueError(f"at most {MAX_ENTRIES} steps")
-    words = [len(steps), secondary_action, 1 if secondary_conduit == "smc" else 0, 0]
+    words = [len(steps), secondary_action, 1 if secondary_conduit == "smc" else 0, target_mpidr]
     for s in steps:
         words += [s.op, *s.x, s.arg, s.max_iter, 0]
     return words
@@ -62,10 +67,10 @@ def decode(block: bytes, steps: list[Step], max_cpus: int = 8) -> dict:
         records.append({"step": s.label, "x0": x0, "x1": x1, "x2": x2, "x3": x3, "iters": iters})
     secondaries = {}
     for k in range(max_cpus):
-        m, ctx, el, mpidr, off_ret, spsel, arrivals = struct.unpack_from("<7Q", block, SEC_BASE + k * 0x40)
+        m, ctx, el, mpidr, off_ret, spsel, arrivals, acted = struct.unpack_from("<8Q", block, SEC_BASE + k * 0x40)
         if m == SEC_MAGIC:
             secondaries[k] = {"context_id": ctx, "el": (el >> 2) & 3, "mpidr": mpidr, "cpu_off_returned": off_ret,
-                              "spsel": spsel, "arrivals": arrivals}
+                              "spsel": spsel, "arrivals": arrivals, "action_done": acted}
     return {"magic_ok": magic == SMP_MAGIC, "done": done, "el": (current_el >> 2) & 3, "records": records,
             "secondaries": secondaries}
 

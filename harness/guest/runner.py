@@ -75,6 +75,7 @@ class ScenarioRun:
         self.pausing = False
         self.paused: set[int] = set()
         self.migrations: list[dict] = []
+        self.psci_lock = threading.Lock()
         self.finished = threading.Event()
         self.cond = threading.Condition()
         self.errors: list[str] = []
@@ -261,7 +262,8 @@ class ScenarioRun:
             reply, by = self.replies[fid], "reply"
         elif self.spec["handler"] == "psci":
             if smccc.owner(fid) == smccc.OWNER_STANDARD and smccc.func_num(fid) <= 0x1F:
-                out = self.psci.call(v.index, fid, args[1:4], aarch32=False)
+                with self.psci_lock:        # vCPU threads race on CPU_ON/AFFINITY_INFO: one decision at a time
+                    out = self.psci.call(v.index, fid, args[1:4], aarch32=False)
                 # Results are NOT truncated for 32-bit ids: KVM writes (unsigned long)-1 etc. in full (the
                 # differential caught kvmtool's truncation convention disagreeing; SMCCC leaves the upper
                 # halves to the implementation, and we follow KVM).

@@ -174,3 +174,25 @@ def test_cpu_suspend_returns_success_with_registers_preserved(guest, smp):
                   payload=smp)
     assert x0s(pp.guest_view(r, steps)) == [psci.SUCCESS], r.describe()
     assert [e["effect"] for e in r.events if e["kind"] == "psci"] == ["suspend"]
+
+
+@pytest.mark.parametrize("conduit", CONDUITS)
+@pytest.mark.parametrize("mode", ["kernel", "user"])
+def test_racing_cpu_on_gives_exactly_one_success(guest, smp, conduit, mode):
+    """kvm-unit-tests arm/psci.c cpu-on: two vCPUs race CPU_ON(cpu1); one SUCCESS, the other ALREADY_ON.
+
+    Not compared run-to-run (the winner is timing); each mode must satisfy the rule on its own.
+    """
+    sec = smp.sym("secondary_entry")
+    steps = [pp.call(conduit, psci.CPU_ON64, 2, sec, 0x2, "CPU_ON64(2)"), pp.wait_secondary(2),
+             pp.call(conduit, psci.CPU_ON64, 1, sec, 0x1, "CPU_ON64(1) racing cpu2"),
+             pp.wait_action(2), pp.wait_secondary(1)]
+    params = pp.encode(steps, pp.SEC_CPU_ON_OTHER, conduit, target_mpidr=1)
+    r = guest.run(scenario(f"race_{conduit}_{mode}", smp, vcpus=3, params=params,
+                           filters=PSCI_FWD if mode == "user" else [], deadline_s=30), payload=smp)
+    v = pp.guest_view(r, steps)
+    assert r.outcome == "done", r.describe()
+    boot_x0 = v["records"][2]["x0"]
+    cpu2_x0 = v["secondaries"][2]["cpu_off_returned"]
+    assert sorted([boot_x0, cpu2_x0]) == sorted([psci.SUCCESS, psci.ALREADY_ON & U64]), r.describe()
+    assert v["secondaries"][1]["arrivals"] == 1, "cpu1 must be started exactly once"
