@@ -57,6 +57,11 @@ def pytest_configure(config):
     rd = config.getoption("--results-dir", None)
     if rd:
         os.environ["SMCCC_HARNESS_RESULTS"] = str(Path(rd).resolve())
+    from .leftovers import sweep_stale_sockets
+    try:    # sockets of earlier runs whose pytest was SIGKILLed (their QEMU died with it: PR_SET_PDEATHSIG)
+        sweep_stale_sockets(paths.results_root())
+    except OSError:
+        pass
     if config.getoption("--kernel-pkg", None):
         config.option.kernel = "pkg:" + config.getoption("--kernel-pkg")
     config.addinivalue_line("markers", "system_suspend: needs KVM_CAP_ARM_SYSTEM_SUSPEND")

@@ -1,0 +1,134 @@
+"""What a run leaves behind: QEMU processes, unix sockets, half-written temp directories.
+
+The fault tests (tests/system/test_faults.py) assert that none is left after a fault; the pytest plugin
+calls :func:`sweep_stale_sockets` at start-up, so even a harness killed with SIGKILL (QEMU dies with it,
+PR_SET_PDEATHSIG) leaves no socket behind for long.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .paths import cache_dir
+
+# Temporary names the harness creates (tempfile prefixes in assets.py, payloads.py, initramfs.py).
+CACHE_TEMP_GLOBS = ("debs/.dl-*", "extract/.x-*", "firmware/.build-*", "initramfs/.build-*", "initramfs/.guest-*",
+                    "rootfs/.build-*")
+TMP_PREFIXES = ("smccc",)
+
+
+@dataclass(frozen=True)
+class Proc:
+    pid: int
+    ppid: int
+    state: str
+    comm: str
+    argv: tuple[str, ...]
+
+    def __str__(self) -> str:
+        cmd = " ".join(self.argv)[:200] or f"[{self.comm}]"
+        return f"pid {self.pid} (ppid {self.ppid}, state {self.state}): {cmd}"
+
+
+def processes() -> list[Proc]:
+    """Every process in /proc (argv empty for zombies and kernel threads)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            argv = tuple(a.decode(errors="replace") for a in (d / "cmdline").read_bytes().split(b"\0") if a)
+        except OSError:
+            continue      # exited meanwhile
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        rest = stat[stat.rindex(")") + 2:].split()
+        out.append(Proc(int(d.name), int(rest[1]), rest[0], comm, argv))
+    return out
+
+
+def is_qemu(p: Proc) -> bool:
+    return p.comm.startswith("qemu-system") or bool(p.argv and os.path.basename(p.argv[0]).startswith("qemu-system"))
+
+
+def qemu_processes(marker: str | os.PathLike | None = None) -> list[Proc]:
+    """QEMU processes whose command line mentions ``marker`` (e.g. a run directory), plus QEMU zombies that
+    this process has not reaped (their command line is gone).  ``marker=None``: every QEMU, everyone's."""
+    me = os.getpid()
+    out = []
+    for p in processes():
+        if not is_qemu(p):
+            continue
+        if marker is None or str(marker) in " ".join(p.argv) or (p.state == "Z" and p.ppid == me):
+            out.append(p)
+    return out
+
+
+def sockets(directory: Path) -> list[Path]:
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.rglob("*") if p.is_socket())
+
+
+def temp_entries() -> set[Path]:
+    """Harness temp directories in the cache and in the system temp dir (compare before/after a test)."""
+    root = cache_dir()
+    found: set[Path] = set()
+    for pattern in CACHE_TEMP_GLOBS:
+        found.update(root.glob(pattern))
+    tmp = Path(tempfile.gettempdir())
+    with contextlib.suppress(OSError):
+        found.update(p for p in tmp.iterdir() if p.name.startswith(TMP_PREFIXES))
+    return found
+
+
+def problems(run_dirs: list[Path] = (), temp_before: set[Path] | None = None) -> list[str]:
+    """Everything left behind by the runs in ``run_dirs`` (empty list: clean)."""
+    out = []
+    for rd in run_dirs:
+        out += [f"QEMU still running: {p}" for p in qemu_processes(rd)]
+        out += [f"socket left behind: {s}" for s in sockets(rd)]
+    if temp_before is not None:
+        out += [f"temp entry left behind: {p}" for p in sorted(temp_entries() - temp_before) if p.exists()]
+    return out
+
+
+def _pid_of_run_dir(d: Path) -> int | None:
+    """``<prefix>-<YYYYmmdd>-<HHMMSS>-<pid>-<n>`` (harness.paths.new_run_dir) -> pid."""
+    parts = d.name.split("-")
+    if len(parts) >= 5 and parts[-2].isdigit() and parts[-1].isdigit():
+        return int(parts[-2])
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_sockets(root: Path) -> list[Path]:
+    """Remove the sockets of run directories whose harness process is gone (it was SIGKILLed)."""
+    removed = []
+    root = Path(root)
+    if not root.is_dir():
+        return removed
+    for d in root.iterdir():
+        pid = _pid_of_run_dir(d)
+        if pid is None or pid == os.getpid() or _alive(pid) or not d.is_dir():
+            continue
+        for s in d.glob("*.sock"):
+            with contextlib.suppress(OSError):
+                if s.is_socket() and not any(str(d) in " ".join(p.argv) for p in qemu_processes(d)):
+                    s.unlink()
+                    removed.append(s)
+    return removed
