@@ -196,3 +196,6 @@ def test_racing_cpu_on_gives_exactly_one_success(guest, smp, conduit, mode):
     cpu2_x0 = v["secondaries"][2]["cpu_off_returned"]
     assert sorted([boot_x0, cpu2_x0]) == sorted([psci.SUCCESS, psci.ALREADY_ON & U64]), r.describe()
     assert v["secondaries"][1]["arrivals"] == 1, "cpu1 must be started exactly once"
+    if mode == "user":      # concurrent exits on different vCPUs each carry their own nr and conduit (§6.16)
+        seen = {(h["vcpu"], h["nr"], h["conduit"]) for h in r.hypercalls}
+        assert {(0, psci.CPU_ON64, conduit), (2, psci.CPU_ON64, conduit)} <= seen, r.describe()
