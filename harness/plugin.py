@@ -65,6 +65,19 @@ def pytest_configure(config):
     if config.getoption("--kernel-pkg", None):
         config.option.kernel = "pkg:" + config.getoption("--kernel-pkg")
     config.addinivalue_line("markers", "system_suspend: needs KVM_CAP_ARM_SYSTEM_SUSPEND")
+    _install_sigterm_handler()
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt(f"pytest received signal {signum} (SIGTERM)")
+
+
+def _install_sigterm_handler() -> None:
+    """SIGTERM = Ctrl-C: pytest stops and tears the fixtures down, so every QEMU is stopped and its sockets go."""
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _sigterm)
 
 
 def resolve_accel(accel: str) -> str:
