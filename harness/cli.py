@@ -18,6 +18,9 @@ from . import paths
 from .errors import HarnessError
 
 SUITE_MARKERS = "not slow"
+# The main job: forwarding behaviour only (PSCI, the filter, both conduits, EL1 and nested EL2); the fault,
+# bad-input, selftest and Linux-guest suites run under `test`.
+RUN_MARKERS = "(psci or filter or hvc or smc or el2) and not slow and not fault and not bad_input"
 
 
 def _progress(msg: str) -> None:
@@ -194,13 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-system", action="store_true", help="skip apt installs of host packages")
     p.set_defaults(func=cmd_setup)
 
-    for name, func, helptext in (("run", cmd_run, "set up, then run the PSCI/SMC suite with a results table"),
-                                 ("test", cmd_test, "set up, then run unit and system tests")):
+    for name, func, helptext, markers in (
+            ("run", cmd_run, "set up, then run the PSCI/SMC suite with a results table", RUN_MARKERS),
+            ("test", cmd_test, "set up, then run unit and system tests", SUITE_MARKERS)):
         p = sub.add_parser(name, help=helptext)
         common(p)
         p.add_argument("--no-setup", action="store_true")
         p.add_argument("--no-system", action="store_true")
-        p.add_argument("-m", "--markers", default=SUITE_MARKERS)
+        p.add_argument("-m", "--markers", default=markers, help=f"pytest -m expression (default: {markers})")
         p.add_argument("-k", default=None, help="pytest -k expression")
         p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
         p.set_defaults(func=func)
