@@ -165,7 +165,9 @@ def run_step(selection: list[str], *, src: Path, build: bool = True, out: Path |
         argv = pytest_argv(selection, kernel, junit, list(extra_pytest))
         _say("$ " + " ".join(shlex.quote(a) for a in argv))
         try:
-            rc = subprocess.run(argv, cwd=paths.REPO_ROOT, check=False, timeout=timeout_s,
+            # every bisect step boots a different kernel once: a warm-start snapshot would never be reused
+            env = dict(os.environ, SMCCC_NO_SNAPSHOT=os.environ.get("SMCCC_NO_SNAPSHOT", "1"))
+            rc = subprocess.run(argv, cwd=paths.REPO_ROOT, check=False, timeout=timeout_s, env=env,
                                 stdin=subprocess.DEVNULL).returncode
         except subprocess.TimeoutExpired:
             return "infra", f"pytest did not finish within {timeout_s:.0f} s"
