@@ -150,6 +150,11 @@ class Agent:
             if self.sys_fd is None:
                 raise RuntimeError(self.caps.get("reason", "no /dev/kvm"))
             return run_scenario(args, self.sys_fd)
+        if op == "linux":   # boot a Linux guest on the userspace PSCI emulator (harness.guest.linux)
+            if self.sys_fd is None:
+                raise RuntimeError(self.caps.get("reason", "no /dev/kvm"))
+            from .linux import run_linux
+            return run_linux(args, self.sys_fd)
         if op == "exec":
             argv = args.get("argv")
             if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
