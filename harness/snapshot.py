@@ -338,6 +338,15 @@ def _note(run_dir: Path, text: str) -> None:
         f.write(f"[smccc-harness] {text}\n")
 
 
+def restore_config(config: MachineConfig, snap: Snapshot, stubs: bool = True) -> MachineConfig:
+    """``config`` + ``-incoming defer``; with ``stubs``, the snapshot's stub kernel/initrd (if it has them)."""
+    cfg = dataclasses.replace(config, incoming="defer")
+    if stubs and (snap.path / STUB_KERNEL).is_file() and (snap.path / STUB_INITRD).is_file():
+        cfg = dataclasses.replace(cfg, kernel=snap.path / STUB_KERNEL,
+                                  initrd=snap.path / STUB_INITRD if cfg.initrd is not None else None)
+    return cfg
+
+
 def restore(session, snap: Snapshot, *, stubs: bool | None = None) -> None:
     """Start ``session`` (not yet started) from ``snap``: QEMU with ``-incoming defer``, load, cont, ping.
 
@@ -347,11 +356,7 @@ def restore(session, snap: Snapshot, *, stubs: bool | None = None) -> None:
     t0 = time.monotonic()
     snap.touch()            # before the state file is opened: prune() leaves recently used snapshots alone
     meta = snap.meta()
-    cfg = dataclasses.replace(session.config, incoming="defer")
-    stubs = stub_boot_files() if stubs is None else stubs
-    if stubs and (snap.path / STUB_KERNEL).is_file() and (snap.path / STUB_INITRD).is_file():
-        cfg = dataclasses.replace(cfg, kernel=snap.path / STUB_KERNEL,
-                                  initrd=snap.path / STUB_INITRD if cfg.initrd is not None else None)
+    cfg = restore_config(session.config, snap, stub_boot_files() if stubs is None else stubs)
     if cfg.qmp_socket is None or cfg.control_socket is None:
         raise SnapshotError("a restore needs both the QMP and the control socket in the machine config")
     _note(session.run_dir, f"restored from snapshot {snap.key} ({snap.path}); the serial console of a restored "
