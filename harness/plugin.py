@@ -149,6 +149,20 @@ class GuestPool:
             self.session.close()
         return self.get()
 
+    def spawn(self, snapshots: bool | None = None):
+        """A started guest of the caller's own (not handed to other tests), with the pool's options;
+        ``snapshots`` None = as ``--no-snapshot`` says.  Closed with the pool at the latest."""
+        from .session import GuestSession
+        a = self.resolve_assets()
+        opt = self.config.getoption
+        s = GuestSession.create(
+            a["kernel"].image, a["initrd"], paths.new_run_dir("guest"), accel=resolve_accel(opt("--accel")),
+            smp=opt("--smp"), memory_mb=opt("--memory"), append=opt("--append"),
+            boot_deadline_s=opt("--boot-timeout"), qemu_bin=opt("--qemu-bin"),
+            snapshots=(not opt("--no-snapshot")) if snapshots is None else snapshots)
+        self.sessions.append(s)
+        return s.start()
+
     def close(self):
         for s in self.sessions:
             s.close()
