@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from .paths import cache_dir
 
 # Temporary names the harness creates (tempfile prefixes in assets.py, payloads.py, initramfs.py).
 CACHE_TEMP_GLOBS = ("debs/.dl-*", "extract/.x-*", "firmware/.build-*", "initramfs/.build-*", "initramfs/.guest-*",
-                    "rootfs/.build-*")
+                    "rootfs/.build-*", "snapshots/.build-*", "snapshots/.digests-*")
 TMP_PREFIXES = ("smccc",)
 
 
@@ -87,14 +88,21 @@ def temp_entries() -> set[Path]:
     return found
 
 
-def problems(run_dirs: list[Path] = (), temp_before: set[Path] | None = None) -> list[str]:
-    """Everything left behind by the runs in ``run_dirs`` (empty list: clean)."""
+def problems(run_dirs: list[Path] = (), temp_before: set[Path] | None = None, settle_s: float = 15.0) -> list[str]:
+    """Everything left behind by the runs in ``run_dirs`` (empty list: clean).
+
+    The cache is shared with concurrent runs, whose builds have temp dirs of their own for a few seconds:
+    a new temp entry counts only if it is still there after ``settle_s``.
+    """
     out = []
     for rd in run_dirs:
         out += [f"QEMU still running: {p}" for p in qemu_processes(rd)]
         out += [f"socket left behind: {s}" for s in sockets(rd)]
     if temp_before is not None:
-        out += [f"temp entry left behind: {p}" for p in sorted(temp_entries() - temp_before) if p.exists()]
+        stop = time.monotonic() + settle_s
+        while (new := {p for p in temp_entries() - temp_before if p.exists()}) and time.monotonic() < stop:
+            time.sleep(0.25)
+        out += [f"temp entry left behind: {p}" for p in sorted(new)]
     return out
 
 
