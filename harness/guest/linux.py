@@ -92,7 +92,7 @@ def image_header(image: bytes) -> tuple[int, int]:
 
 
 def bootargs(spec: dict) -> str:
-    base = f"console=ttyAMA0 earlycon=pl011,mmio32,{UART_BASE:#x} rdinit=/init panic=-1"
+    base = f"console=ttyAMA0 earlycon=pl011,mmio32,{UART_BASE:#x} loglevel=5 rdinit=/init panic=-1"
     return f"{base} {spec['cmdline']}".strip()
 
 
