@@ -98,7 +98,7 @@ def _make_history(root: Path, src: Path) -> dict:
     t0 = time.monotonic()
     subprocess.run(["cp", "-a", str(src), str(repo)], check=True)
     _git(repo, "init", "-q", "-b", "master")
-    _git(repo, "add", "-A")
+    _git(repo, "add", "-A", "-f")  # Debian's top-level .gitignore ignores "/*"
     _git(repo, "commit", "-q", "-m", "Linux 7.3.4 (Debian linux-source-7.3)", date=1)
     ids = {"good": _git(repo, "rev-parse", "HEAD"), "commits": []}
     for i, (subject, edit) in enumerate(HISTORY, start=2):

@@ -1,0 +1,91 @@
+"""The kernel developer's commands against real kernels: one ``git bisect run`` step, the matrix report,
+parallel workers, and (slow) a kernel built from Debian's source with its vmlinux.
+
+Each test runs the real command in a subprocess (its own pytest, its own QEMU) on the default Debian kernel
+(kvm-smccc-abi.md, "KVM_EXIT_HYPERCALL": the selection checks the SMC flag of a forwarded PSCI_VERSION).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from harness import bisect as B
+from harness import kbuild, paths
+from harness.kernel import resolve_kernel
+
+SELECTION = ["tests/system/test_forwarding_el1.py", "-k", "test_hypercall_flags_name_the_conduit and smc"]
+
+
+def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(paths.REPO_ROOT))
+    return subprocess.run([sys.executable, "-m", "harness.cli", *args], cwd=paths.REPO_ROOT, env=env, text=True,
+                          capture_output=True, timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="module")
+def default_image(request) -> str:
+    return str(resolve_kernel(request.config.getoption("--kernel")).image)
+
+
+def test_bisect_step_on_a_good_kernel_exits_0(default_image, tmp_path):
+    r = _cli("bisect", "--no-build", "--image", default_image, "--src", str(tmp_path), "--", *SELECTION)
+    assert r.returncode == B.GOOD, r.stdout[-3000:] + r.stderr[-2000:]
+    assert re.search(r": good -> exit 0 \(pytest exit 0: 1 passed, 0 failed", r.stdout), r.stdout[-2000:]
+
+
+def test_bisect_step_whose_guest_cannot_boot_exits_125(default_image, tmp_path):
+    """A kernel that panics at boot (here: no init) is 'skip', never 'bad'."""
+    r = _cli("bisect", "--no-build", "--image", default_image, "--src", str(tmp_path), "--",
+             *SELECTION, "--append", "rdinit=/no/such/init", "--boot-timeout", "60")
+    assert r.returncode == B.SKIP, r.stdout[-3000:] + r.stderr[-2000:]
+    assert ": boot -> exit 125" in r.stdout, r.stdout[-2000:]
+
+
+def test_matrix_writes_junit_with_properties_and_a_report(tmp_path):
+    r = _cli("matrix", "--kernels", "default", "--out", str(tmp_path), "-k", "test_hypercall_flags_name_the_conduit")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    rows = [line.split() for line in r.stdout.splitlines() if "test_hypercall_flags_name_the_conduit" in line]
+    assert [row[-1] for row in rows] == ["PASS", "PASS"], r.stdout
+    props = {p.get("name"): p.get("value") for p in ET.parse(tmp_path / "default" / "junit.xml").getroot()
+             .find("testsuite/properties").iter("property")}
+    assert props["kernel_version"].startswith("7.") and props["accel"] in ("tcg", "kvm")
+    assert re.fullmatch(r"\d+\.\d+\.\d+", props["qemu_version"]) and len(props["kernel_sha256"]) == 64
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("<td class=passed") == 2
+
+
+def test_parallel_workers_each_boot_their_own_guest(tmp_path):
+    """pytest -n 2: two workers, two QEMUs, two console logs (never one shared guest)."""
+    junit = tmp_path / "j.xml"
+    r = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider", "-q",
+                        "tests/system/test_forwarding_el1.py", f"--junitxml={junit}", "--results-dir", str(tmp_path)],
+                       cwd=paths.REPO_ROOT, text=True, capture_output=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stdout[-3000:]
+    logs = {p.get("value") for p in ET.parse(junit).getroot().iter("property") if p.get("name") == "console_log"}
+    assert len(logs) == 2, logs
+    assert all(Path(p).is_file() and "agent" in Path(p).read_text().lower() for p in logs)
+
+
+@pytest.mark.slow
+def test_minimal_kernel_from_debian_source_runs_the_forwarding_suite_via_its_vmlinux():
+    """``kernel build`` of linux-source-7.3 with images/kernel.config (cached O= + ccache: ~10 s when
+    unchanged, ~6-8 min cold), then the EL1 forwarding tests with ``--kernel <O>/vmlinux``."""
+    src = kbuild.source_tree()
+    r = _cli("kernel", "build", str(src), timeout=3600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    image = Path(r.stdout.strip().splitlines()[-1])
+    vmlinux = image.parents[3] / "vmlinux"
+    k = resolve_kernel(vmlinux)
+    assert k.image == image and k.vmlinux == vmlinux
+    t = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--no-snapshot",
+                        "tests/system/test_forwarding_el1.py", "--kernel", str(vmlinux)],
+                       cwd=paths.REPO_ROOT, text=True, capture_output=True, timeout=900, check=False)
+    assert t.returncode == 0, t.stdout[-4000:]
+    assert "VHE+NV2" in t.stdout, t.stdout[-2000:]
