@@ -127,7 +127,7 @@ def test_git_bisect_run_names_the_commit_that_drops_the_smc_flag(demo):
     t0 = time.monotonic()
     _git(repo, "bisect", "start", ids["bad"], ids["good"])
     try:
-        env = dict(os.environ, **GIT_ENV, PYTHONPATH=str(paths.REPO_ROOT))
+        env = dict(os.environ, PYTHONPATH=str(paths.REPO_ROOT))  # keep HOME: the harness cache lives there
         cmd = [sys.executable, "-m", "harness.cli", "bisect", "--out", str(out), "--", *SELECTION]
         r = subprocess.run(["git", "-C", str(repo), "bisect", "run", *cmd], env=env, text=True, capture_output=True,
                            timeout=3600, check=False)
