@@ -49,11 +49,11 @@ from .tap import parse as parse_tap
 RECIPE = 1  # bump when the build recipe changes: it is part of the cache key
 CROSS = "aarch64-linux-gnu-"
 KVM_DIR = "tools/testing/selftests/kvm"
-DEFAULT_TESTS = ("arm64/smccc_filter", "arm64/psci_test", "arm64/hypercalls", "arm64/hello_el2")
+DEFAULT_TESTS = ("smccc_filter", "psci_test", "hypercalls", "hello_el2")  # basenames: arm64/ (aarch64/ before 6.14)
 KSFT_PASS, KSFT_FAIL, KSFT_XFAIL, KSFT_XPASS, KSFT_SKIP = 0, 1, 2, 3, 4
 GUEST_DIR = "/tmp/selftests"
 # tests whose vCPUs take upstream's default (HAS_EL2 when KVM_CAP_ARM_EL2): worth running with and without NV
-NV_SENSITIVE = ("arm64/smccc_filter", "arm64/psci_test", "arm64/hypercalls")
+NV_SENSITIVE = ("smccc_filter", "psci_test", "hypercalls")
 # per-test deadline under TCG (seconds); nested VMs make teardown slow
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -192,14 +192,15 @@ class Build:
     dir: Path  # <cache>/selftests/<key>
     key: str
     source: Source
-    binaries: dict[str, Path]  # "arm64/smccc_filter" -> stripped static binary
+    binaries: dict[str, Path]  # "smccc_filter" -> stripped static binary
+    paths: dict[str, str]  # "smccc_filter" -> "arm64/smccc_filter" (the tree's make target)
     seconds: float  # this call's wall time
     cached: bool  # nothing had to be compiled
     log: Path | None = None
     meta: dict = field(default_factory=dict)
 
     def unstripped(self, test: str) -> Path:
-        return self.dir / "obj" / "kvm" / test
+        return self.dir / "obj" / "kvm" / self.paths[test]
 
 
 def _toolchain_id() -> str:
@@ -225,6 +226,22 @@ def available_tests(tree: Path) -> list[str]:
     return [n for n in dict.fromkeys(names) if not n.startswith("$(")]
 
 
+def resolve_tests(tree: Path, names) -> tuple[dict[str, str], list[str]]:
+    """Basenames (or tree paths) -> {basename: make target in the tree}, and the names the tree lacks.
+
+    ``smccc_filter`` is ``arm64/smccc_filter`` in 6.14+ and ``aarch64/smccc_filter`` before."""
+    known = available_tests(tree)
+    by_base = {t.rsplit("/", 1)[-1]: t for t in known}
+    found, missing = {}, []
+    for n in names:
+        base = n.rsplit("/", 1)[-1]
+        if base in by_base:
+            found[base] = by_base[base]
+        else:
+            missing.append(base)
+    return found, missing
+
+
 def _tree_is_clean(tree: Path) -> bool:
     return not (tree / ".config").exists() and not (tree / "include" / "config").exists()
 
@@ -241,10 +258,15 @@ def _make(argv: list[str], log, what: str) -> None:
 
 def build(source: Source, tests: tuple[str, ...] | list[str] = DEFAULT_TESTS, jobs: int | None = None,
           progress=_progress_default) -> Build:
-    """Build (or find cached) static arm64 binaries of ``tests`` ("arm64/smccc_filter", ...) from ``source``."""
+    """Build (or find cached) static arm64 binaries of ``tests`` (basenames: "smccc_filter", ...).
+
+    Every name must exist in the tree (:func:`resolve_tests` tells which do before you ask)."""
     from filelock import FileLock
     t0 = time.monotonic()
-    tests = [t if "/" in t or t in available_tests(source.tree) else f"arm64/{t}" for t in tests]
+    targets, unknown = resolve_tests(source.tree, tests)
+    if unknown:
+        raise SelftestError(f"{source.label} has no arm64 KVM selftest {', '.join(unknown)}",
+                            hint="arm64 tests of this tree: " + " ".join(available_tests(source.tree)))
     key = build_key(source)
     bdir = paths.cache_dir() / "selftests" / key
     bdir.mkdir(parents=True, exist_ok=True)
@@ -252,18 +274,14 @@ def build(source: Source, tests: tuple[str, ...] | list[str] = DEFAULT_TESTS, jo
         mpath = bdir / "manifest.json"
         meta = json.loads(mpath.read_text()) if mpath.exists() else {}
         have = meta.get("binaries", {})
-        missing = [t for t in tests if t not in have or not (bdir / "bin" / have[t]).is_file()]
+        missing = [t for t in targets if t not in have or not (bdir / "bin" / have[t]).is_file()]
         log_path = bdir / "build.log"
         if missing:
-            known = available_tests(source.tree)
-            unknown = [t for t in missing if t not in known]
-            if unknown:
-                raise SelftestError(f"{source.label} has no KVM selftest {', '.join(unknown)}",
-                                    hint="arm64 tests of this tree: " + " ".join(known))
             from .sysdeps import ensure_selftest_packages
             ensure_selftest_packages(progress)
             obj = bdir / "obj"
             (obj / "tools").mkdir(parents=True, exist_ok=True)
+            out = obj / "kvm"
             jobs = jobs or os.cpu_count() or 1
             with open(log_path, "a") as log:
                 hdr = obj / "usr"
@@ -277,31 +295,31 @@ def build(source: Source, tests: tuple[str, ...] | list[str] = DEFAULT_TESTS, jo
                     _make(argv, log, "make headers_install")
                     meta["headers_s"] = round(time.monotonic() - t1, 1)
                 t1 = time.monotonic()
-                progress(f"building {' '.join(missing)} (static, {CROSS}gcc, -j{jobs}) ...")
-                out = obj / "kvm"
+                progress(f"building {' '.join(targets[t] for t in missing)} (static, {CROSS}gcc, -j{jobs}) ...")
                 argv = ["make", "-C", str(source.tree / KVM_DIR), "ARCH=arm64", f"CROSS_COMPILE={CROSS}",
                         f"OUTPUT={out}", f"INSTALL_HDR_PATH={hdr}", f"KHDR_INCLUDES=-isystem {hdr / 'include'}",
-                        f"abs_objdir={obj}", "USERLDFLAGS=-static", f"-j{jobs}", *(str(out / t) for t in missing)]
+                        f"abs_objdir={obj}", "USERLDFLAGS=-static", f"-j{jobs}",
+                        *(str(out / targets[t]) for t in missing)]
                 _make(argv, log, "make (KVM selftests)")
                 meta.setdefault("compile_s", {})[" ".join(missing)] = round(time.monotonic() - t1, 1)
             (bdir / "bin").mkdir(exist_ok=True)
             for t in missing:
-                name = t.replace("/", "_")
-                part = bdir / "bin" / f".{name}.{os.getpid()}"
-                r = subprocess.run([CROSS + "strip", "-o", str(part), str(out / t)], check=False,
+                part = bdir / "bin" / f".{t}.{os.getpid()}"
+                r = subprocess.run([CROSS + "strip", "-o", str(part), str(out / targets[t])], check=False,
                                    capture_output=True, text=True)
                 if r.returncode != 0:
-                    raise SelftestError(f"{CROSS}strip {out / t} failed: {r.stderr.strip()}")
-                os.replace(part, bdir / "bin" / name)
-                have[t] = name
+                    raise SelftestError(f"{CROSS}strip {out / targets[t]} failed: {r.stderr.strip()}")
+                os.replace(part, bdir / "bin" / t)
+                have[t] = t
             meta.update({"key": key, "recipe": RECIPE, "source": source.label, "source_key": source.key,
-                         "version": source.version, "toolchain": _toolchain_id(), "binaries": have})
+                         "version": source.version, "toolchain": _toolchain_id(), "binaries": have,
+                         "targets": {**meta.get("targets", {}), **targets}})
             tmp = mpath.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
             os.replace(tmp, mpath)
         dt = time.monotonic() - t0
         return Build(dir=bdir, key=key, source=source, seconds=dt, cached=not missing,
-                     binaries={t: bdir / "bin" / have[t] for t in tests}, log=log_path, meta=meta)
+                     binaries={t: bdir / "bin" / have[t] for t in targets}, paths=targets, log=log_path, meta=meta)
 
 
 # ==== run =========================================================================================
@@ -324,7 +342,7 @@ def variants_of(test: str) -> list[Variant]:
 
 @dataclass
 class SelftestRun:
-    test: str  # "arm64/smccc_filter"
+    test: str  # "smccc_filter"
     variant: str
     rc: int
     output: str  # stdout+stderr, merged
@@ -335,7 +353,7 @@ class SelftestRun:
 
     @property
     def name(self) -> str:
-        return self.test.rsplit("/", 1)[-1]
+        return self.test
 
     @property
     def result(self):
@@ -345,7 +363,7 @@ class SelftestRun:
 
 def runner_tap(test: str, rc: int, output: str, timeout_s: float, timed_out: bool) -> str:
     """What kselftest's runner.sh prints for one program: header, ``# ``-prefixed output, one result line."""
-    hdr = f"selftests: kvm: {test.rsplit('/', 1)[-1]}"
+    hdr = f"selftests: kvm: {test}"
     lines = ["TAP version 13", "1..1", f"# timeout set to {timeout_s:g}", f"# {hdr}"]
     lines += [f"# {ln}" if ln else "#" for ln in output.splitlines()]
     if timed_out:
@@ -367,7 +385,7 @@ _SENT: dict[str, set[str]] = {}  # guest run dir -> guest paths already put ther
 def send_binary(session, build: Build, test: str) -> str:
     """Put the binary into the guest once per booted guest; its guest path."""
     local = build.binaries[test]
-    gpath = f"{GUEST_DIR}/{build.key}/{local.name}"
+    gpath = f"{GUEST_DIR}/{build.key}/{test}"
     sent = _SENT.setdefault(str(session.run_dir), set())
     if gpath not in sent:
         from . import protocol as P
@@ -451,7 +469,7 @@ def resolve_source(src: str | None, kernel_spec: str, progress=_progress_default
 
 def _tests_arg(args, tree: Path) -> list[str]:
     if args.all:
-        return [t for t in available_tests(tree) if t.startswith("arm64/")]
+        return [t.rsplit("/", 1)[-1] for t in available_tests(tree) if "/" in t]
     return list(args.tests or DEFAULT_TESTS)
 
 
@@ -501,7 +519,7 @@ def add_cli(sub) -> None:
         q.add_argument("--kernel", default=os.environ.get("SMCCC_KERNEL", "default"),
                        help="the kernel under test; without SRC, Debian's linux-source of its version is built")
         q.add_argument("--tests", nargs="+", default=None,
-                       help=f"tests to build/run, e.g. arm64/smccc_filter (default: {' '.join(DEFAULT_TESTS)})")
+                       help=f"tests to build/run, e.g. smccc_filter (default: {' '.join(DEFAULT_TESTS)})")
         q.add_argument("--all", action="store_true", help="every arm64 test of the tree")
         q.add_argument("-j", "--jobs", type=int, default=None)
 
