@@ -248,3 +248,14 @@ def test_missing_capability_skip_names_it(missing, markers, reason):
 ])
 def test_capability_a_test_does_not_need_does_not_skip_it(missing, markers):
     assert K.skip_reason({**FULL, **missing}, markers) is None
+
+
+@needs_cross
+def test_console_failure_gets_symbolized_only_when_the_kernel_has_a_vmlinux(otree):
+    excerpt = f"Unable to handle kernel NULL pointer dereference\npc : {TEXT_BASE + 4:016x}\n"
+    with_vm = K.resolve_kernel(otree / "vmlinux")
+    (otree / "alone").mkdir()
+    without = K.resolve_kernel(_image(otree / "alone" / "Image"))
+    assert "pc" in K.symbolize_for(with_vm, excerpt) and "handle_smc+0x4/0x10" in K.symbolize_for(with_vm, excerpt)
+    assert K.symbolize_for(without, excerpt) == ""
+    assert K.symbolize_for(None, excerpt) == ""
