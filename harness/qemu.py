@@ -68,6 +68,38 @@ def _as_path(name: str, value: object, *, optional: bool) -> Path | None:
     raise SetupError(f"MachineConfig.{name} must be a path{' or None' if optional else ''}, got {value!r}")
 
 
+def truncated_image(path: Path) -> str | None:
+    """Why an arm64 Image (``ARM\\x64`` at 0x38) with a PE/EFI header is shorter than its own section table
+    says (a truncated copy or download), else None.  Other formats are not judged here (harness.kernel)."""
+    import struct
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    if len(head) < 0x40 or head[0x38:0x3C] != b"ARM\x64" or head[:2] != b"MZ":
+        return None
+    pe = struct.unpack_from("<I", head, 0x3C)[0]
+    if pe + 24 > len(head) or head[pe:pe + 4] != b"PE\0\0":
+        return None
+    nsec, optsz = struct.unpack_from("<H", head, pe + 6)[0], struct.unpack_from("<H", head, pe + 20)[0]
+    table = pe + 24 + optsz
+    if size < table + 40 * nsec:
+        return f"the file ({size} bytes) ends inside its own PE header ({table + 40 * nsec} bytes)"
+    need, last = 0, ""
+    for i in range(nsec):
+        off = table + 40 * i
+        if off + 40 > len(head):
+            break
+        name, _vsz, _va, rawsz, rawptr = struct.unpack_from("<8sIIII", head, off)
+        if rawptr + rawsz > need:
+            need, last = rawptr + rawsz, name.rstrip(b"\0").decode(errors="replace")
+    if size < need:
+        return f"its PE section {last} ends at byte {need} but the file has only {size} bytes"
+    return None
+
+
 @dataclass(frozen=True)
 class MachineConfig:
     """Everything that defines one QEMU machine; validated at construction (raises ``SetupError``)."""
@@ -137,6 +169,10 @@ class MachineConfig:
         if not self.kernel.is_file():
             raise bad(f"kernel {self.kernel} does not exist or is not a file",
                       hint="run 'smccc-harness fetch' to download and extract the pinned kernel")
+        if self.incoming is None and (why := truncated_image(self.kernel)):   # (a restore uses a stub kernel)
+            raise bad(f"kernel {self.kernel} is truncated: {why}",
+                      hint="copy or rebuild the Image again (a cached Debian kernel: 'smccc-harness cache verify', "
+                           "then 'smccc-harness cache clean' and 'smccc-harness setup')")
         if self.initrd is not None and not self.initrd.is_file():
             raise bad(f"initrd {self.initrd} does not exist or is not a file",
                       hint="run 'smccc-harness build' to build the initramfs")

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from . import protocol as P
 from .channel import Channel, ChannelError
-from .console import scan_failures
-from .errors import GuestError
+from .console import ConsoleFailure, scan_failures
+from .errors import BootError, GuestError
 from .qemu import Machine, MachineConfig, default_cmdline
 
 RESULT_BLOCK_SIZE = 0x4000
@@ -114,6 +114,23 @@ class ScenarioResult:
         return "\n".join(out)
 
 
+def _silent_kernel(err: ConsoleFailure, kernel: Path) -> BootError | None:
+    """A boot timeout with not one line from the kernel: say that the Image is the likely culprit."""
+    if err.kind != "timeout" or err.log_path is None:
+        return None
+    try:
+        lines = Path(err.log_path).read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    if any(ln.strip() and not ln.startswith(("qemu-system", "[smccc-harness]")) for ln in lines):
+        return None
+    return BootError(f"the kernel {kernel} printed nothing on the serial console: {err}",
+                     hint="the Image is probably corrupt, truncated, or not built for QEMU 'virt' with a PL011 "
+                          "console (CONFIG_SERIAL_AMBA_PL011_CONSOLE); rebuild it, or run 'smccc-harness cache "
+                          f"verify' for a cached kernel; add --append earlycon to see early output; console log: "
+                          f"{err.log_path}")
+
+
 @dataclass
 class GuestSession:
     config: MachineConfig
@@ -141,10 +158,13 @@ class GuestSession:
     # ---- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> GuestSession:
         """Warm start from a snapshot (``snapshots``), else :meth:`boot`."""
-        if self.snapshots:
-            from .snapshot import warm_start
-            return warm_start(self)
-        return self.boot()
+        try:
+            if self.snapshots:
+                from .snapshot import warm_start
+                return warm_start(self)
+            return self.boot()
+        except ConsoleFailure as e:
+            raise _silent_kernel(e, self.config.kernel) or e from e
 
     def boot(self) -> GuestSession:
         """Cold boot: QEMU start -> the agent's ready banner -> the control channel's hello."""
