@@ -467,17 +467,23 @@ def resolve_source(src: str | None, kernel_spec: str, progress=_progress_default
     return debian_source(kernel_spec, progress)
 
 
-def _tests_arg(args, tree: Path) -> list[str]:
+def _tests_arg(args, source: Source) -> list[str]:
+    """The tests asked for that the tree has (explicit --tests: all must exist; the default set: a note)."""
     if args.all:
-        return [t.rsplit("/", 1)[-1] for t in available_tests(tree) if "/" in t]
-    return list(args.tests or DEFAULT_TESTS)
+        return [t.rsplit("/", 1)[-1] for t in available_tests(source.tree) if "/" in t]
+    if args.tests:
+        return list(args.tests)
+    present, missing = resolve_tests(source.tree, DEFAULT_TESTS)
+    if missing:
+        _progress_default(f"{source.label} has no {', '.join(missing)}: not built")
+    return list(present)
 
 
 def cmd_build(args) -> int:
     t0 = time.monotonic()
     source = resolve_source(args.src, args.kernel)
     t1 = time.monotonic()
-    b = build(source, _tests_arg(args, source.tree), jobs=args.jobs)
+    b = build(source, _tests_arg(args, source), jobs=args.jobs)
     _progress_default(f"source {source.label} ({source.version}) in {t1 - t0:.1f} s; "
                       f"build {'cached' if b.cached else 'compiled'} in {b.seconds:.1f} s; key {b.key}")
     for t, p in b.binaries.items():
@@ -488,7 +494,7 @@ def cmd_build(args) -> int:
 def cmd_run(args) -> int:
     from .cli import _session
     source = resolve_source(args.src, args.kernel)
-    tests = _tests_arg(args, source.tree)
+    tests = _tests_arg(args, source)
     b = build(source, tests, jobs=args.jobs)
     _progress_default(f"selftests of {source.label}: {'cached' if b.cached else 'built'} in {b.seconds:.1f} s")
     s, _ = _session(args)
