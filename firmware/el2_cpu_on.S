@@ -10,7 +10,7 @@
 //     x0 = CPU_ON64, x1 = target, x2 = secondary_entry, x3 = context id; smc #0 (symbol cpu_on_smc)
 //     x0 = AFFINITY_INFO64, x1 = target, x2 = 0; smc #0 (symbol affinity_smc), repeated until x0 = 0 (ON),
 //          at most 64 times
-//     wait (WFE, bounded) until the secondary has published its record
+//     wait (WFE loop, at most 5 s by CNTVCT_EL0) until the secondary has published its record
 //     x0 = CPU_ON64 again, same arguments; smc #0 (symbol cpu_on_again_smc) -> ALREADY_ON (-4) expected
 //     REPORT slot 0 <- CPU_ON x0, 1 <- last AFFINITY_INFO x0, 2 <- number of AFFINITY_INFO calls,
 //            3 <- 1 if the secondary's record was seen (0: the wait gave up), 4 <- second CPU_ON x0
@@ -40,7 +40,7 @@
     .equ DEFAULT_TARGET,    1
     .equ DEFAULT_CTX,       0xC0FFEE
     .equ MAX_AFFINITY_POLLS, 64
-    .equ MAX_WAIT,          0x100000
+    .equ WAIT_SECONDS,      5
 
     .section .text.entry, "ax"
     .global _start
@@ -89,7 +89,12 @@ affinity_smc:
     cmp x24, #MAX_AFFINITY_POLLS
     b.lo 3b
 
-4:  LI x26, MAX_WAIT                // wait for the secondary's record (only if CPU_ON succeeded)
+4:  mrs x26, cntfrq_el0             // wait for the secondary's record (only if CPU_ON succeeded), at most
+    mov x2, #WAIT_SECONDS           // WAIT_SECONDS by the generic counter: the secondary's thread may need
+    mul x26, x26, x2                // a while to be scheduled on a loaded host
+    isb
+    mrs x2, cntvct_el0
+    add x26, x26, x2                // x26 = give-up count
     mov x27, #0
     cbnz x23, 6f
     LI x1, CO_MAGIC
@@ -97,8 +102,10 @@ affinity_smc:
     cmp x2, x1
     b.eq 7f
     wfe
-    subs x26, x26, #1
-    b.ne 5b
+    isb
+    mrs x2, cntvct_el0
+    cmp x2, x26
+    b.lo 5b
     b 6f
 7:  mov x27, #1
 6:  str x27, [x19, #0x28]
