@@ -95,6 +95,8 @@ def _session(args, append: str = ""):
     from .kernel import resolve_kernel
     from .plugin import resolve_accel
     from .session import GuestSession
+    from .sysdeps import check_qemu
+    check_qemu(args.qemu_bin)       # missing or too old: say so (and how to fix it) before anything else
     k = resolve_kernel(args.kernel)
     cpio = initramfs.build_initramfs(assets.ensure_rootfs(progress=_progress), progress=_progress)
     run_dir = paths.new_run_dir(args.command.replace("-", "_"))

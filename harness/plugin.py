@@ -111,6 +111,8 @@ class GuestPool:
         if self.assets is None:
             from . import assets, initramfs
             from .kernel import resolve_kernel
+            from .sysdeps import check_qemu
+            check_qemu(self.config.getoption("--qemu-bin"))     # missing / too old: one clear error
             kernel = resolve_kernel(self.config.getoption("--kernel"))
             initrd = initramfs.build_initramfs(assets.ensure_rootfs())
             self.assets = {"kernel": kernel, "initrd": initrd}
