@@ -35,16 +35,21 @@ def call(conduit: str, fid: int, x1: int = 0, x2: int = 0, x3: int = 0, label: s
                 label=label or f"{fid:#x}")
 
 
-def poll(conduit: str, fid: int, x1: int, x2: int, until: int, max_iter: int = 2000, label: str = "") -> Step:
+# Waits are bounded by the scenario's deadline, not by a spin count: how many iterations fit in the time a
+# sibling vCPU thread needs to be scheduled depends on the host's load (TCG on 2 busy cores: > 5 M spins).
+FOREVER = 1 << 48
+
+
+def poll(conduit: str, fid: int, x1: int, x2: int, until: int, max_iter: int = FOREVER, label: str = "") -> Step:
     return Step(OP_POLL_SMC if conduit == "smc" else OP_POLL_HVC, (fid, x1, x2, 0), arg=until & U64,
                 max_iter=max_iter, label=label or f"poll {fid:#x}")
 
 
-def wait_secondary(index: int, arrivals: int = 1, max_iter: int = 5_000_000) -> Step:
+def wait_secondary(index: int, arrivals: int = 1, max_iter: int = FOREVER) -> Step:
     return Step(OP_WAIT_SECONDARY, (0, index, arrivals, 0), max_iter=max_iter, label=f"wait cpu{index}")
 
 
-def wait_action(index: int, max_iter: int = 5_000_000) -> Step:
+def wait_action(index: int, max_iter: int = FOREVER) -> Step:
     return Step(OP_WAIT_ACTION, (0, index, 0, 0), max_iter=max_iter, label=f"wait cpu{index} action")
 
 
