@@ -128,13 +128,14 @@ def l2_kernel_spec(l1_spec: str) -> str:
 
 def linux_request(name: str, *, vcpus: int = 2, method: str = "hvc", psci: str = "fwd", action: str = "poweroff",
                   hotplug: tuple[int, ...] = (), ram_mb: int = 256, cmdline: str = "", deadline_s: float = 300.0,
-                  psci_minor: int = 3) -> dict:
+                  psci_minor: int = 3, on_reset: str = "stop", max_boots: int = 1) -> dict:
     """The ``linux`` request for the agent (validated again in the guest by harness.guest.linux.validate)."""
     args = f"l2.action={action}"
     if hotplug:
         args += " l2.hotplug=" + ",".join(str(c) for c in hotplug)
     return {"name": name, "vcpus": vcpus, "method": method, "psci": psci, "ram_mb": ram_mb,
-            "cmdline": f"{args} {cmdline}".strip(), "deadline_s": deadline_s, "psci_minor": psci_minor}
+            "cmdline": f"{args} {cmdline}".strip(), "deadline_s": deadline_s, "psci_minor": psci_minor,
+            "on_reset": on_reset, "max_boots": max_boots}
 
 
 def run_linux(session, request: dict):
@@ -142,14 +143,16 @@ def run_linux(session, request: dict):
     from .session import ScenarioResult
 
     mark = session.machine.console.mark()
-    raw = session.request("linux", request, request["deadline_s"] + 60.0)
+    raw = session.request("linux", request, request["deadline_s"] * request.get("max_boots", 1) + 60.0)
     session.scenario_count += 1
     tdir = session.run_dir / "traces"
     tdir.mkdir(exist_ok=True)
     path = tdir / f"{session.scenario_count:03d}-{request['name']}.jsonl"
     with open(path, "w") as f:
         f.writelines(json.dumps(e, sort_keys=True) + "\n" for e in raw.get("events", []))
-        summary = {k: v for k, v in raw.items() if k not in ("events", "console")}
+        summary = {k: v for k, v in raw.items() if k not in ("events", "console", "previous_boots")}
         f.write(json.dumps({"kind": "summary", **summary}, sort_keys=True) + "\n")
-    (tdir / f"{session.scenario_count:03d}-{request['name']}.console.log").write_text(raw.get("console", ""))
+    consoles = [b.get("console", "") for b in raw.get("previous_boots", [])] + [raw.get("console", "")]
+    (tdir / f"{session.scenario_count:03d}-{request['name']}.console.log").write_text(
+        "".join(f"=== L2 boot {i + 1} ===\n{c}" for i, c in enumerate(consoles)))
     return ScenarioResult(raw=raw, console=session.machine.console.since(mark), trace_path=path)

@@ -66,6 +66,12 @@ def validate(spec: dict) -> dict:
     s.setdefault("cmdline", "")
     s.setdefault("deadline_s", 300.0)
     s.setdefault("psci_minor", 3)
+    s.setdefault("on_reset", "stop")
+    s.setdefault("max_boots", 1)
+    if s["on_reset"] not in ("stop", "restart"):
+        raise P.ProtocolError(f"on_reset must be 'stop' or 'restart', got {s['on_reset']!r}")
+    if not isinstance(s["max_boots"], int) or not 1 <= s["max_boots"] <= 8:
+        raise P.ProtocolError(f"max_boots must be in [1, 8], got {s['max_boots']!r}")
     if not isinstance(s["vcpus"], int) or not 1 <= s["vcpus"] <= P.MAX_VCPUS:
         raise P.ProtocolError(f"vcpus must be in [1, {P.MAX_VCPUS}], got {s['vcpus']!r}")
     if not isinstance(s["ram_mb"], int) or not 64 <= s["ram_mb"] <= 2048:
@@ -163,6 +169,7 @@ class LinuxRun(ScenarioRun):
     def setup(self) -> None:
         s = self.spec
         ram = s["ram_mb"] << 20
+        t0 = time.monotonic()
         with open(s["kernel"], "rb") as f:
             image = f.read()
         text_offset, image_size = image_header(image)
@@ -176,12 +183,14 @@ class LinuxRun(ScenarioRun):
         if kernel_addr + max(image_size, len(image)) > initrd_addr:
             raise P.ProtocolError(f"{s['ram_mb']} MiB of RAM cannot hold the kernel ({image_size} bytes) "
                                   f"and the initramfs ({len(initrd)} bytes)")
+        t1 = time.monotonic()
         self.vm = Vm(self.sys_fd)
         self.filter = smccc.Filter()
         self.mem = self.vm.add_memory(RAM_BASE, ram)
         self.mem.write(kernel_addr, image)
         if initrd:
             self.mem.write(initrd_addr, initrd)
+        t2 = time.monotonic()
         if s["psci"] == "fwd":
             for base, nr in PSCI_RANGES:
                 self.filter.install(self.vm.fd, base, nr, kvm.KVM_SMCCC_FILTER_FWD_TO_USER)
@@ -207,7 +216,9 @@ class LinuxRun(ScenarioRun):
         self.vstate = [_VcpuState(on=(v.index == 0 or not self.userspace_power)) for v in self.vm.vcpus]
         self.layout = {"kernel": kernel_addr, "kernel_bytes": len(image), "image_size": image_size,
                        "initrd": initrd_addr, "initrd_bytes": len(initrd), "dtb": dtb_addr, "dtb_bytes": len(dtb),
-                       "ram": [RAM_BASE, ram], "mpidrs": mpidrs, "bootargs": bootargs(s)}
+                       "ram": [RAM_BASE, ram], "mpidrs": mpidrs, "bootargs": bootargs(s),
+                       "read_files_s": round(t1 - t0, 3), "load_ram_s": round(t2 - t1, 3),
+                       "vcpus_gic_dtb_s": round(time.monotonic() - t2, 3)}
         self.trace.add("boot", 0, **{k: v for k, v in self.layout.items()})
 
     # ---- exits -------------------------------------------------------------------------------------------
@@ -262,7 +273,9 @@ class LinuxRun(ScenarioRun):
             "uart": {"reads": self.uart.reads, "writes": self.uart.writes, "dropped": self.uart.dropped},
             "timing": {"setup_s": round(t1 - t0, 6), "run_s": round(t2 - t1, 6)},
         }
+        t3 = time.monotonic()
         self._cleanup(keep=bool(stuck))
+        result["timing"]["cleanup_s"] = round(time.monotonic() - t3, 6)
         result["timing"]["total_s"] = round(time.monotonic() - t0, 6)
         return result
 
@@ -277,5 +290,18 @@ class LinuxRun(ScenarioRun):
 
 
 def run_linux(spec: dict, sys_fd: int) -> dict:
-    return LinuxRun(spec, sys_fd).run()
+    """Boot the guest; with ``on_reset = "restart"`` a SYSTEM_RESET boots it again in a fresh VM, up to
+    ``max_boots`` boots.  The result is the last boot's, with the earlier ones in ``previous_boots``."""
+    s = validate(spec)
+    boots: list[dict] = []
+    while True:
+        r = LinuxRun(s, sys_fd).run()
+        boots.append(r)
+        reset = any(e["kind"] == "system_event" and e.get("type") == kvm.KVM_SYSTEM_EVENT_RESET for e in r["events"])
+        if not (s["on_reset"] == "restart" and reset and len(boots) < s["max_boots"]):
+            break
+    result = boots[-1]
+    result["boot_count"] = len(boots)
+    result["previous_boots"] = boots[:-1]
+    return result
 

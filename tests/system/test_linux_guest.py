@@ -10,7 +10,7 @@ secondaries are powered the way kvmtool's userspace PSCI does it (kvm-smccc-abi.
 run boots the same guest with KVM's in-kernel PSCI (no filter).
 
 Cost: one extra L1 boot (its initramfs carries the 42 MB L2 Image) and ~40-60 s of TCG time per L2 boot
-(three boots), so the whole file is ``slow``.
+(five L2 boots: about 3 minutes on a 2-core host), so the whole file is ``slow``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from harness.guest import psci
 from harness.kernel import resolve_kernel
 from harness.paths import new_run_dir
 from harness.plugin import resolve_accel
-from harness.session import GuestSession
+from harness.session import GuestSession, ScenarioResult
 
 pytestmark = [pytest.mark.linux_guest, pytest.mark.psci, pytest.mark.slow]
 
@@ -83,6 +83,12 @@ def smc_run(l2_host):
 def kernel_run(l2_host):
     return _boot(l2_host, "linux_in_kernel_psci", vcpus=VCPUS, method="hvc", psci="kernel", hotplug=(1,),
                  action="poweroff")
+
+
+@pytest.fixture(scope="module")
+def restart_run(l2_host):
+    return _boot(l2_host, "linux_reset_restarts", vcpus=2, method="hvc", psci="fwd", action="reboot",
+                 on_reset="restart", max_boots=2)
 
 
 @pytest.fixture(params=[pytest.param("hvc", marks=pytest.mark.hvc), pytest.param("smc", marks=pytest.mark.smc)])
@@ -225,6 +231,21 @@ def test_reboot_ends_the_vm_with_system_reset(smc_run):
     assert [(e["name"], e["by"]) for e in ev] == [("RESET", "psci")], r.describe()
 
 
+@pytest.mark.el1
+@pytest.mark.hvc
+def test_system_reset_restarts_the_guest_when_configured(restart_run):
+    """DEN0022 §5.11 with on_reset = "restart": the handler boots the guest again in a fresh VM, and the second
+    boot brings its secondary up through the emulator again."""
+    r = restart_run
+    boots = [*(ScenarioResult(raw=b) for b in r.raw.get("previous_boots", [])), r]
+    assert r.raw.get("boot_count") == 2 and len(boots) == 2, r.describe()
+    for i, b in enumerate(boots):
+        assert b.outcome == "system_event", f"boot {i + 1}\n{b.describe()}"
+        assert [h["nr"] for h in _psci_calls(b, (psci.SYSTEM_RESET,))] == [psci.SYSTEM_RESET], b.describe()
+        assert [h["args"][1] for h in _psci_calls(b, CPU_ON_IDS)] == [1], f"boot {i + 1}\n{b.describe()}"
+        assert _init_line(b)["processors"] == "2", b.describe()
+
+
 # ---- differential ---------------------------------------------------------------------------------------------
 @pytest.mark.el1
 @pytest.mark.hvc
@@ -241,7 +262,7 @@ def test_in_kernel_psci_brings_up_the_same_cpus(hvc_run, kernel_run):
 
 
 # ---- health -----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("which", ["hvc_run", "smc_run", "kernel_run"])
+@pytest.mark.parametrize("which", ["hvc_run", "smc_run", "kernel_run", "restart_run"])
 def test_neither_kernel_printed_a_failure(request, which):
     """The L2 console (emulated PL011) and the L1 console while it ran carry no Oops/WARNING/BUG/panic/lockup."""
     r = request.getfixturevalue(which)
