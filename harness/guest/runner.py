@@ -234,6 +234,9 @@ class ScenarioRun:
             self.errors.append(f"vcpu{v.index}: {type(e).__name__}: {e}")
             self.trace.add("error", v.index, message=f"{type(e).__name__}: {e}")
             self.finish("error")
+        finally:
+            for vc in (v, self.vm.vcpus[idx]):
+                vc.thread_ident = None      # never signal a thread that has exited
 
     def _dispatch(self, v: Vcpu, st: _VcpuState, reason: int) -> None:
         if reason == kvm.KVM_EXIT_HYPERCALL:
