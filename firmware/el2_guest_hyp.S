@@ -1,7 +1,8 @@
 // el2_guest_hyp.S - a tiny guest hypervisor at vEL2 that runs its own EL1 guest (stage 2 off), to
 // observe how NV KVM routes the inner guest's HVC and SMC.  Needs a HAS_EL2 vCPU (VHE, E2H=1); at EL1
-// it ends with DONE 0xE4 (report slot 0 = CurrentEL).  Also works in a HAS_EL2_E2H0 (nVHE) vCPU: if
-// HCR_EL2.E2H reads back 0, the inner EL1 registers are set through the *_EL1 names.
+// it ends with DONE 0xE4 (report slot 0 = CurrentEL).  Also works in a HAS_EL2_E2H0 (nVHE) vCPU: E2H is
+// taken from HCR_EL2 at reset (never set by this payload: under NV2 a written E2H=1 reads back as 1 even
+// where it is RES0), and when it is 0 the inner EL1 registers are set through the *_EL1 names.
 //
 // Parameter block at PARAM_BASE: u64 flags (harness.payloads.encode_guest_hyp_params)
 //     bit0 TSC        set HCR_EL2.TSC: the inner guest's SMCs trap to this hypervisor (EC 0x17)
@@ -14,8 +15,8 @@
 //     bit3 PROXY_SMC  the same for inner SMCs trapped by TSC
 //
 // Guest hypervisor (L1, vEL2) setup: VBAR_EL2 = l1_vectors; HCR_EL2 = RW (+TSC/HCD) plus E2H as found at
-// reset (1 in a HAS_EL2 vCPU, 0 with HAS_EL2_E2H0), i.e. TGE=0 and
-// VM=0 (no stage 2); SCTLR_EL12 = 0x30D00800 (MMU and caches off); VBAR_EL12 = inner_vectors;
+// reset (1 in a HAS_EL2 vCPU, 0 with HAS_EL2_E2H0), i.e. TGE=0 and VM=0 (no stage 2);
+// SCTLR_EL12 = 0x30D00800 (MMU and caches off); VBAR_EL12 = inner_vectors (the *_EL1 names with E2H=0);
 // SP_EL1 = top of a 1 KiB stack in .bss; SPSR_EL2 = 0x3c5 (EL1h, DAIF masked); ELR_EL2 = inner_entry; ERET.
 //
 // Inner guest (L2, EL1):

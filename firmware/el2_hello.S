@@ -7,9 +7,9 @@
 //     REPORT slot 3 <- ID_AA64MMFR1_EL1   (VH bits[11:8])
 //     REPORT slot 4 <- ID_AA64MMFR2_EL1   (NV bits[27:24])
 //     DONE 0
-// The VMM should see, in a HAS_EL2 vCPU: slot 0 = 0x8 and slot 1 with E2H (bit 34) set (the reset value,
-// even though KVM_GET_ONE_REG of HCR_EL2 before the first run reads 0); without HAS_EL2: slot 0 = 0x4 and no
-// slot 1.  No hypercall exits.
+// The VMM should see, in a HAS_EL2 vCPU: slot 0 = 0x8 and slot 1 = 0x480000000 (E2H, bit 34, set; with
+// HAS_EL2_E2H0: 0x80000000, E2H clear) - the reset value, even though KVM_GET_ONE_REG of HCR_EL2 before the
+// first run reads 0; without HAS_EL2: slot 0 = 0x4 and no slot 1.  No hypercall exits.
 
     .include "common.inc"
     .include "vectors.inc"
