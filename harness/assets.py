@@ -478,7 +478,15 @@ class Store:
         self.debs = self.root / "debs"
         self.extract_root = self.root / "extract"
         self.lock_path = lock_path or Path(os.environ.get("SMCCC_HARNESS_LOCKFILE") or LOCK_FILE)
-        (self.root / "locks").mkdir(parents=True, exist_ok=True)
+        try:
+            (self.root / "locks").mkdir(parents=True, exist_ok=True)
+            probe = self.root / "locks" / f".probe-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise AssetError(f"the cache directory {self.root} is not writable: {e.strerror}",
+                             hint="point SMCCC_HARNESS_CACHE (or XDG_CACHE_HOME) at a writable directory with "
+                                  "~1 GB free, or fix the permissions / mount of this one") from None
         self.flock = FileLock(str(self.root / "locks" / "assets.lock"))
         self.apt = PrivateApt(self.m, self.root / "apt", progress)
 
@@ -543,12 +551,24 @@ class Store:
         self.progress(f"downloading {name} {version} ({suite}, {_mb(size)}) ...")
         t0 = time.monotonic()
         self.debs.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=self.debs, prefix=".dl-") as tmp:
-            deb = self.apt.download(name, version, Path(tmp))
-            sha = _sha256_file(deb)
-            if meta.get("SHA256") and meta["SHA256"] != sha:
-                raise AssetError(f"{name} {version}: sha256 {sha} does not match the index ({meta['SHA256']})")
-            os.replace(deb, self.deb_path(sha))
+        try:
+            with tempfile.TemporaryDirectory(dir=self.debs, prefix=".dl-") as tmp:
+                deb = self.apt.download(name, version, Path(tmp))
+                sha = _sha256_file(deb)
+                if meta.get("SHA256") and meta["SHA256"] != sha:
+                    raise AssetError(f"{name} {version}: sha256 {sha} does not match the index ({meta['SHA256']})")
+                os.replace(deb, self.deb_path(sha))
+        except (AssetError, OSError) as e:   # the temp dir is gone; nothing half-written is left in debs/
+            text = str(e)
+            if "No space left on device" in text or getattr(e, "errno", None) == 28:
+                free = shutil.disk_usage(self.debs).free
+                raise AssetError(f"no space left in {self.debs} while downloading {name} {version} ({_mb(size)}; "
+                                 f"{_mb(free)} free)",
+                                 hint="free some space, or point SMCCC_HARNESS_CACHE at a disk with ~1 GB free; "
+                                      "nothing already cached was touched") from None
+            if isinstance(e, OSError):
+                raise AssetError(f"cannot store {name} {version} in {self.debs}: {e}") from None
+            raise
         dt = time.monotonic() - t0
         self.progress(f"  {name}: {_mb(size)} in {dt:.1f} s, sha256 {sha[:16]}")
         return LockEntry(name=name, version=version, suite=suite, arch=meta.get("Architecture", self.m.arch),
@@ -564,7 +584,9 @@ class Store:
                     return e
                 try:
                     got = self.download(e.name, e.version, e.suite)
-                except AssetError:
+                except AssetError as err:
+                    if str(err).startswith("no space left"):
+                        raise       # the mirror is fine, the disk is full: trying another version will not help
                     got = None
                 if got:
                     if got.sha256 != e.sha256:
@@ -596,6 +618,11 @@ class Store:
             tmp = Path(tempfile.mkdtemp(dir=self.extract_root, prefix=f".x-{e.sha256[:12]}-"))
             try:
                 r = subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], check=False, capture_output=True, text=True)
+                if r.returncode != 0 and "No space left on device" in r.stderr:
+                    raise AssetError(f"no space left in {self.extract_root} while extracting {e.name} {e.version} "
+                                     f"({_mb(shutil.disk_usage(self.extract_root).free)} free)",
+                                     hint="free some space, or point SMCCC_HARNESS_CACHE at a disk with ~1 GB free; "
+                                          "the partial extraction was removed, the downloaded .deb is kept")
                 if r.returncode != 0:
                     raise AssetError(f"dpkg-deb -x {deb} failed: {r.stderr.strip()}")
                 os.chmod(tmp, 0o755)
@@ -731,20 +758,30 @@ def fetch_all(kernels: tuple[str, ...] = ("default",), refresh: bool = False, pr
 
 
 def verify_cache(progress=print) -> list[str]:
-    """Problems with the cached copies of everything images/lock.json pins (empty list: all good)."""
+    """Problems with the cached copies of everything images/lock.json pins (empty list: all good).
+
+    Only real problems count: a corrupt .deb (sha256 mismatch; it is fetched again on next use), a lock entry
+    that names no package, an extraction without its package.  A pin that was never downloaded (e.g. a kernel
+    series nobody used yet) or not yet extracted is reported through ``progress`` only.
+    """
     store = Store(progress)
     problems = []
     lock = store.read_lock()
     for name, e in sorted(lock.packages.items()):
         p = store.deb_path(e.sha256)
         if not p.exists():
-            problems.append(f"{name} {e.version}: not in the cache ({p})")
+            if (store.extract_root / e.sha256).is_dir():
+                problems.append(f"{name} {e.version}: extracted in {store.extract_root / e.sha256} but its .deb "
+                                f"{p} is missing (run 'smccc-harness cache clean', it is fetched again)")
+            else:
+                progress(f"{name} {e.version}: not downloaded (fetched on first use)")
             continue
         got = _sha256_file(p)
         if got != e.sha256:
-            problems.append(f"{name} {e.version}: {p} has sha256 {got}, lock says {e.sha256}")
-        if not (store.extract_root / e.sha256).is_dir():
-            problems.append(f"{name} {e.version}: not extracted (will be on next use)")
+            problems.append(f"{name} {e.version}: {p} has sha256 {got}, lock says {e.sha256} "
+                            "(corrupt: it is removed and fetched again on next use)")
+        elif not (store.extract_root / e.sha256).is_dir():
+            progress(f"{name} {e.version}: not extracted yet (extracted on first use)")
     for spec, names in lock.kernels.items():
         for n in names:
             if n not in lock.packages:

@@ -260,6 +260,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:     # a file system the harness writes to refused: say which and what to do
+        import errno
+        print(f"error: {e}", file=sys.stderr)
+        where = f"the cache ({paths.cache_dir()}) and the run directories ({paths.results_root()})"
+        if e.errno == errno.ENOSPC:
+            print(f"  hint: free space for {where}, or set SMCCC_HARNESS_CACHE / --results-dir elsewhere",
+                  file=sys.stderr)
+        elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            print(f"  hint: {where} must be writable; set SMCCC_HARNESS_CACHE / --results-dir to writable "
+                  "directories", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
