@@ -142,7 +142,11 @@ def check_filters(filters: Iterable[Mapping], *, what: str = "filter") -> None:
     m = FilterModel()
     for i, f in enumerate(filters):
         base, nr, action, pad = _fields(f)
-        v = m.check(base, nr, action, pad)
+        try:
+            v = m.check(base, nr, action, pad)
+        except ValueError as e:
+            raise FilterSpecError(f"{what} #{i}: {e}", errno="EINVAL", index=i,
+                                  hint="actions: fwd (FWD_TO_USER), deny (DENY), handle (HANDLE)") from None
         if v.errno is not None:
             end = (base + nr - 1) & U32
             shown = fmt_range(base, end) if nr else f"base {base:#x}, nr 0"
