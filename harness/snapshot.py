@@ -1,8 +1,9 @@
 """Warm start: a snapshot of a booted, idle guest, restored in a fraction of a second (platform.md, last sections).
 
-Save (once per key): cold-boot a guest, wait for the agent's hello (agent idle in ``recv``, host channel
-connected), then over QMP ``stop`` -> ``migrate-set-capabilities mapped-ram`` -> ``migrate file:<state>`` ->
-``quit``.  Restore: the same QEMU command line plus ``-incoming defer`` -> ``migrate-set-capabilities`` ->
+Save (once per key, on a cache miss): cold-boot the session's own guest, wait for the agent's hello (agent
+idle in ``recv``, host channel connected), then over QMP ``stop`` -> ``migrate-set-capabilities mapped-ram``
+-> ``migrate file:<state>`` -> ``cont``: the guest that was saved goes on serving the session (QEMU resumes
+from "postmigrate"), so a miss costs a cold boot + ~1 s of save, not a restore on top.  Restore: the same QEMU command line plus ``-incoming defer`` -> ``migrate-set-capabilities`` ->
 ``migrate-incoming file:<state>`` -> wait for ``query-migrate`` "completed" -> ``cont``; then connect the
 control channel (a new host socket: the socket paths are host-side chardev config, not in the migration
 stream) and ``ping`` the agent.  The guest's virtio-serial port still believes the host is connected (that
@@ -306,29 +307,43 @@ def _wait_migration(qmp, deadline_s: float, what: str) -> dict:
         time.sleep(0.005)
 
 
-def save(session, dest: Path) -> dict:
-    """Save ``session`` (a started GuestSession, agent idle) into ``dest``/STATE_FILE; QEMU quits.
+def save(session, dest: Path, *, keep_running: bool = False) -> dict:
+    """Save ``session`` (a started GuestSession, agent idle) into ``dest``/STATE_FILE.
 
-    Returns figures for meta.json.  The session is closed afterwards (its QEMU is gone).
+    ``keep_running``: ``cont`` afterwards (QEMU allows it from "postmigrate") and ping the agent: the session
+    goes on serving scenarios; else ``quit`` and close the session.  Returns figures for meta.json.  On a
+    failure with ``keep_running``, the guest is resumed if it can be, and the error raised.
     """
     t0 = time.monotonic()
+    q = None
     try:
         q = session.machine.qmp()
         q.cmd("stop")
         q.cmd("migrate-set-capabilities", capabilities=_MAPPED_RAM)
         q.cmd("migrate", uri=f"file:{Path(dest) / STATE_FILE}")
         st = _wait_migration(q, SAVE_DEADLINE_S, "saving the guest (migrate to file)")
-        with contextlib.suppress(Exception):     # QEMU exits while answering: the socket may just close
-            q.cmd("quit")
-    except SnapshotError:
-        raise
+        t1 = time.monotonic()
+        if keep_running:
+            q.cmd("cont")
+            session.channel.request("ping", None, PING_DEADLINE_S)
+        else:
+            with contextlib.suppress(Exception):     # QEMU exits while answering: the socket may just close
+                q.cmd("quit")
+            session.close()
     except Exception as e:   # QMP errors of every kind mean "no snapshot"
+        if keep_running and q is not None:
+            with contextlib.suppress(Exception):
+                q.cmd("migrate_cancel")
+                q.cmd("cont")
+        else:
+            session.close()
+        if isinstance(e, SnapshotError):
+            raise
         raise SnapshotError(f"saving the guest failed: {type(e).__name__}: {e}") from e
-    finally:
-        session.close()
     st_ram = (Path(dest) / STATE_FILE).stat()
-    return {"save_s": round(time.monotonic() - t0, 3), "migrate_total_ms": st.get("total-time"),
-            "state_bytes": st_ram.st_size, "state_disk_bytes": st_ram.st_blocks * 512}
+    return {"save_s": round(t1 - t0, 3), "resume_s": round(time.monotonic() - t1, 3),
+            "migrate_total_ms": st.get("total-time"), "state_bytes": st_ram.st_size,
+            "state_disk_bytes": st_ram.st_blocks * 512}
 
 
 def _note(run_dir: Path, text: str) -> None:
@@ -391,22 +406,21 @@ def restore(session, snap: Snapshot, *, stubs: bool | None = None) -> None:
 
 # ==== warm start ====================================================================================
 def _build(session, tmp: Path, inputs: dict) -> None:
-    """Cold-boot a twin of ``session`` (same config, its own run dir and sockets) and save it into ``tmp``."""
-    from .session import GuestSession
-    run_dir = paths.new_run_dir("snapshot-boot")
-    cfg = dataclasses.replace(session.config, incoming=None, control_socket=run_dir / "ctl.sock",
-                              qmp_socket=run_dir / "qmp.sock")
-    twin = GuestSession(config=cfg, run_dir=run_dir, boot_deadline_s=session.boot_deadline_s)
-    twin.boot()     # a BootError here is a real boot failure: it propagates (no point in a second cold boot)
-    caps, boot_timings = dict(twin.caps), dict(twin.timings)
-    figures = save(twin, tmp)
+    """Cold-boot ``session`` itself, save it into ``tmp`` and let it run on (no restore on a cache miss).
+
+    A BootError propagates (the guest does not boot: a second cold boot would only repeat it).  A failed
+    save raises SnapshotError with the session still running if QEMU could resume it.
+    """
+    session.boot()
+    caps, boot_timings = dict(session.caps), dict(session.timings)
+    figures = save(session, tmp, keep_running=True)
     with contextlib.suppress(OSError):
-        shutil.copyfile(run_dir / "console.log", tmp / BOOT_LOG)
-    with open(cfg.kernel, "rb") as f:
+        shutil.copyfile(session.run_dir / "console.log", tmp / BOOT_LOG)
+    with open(session.config.kernel, "rb") as f:
         (tmp / STUB_KERNEL).write_bytes(f.read(STUB_KERNEL_BYTES))
     (tmp / STUB_INITRD).write_bytes(b"")
     meta = {"key_inputs": inputs, "caps": caps, "boot": boot_timings, "save": figures,
-            "boot_run_dir": str(run_dir), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "boot_run_dir": str(session.run_dir), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
 
@@ -423,18 +437,32 @@ def warm_start(session, store: SnapshotStore | None = None):
         inputs = key_inputs(session.config)
         key = snapshot_key(inputs)
         snap = store.lookup(key)
-        created = False
         if snap is None:
-            snap = store.create(key, lambda tmp: _build(session, tmp, inputs))
-            created = True
+            built: list[bool] = []
+            snap = store.create(key, lambda tmp: built.append(True) or _build(session, tmp, inputs))
+            if built:       # this session was cold-booted and saved, and runs on
+                _note(session.run_dir, f"this boot was saved as snapshot {key} ({snap.path})")
+                session.timings.update({"snapshot": key, "snapshot_created": True,
+                                        "ready_s": round(time.monotonic() - t0, 3),
+                                        "warm_start_s": round(time.monotonic() - t0, 3)})
+                return session
         restore(session, snap)
-        session.timings["snapshot_created"] = created
+        session.timings["snapshot_created"] = False
         session.timings["warm_start_s"] = round(time.monotonic() - t0, 3)
         return session
     except BootError:
         raise
     except (SnapshotError, HarnessError, OSError) as e:
         reason = f"{type(e).__name__}: {e}"
+    if session.channel is not None and session.alive():
+        try:        # the save failed but the cold-booted guest was resumed: use it
+            session.channel.request("ping", None, PING_DEADLINE_S)
+            log.warning("saving the snapshot failed; the cold-booted guest goes on: %s", reason)
+            _note(session.run_dir, f"saving the snapshot failed ({reason}); the cold-booted guest goes on")
+            session.timings["snapshot_fallback"] = reason
+            return session
+        except HarnessError:
+            pass
     log.warning("snapshot restore failed, cold boot instead: %s", reason)
     _note(session.run_dir, f"snapshot restore failed ({reason}); cold boot")
     session.timings["snapshot_fallback"] = reason
