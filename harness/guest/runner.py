@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import ctypes
 import errno
+import os
 import threading
 import time
 
@@ -322,6 +323,7 @@ class ScenarioRun:
             with self.cond:
                 self.vstate[target].pending_on = (entry, ctx)
                 self.cond.notify_all()
+            os.sched_yield()    # let the target's thread power on before this vCPU re-enters KVM_RUN (smp=1 L1)
         elif kind == "cpu_off":
             self.trace.add("psci", v.index, effect="cpu_off")
             v.set_mp_state(kvm.KVM_MP_STATE_STOPPED)
