@@ -29,7 +29,7 @@ RESULT_RE = re.compile(r"^(not ok|ok)\b(?:\s+(\d+))?(?:\s+-)?(?:\s+([^#]*?))?\s*
 BAIL_RE = re.compile(r"^Bail out!\s*(.*?)\s*$", re.IGNORECASE)
 SUBTEST_RE = re.compile(r"^#\s*Subtest:\s*(.*?)\s*$")
 DIRECTIVE_RE = re.compile(r"^(SKIP\w*|TODO|XFAIL|TIMEOUT)\b[:\s]*(.*)$", re.IGNORECASE)
-NEST_PREFIXES = ("# ", "    ", "\t")
+NEST_PREFIXES = ("    ", "\t", "  ", "# ")  # KTAP indentation first; kselftest's '# ' is also a diagnostic
 
 
 @dataclass
@@ -40,7 +40,8 @@ class TapResult:
     directive: str | None = None  # "SKIP" | "TODO" | "XFAIL" | "TIMEOUT"
     reason: str = ""  # the directive's text
     comment: str = ""  # '# text' after the description that is not a directive
-    diagnostics: list[str] = field(default_factory=list)  # output lines that came before this result
+    diagnostics: list[str] = field(default_factory=list)  # lines before this result, its subtests left out
+    lines: list[str] = field(default_factory=list)  # every line before this result ('# ' removed), subtests too
     subtests: TapDocument | None = None
     line: int = 0  # 1-based line of the result in the text parsed
 
@@ -56,7 +57,7 @@ class TapResult:
 
     @property
     def output(self) -> str:
-        return "\n".join(self.diagnostics)
+        return "\n".join(self.lines)
 
 
 @dataclass
@@ -69,6 +70,7 @@ class TapDocument:
     diagnostics: list[str] = field(default_factory=list)  # lines after the last result
     errors: list[str] = field(default_factory=list)
     subtest_name: str | None = None  # "# Subtest: name"
+    preamble: list[str] = field(default_factory=list)  # lines before the version header (kselftest: the header)
 
     @property
     def ok(self) -> bool:
@@ -117,16 +119,23 @@ def parse_result(line: str) -> TapResult | None:
     return res
 
 
-def _strip_nesting(lines: list[str]) -> list[str] | None:
-    """The lines with one nesting prefix removed, when every non-empty line carries the same kind."""
-    body = [ln for ln in lines if ln.strip()]
-    if not body:
-        return None
-    for p in NEST_PREFIXES:
-        bare = p.rstrip()
-        if all(ln.startswith(p) or ln == bare for ln in body):
-            return [ln[len(p):] if ln.startswith(p) else "" for ln in lines]
-    return None
+def _runs(lines: list[str], prefix: str) -> list[tuple[int, list[str]]]:
+    """Contiguous runs of lines carrying ``prefix`` (blank lines inside a run kept), prefix removed."""
+    out: list[tuple[int, list[str]]] = []
+    cur: list[str] = []
+    start = 0
+    bare = prefix.rstrip()
+    for i, ln in enumerate(lines + ["\0end"]):
+        if ln.startswith(prefix) or (cur and (not ln.strip() or (bare and ln == bare))):
+            if not cur:
+                start = i
+            cur.append(ln[len(prefix):] if ln.startswith(prefix) else "")
+        elif cur:
+            while cur and not cur[-1].strip():
+                cur.pop()
+            out.append((start, cur))
+            cur = []
+    return out
 
 
 def _holds_tap(lines: list[str]) -> bool:
@@ -146,20 +155,13 @@ def _diag(line: str) -> str:
     return line.removeprefix("#")
 
 
-def _nested(block: list[str], start_line: int) -> TapDocument | None:
-    """Parse a block of lines that came before a result as its subtests, if they are TAP."""
-    # only the part made of nested (prefixed) lines counts; take the longest prefixed tail
-    stripped = _strip_nesting(block)
-    if stripped is None:
-        # mixed block: the nested document is the prefixed run of lines (e.g. after a '# Subtest:' line)
-        for i in range(len(block)):
-            s = _strip_nesting(block[i:])
-            if s is not None and _holds_tap(s):
-                return _parse_lines(s, start_line + i)
-        return None
-    if not _holds_tap(stripped):
-        return None
-    return _parse_lines(stripped, start_line)
+def _find_nested(block: list[str]) -> tuple[int, int, list[str]] | None:
+    """(first index, count, de-prefixed lines) of the nested TAP run in ``block``, or None."""
+    for prefix in NEST_PREFIXES:
+        for i, run in _runs(block, prefix):
+            if _holds_tap(run):
+                return i, len(run), run
+    return None
 
 
 def _parse_lines(lines: list[str], first_line: int = 1) -> TapDocument:
@@ -176,6 +178,7 @@ def _parse_lines(lines: list[str], first_line: int = 1) -> TapDocument:
             m = VERSION_RE.match(line)
             if m:
                 doc.version = f"{m.group(1)} {m.group(2)}"
+                doc.preamble, pending = [_diag(ln) for ln in pending], []  # output before the header
                 continue
         m = PLAN_RE.match(line)
         if m:
@@ -193,17 +196,26 @@ def _parse_lines(lines: list[str], first_line: int = 1) -> TapDocument:
         if m:
             doc.bail_out = m.group(1)
             continue
+        m = SUBTEST_RE.match(line)
+        if m and doc.subtest_name is None and doc.plan is None and not doc.results:
+            doc.subtest_name = m.group(1)  # KTAP: "# Subtest: name" inside the nested block
+            continue
         res = parse_result(line)
         if res is not None:
             res.line = lineno
-            sub = _nested(pending, pending_start) if pending else None
-            if sub is not None:
-                res.subtests = sub
-                for ln in pending:
+            found = _find_nested(pending) if pending else None
+            res.lines = [_diag(ln) for ln in pending]
+            if found is not None:
+                i, n, run = found
+                sub = res.subtests = _parse_lines(run, pending_start + i)
+                for ln in pending[:i] + pending[i + n:]:
                     sm = SUBTEST_RE.match(ln)
-                    if sm:
+                    if sm and sub.subtest_name is None:  # older KTAP: the line precedes the block
                         sub.subtest_name = sm.group(1)
-            res.diagnostics = [_diag(ln) for ln in pending]
+                res.diagnostics = ([_diag(ln) for ln in pending[:i] if not SUBTEST_RE.match(ln)] + sub.preamble
+                                   + [_diag(ln) for ln in pending[i + n:] if not SUBTEST_RE.match(ln)])
+            else:
+                res.diagnostics = list(res.lines)
             doc.results.append(res)
             pending = []
             seen_result = True
