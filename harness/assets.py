@@ -16,6 +16,7 @@ cache, no apt command runs at all (offline-safe).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -699,14 +700,50 @@ def _find_kernel_files(dirs: list[Path]) -> tuple[Path, Path | None, str]:
     return image, config, version
 
 
+IMAGE_SHA_RECORD = ".smccc-image.sha256"
+
+
+def _check_extracted_image(store: Store, entries: list[LockEntry], dirs: list[Path], image: Path) -> str | None:
+    """The Image's sha256, checked against the record written at its first use (written now if absent).
+
+    None (and the extraction removed, with a warning) if the Image no longer matches: a corrupted cache entry.
+    """
+    d = next(d for d in dirs if d in image.parents)
+    rec = d / IMAGE_SHA_RECORD
+    sha = sha256_file(image)
+    try:
+        want = rec.read_text().strip()
+    except FileNotFoundError:
+        with contextlib.suppress(OSError):
+            tmp = rec.with_name(f"{rec.name}.{os.getpid()}.tmp")
+            tmp.write_text(sha + "\n")
+            os.replace(tmp, rec)
+        return sha
+    if want == sha:
+        return sha
+    store.progress(f"WARNING: {image} has sha256 {sha}, but {want} when it was extracted: the cache entry is "
+                   f"corrupt; extracting it again")
+    with store.flock:
+        shutil.rmtree(d, ignore_errors=True)
+    return None
+
+
 def ensure_kernel(spec: str = "default", progress=print) -> KernelAsset:
     """The guest kernel for ``spec`` ("default", "7.2", "6.12", a suite, a package name), fetched + extracted."""
     store = Store(progress)
     entries = store.kernel_packages(spec)
     dirs = [store.extract(e) for e in entries]
     image, config, version = _find_kernel_files(dirs)
+    image_sha = _check_extracted_image(store, entries, dirs, image)
+    if image_sha is None:   # the extracted Image changed since it was extracted: extract it again
+        dirs = [store.extract(e) for e in entries]
+        image, config, version = _find_kernel_files(dirs)
+        image_sha = _check_extracted_image(store, entries, dirs, image)
+        if image_sha is None:
+            raise AssetError(f"{image} does not match the sha256 recorded when it was extracted, even after "
+                             "extracting it again", hint="run 'smccc-harness cache clean --all' and 'smccc-harness setup'")
     asset = KernelAsset(image=image, config=config, version=version, package=entries[0].name,
-                        deb_version=entries[0].version, sha256=sha256_file(image))
+                        deb_version=entries[0].version, sha256=image_sha)
     _summary.setdefault("kernels", {})[spec] = {
         "package": asset.package, "deb_version": asset.deb_version, "uname": asset.version,
         "image_sha256": asset.sha256, "deb_sha256": entries[0].sha256, "suite": entries[0].suite}

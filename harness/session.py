@@ -114,6 +114,12 @@ class ScenarioResult:
         return "\n".join(out)
 
 
+def _file_name(name: str) -> str:
+    """A scenario name as a file name inside the run directory: no '/', no '..', nothing but [\\w.-]."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:80].lstrip(".")
+    return safe or "scenario"
+
+
 def _silent_kernel(err: ConsoleFailure, kernel: Path) -> BootError | None:
     """A boot timeout with not one line from the kernel: say that the Image is the likely culprit."""
     if err.kind != "timeout" or err.log_path is None:
@@ -272,7 +278,7 @@ class GuestSession:
             self.scenario_count += 1
             tdir = self.run_dir / "traces"
             tdir.mkdir(exist_ok=True)
-            path = tdir / f"{self.scenario_count:03d}-{spec['name']}.jsonl"
+            path = tdir / f"{self.scenario_count:03d}-{_file_name(spec['name'])}.jsonl"
             path.write_text(json.dumps({"kind": "summary", "name": spec["name"], "outcome": "harness_error",
                                         "error": str(e), "console_log": str(self.console_log)}) + "\n")
             e.trace_path = path
@@ -280,7 +286,7 @@ class GuestSession:
         self.scenario_count += 1
         tdir = self.run_dir / "traces"
         tdir.mkdir(exist_ok=True)
-        path = tdir / f"{self.scenario_count:03d}-{spec['name']}.jsonl"
+        path = tdir / f"{self.scenario_count:03d}-{_file_name(spec['name'])}.jsonl"
         with open(path, "w") as f:
             f.writelines(json.dumps(e, sort_keys=True) + "\n" for e in raw.get("events", []))
             summary = {k: v for k, v in raw.items() if k not in ("events", "result_block")}

@@ -294,6 +294,14 @@ def test_qmp_console_and_control_sockets_live_in_a_private_run_directory(guest):
     assert guest.console_log.parent == guest.run_dir
 
 
+def test_scenario_name_cannot_put_a_trace_outside_the_run_directory(guest):
+    p = get_payload("psci_version")
+    r = guest.run(scenario("../../../escape/../x", p), payload=p)
+    assert r.outcome == "done", r.describe()
+    assert r.trace_path.parent == guest.run_dir / "traces", r.trace_path
+    assert "/" not in r.trace_path.name and r.trace_path.is_file()
+
+
 def test_no_user_supplied_string_reaches_a_shell():
     """No shell=True / os.system / os.popen in the harness: argv lists only (the QEMU command line is
     written to qemu-cmd.sh with shlex.join for humans, never run through a shell by the harness)."""
@@ -304,3 +312,34 @@ def test_no_user_supplied_string_reaches_a_shell():
             if "shell=True" in code or "os.system(" in code or "os.popen(" in code:
                 bad.append(f"{f.relative_to(paths.REPO_ROOT)}:{i}: {line.strip()}")
     assert bad == []
+
+
+def test_cache_verify_counts_only_real_problems(tmp_path):
+    """An empty cache is not broken: pins that were never downloaded are fetched on first use."""
+    r = cli("cache", "verify", env={"SMCCC_HARNESS_CACHE": str(tmp_path / "empty")})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "cache OK" in r.stdout and "not downloaded (fetched on first use)" in r.stdout
+    assert "problem:" not in r.stdout
+
+
+def test_corrupted_extracted_kernel_is_detected_and_extracted_again(tmp_path, monkeypatch):
+    lock = assets.Store(lambda *_: None).read_lock()
+    names = lock.kernels["default"]
+    debs = [paths.cache_dir() / "debs" / f"{lock.packages[n].sha256}.deb" for n in names]
+    if not all(d.is_file() for d in debs):
+        pytest.skip("the default kernel is not cached: run 'smccc-harness setup' first")
+    cache = tmp_path / "cache"
+    (cache / "debs").mkdir(parents=True)
+    for d in debs:
+        shutil.copy(d, cache / "debs" / d.name)
+    monkeypatch.setenv("SMCCC_HARNESS_CACHE", str(cache))
+    msgs: list[str] = []
+    k = assets.ensure_kernel("default", progress=msgs.append)
+    good = k.sha256
+    with open(k.image, "r+b") as f:                # corrupt the extracted Image in place
+        f.seek(0x20_0000)
+        f.write(b"\xde\xad" * 512)
+    msgs.clear()
+    k2 = assets.ensure_kernel("default", progress=msgs.append)
+    assert any("corrupt" in m for m in msgs), msgs
+    assert k2.sha256 == good and _sha(k2.image) == good, "the corrupted Image was not replaced"
