@@ -8,7 +8,8 @@ that boot a Linux guest use that file; the default L1 boot is unchanged.  The L2
 L1 kernel under test (``--kernel``); ``SMCCC_L2_KERNEL`` (a path or a Debian spec) overrides it.
 
 The L2 initramfs is busybox-static (from the rootfs packages) and :data:`L2_INIT`, which drives the scenario
-from the kernel command line: ``l2.hotplug=1,2`` offlines and onlines those CPUs through sysfs,
+from the kernel command line: it echoes the kernel's psci/smp boot messages (``L2: dmesg ...``, they are
+below ``loglevel=5``), ``l2.hotplug=1,2`` offlines and onlines those CPUs through sysfs,
 ``l2.action=poweroff|reboot|none`` ends the boot.  It prints ``L2: ...`` lines on the console.
 """
 
@@ -41,6 +42,7 @@ for w in $(cat /proc/cmdline); do
 done
 up() { cut -d' ' -f1 /proc/uptime; }
 echo "L2: init uptime=$(up) processors=$(grep -c ^processor /proc/cpuinfo) online=$(cat /sys/devices/system/cpu/online) psci=$(cat /sys/firmware/devicetree/base/psci/method 2>/dev/null)"
+dmesg | grep -E 'psci:|smp:|CPU[0-9]+: Booted|SMP: Total' | sed -e 's/^\[[^]]*\] */L2: dmesg /'
 for c in $(echo "$hotplug" | tr , ' '); do
   f=/sys/devices/system/cpu/cpu$c/online
   echo 0 > "$f"; rc=$?
@@ -59,6 +61,7 @@ while :; do sleep 3600; done
 
 INIT_LINE_RE = re.compile(r"L2: init uptime=(?P<uptime>[\d.]+) processors=(?P<processors>\d+) online=(?P<online>\S*)"
                           r" psci=(?P<psci>\S*)")
+DMESG_RE = re.compile(r"^L2: dmesg (?P<text>.*?)\r?$", re.MULTILINE)
 HOTPLUG_RE = re.compile(r"L2: hotplug cpu(?P<cpu>\d+) (?P<dir>on|off) rc=(?P<rc>\d+) online=(?P<online>\S*) "
                         r"processors=(?P<processors>\d+)")
 

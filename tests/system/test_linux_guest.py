@@ -261,6 +261,17 @@ def test_in_kernel_psci_brings_up_the_same_cpus(hvc_run, kernel_run):
     assert ev == [("SHUTDOWN", "kvm")], k.describe()
 
 
+@pytest.mark.el1
+@pytest.mark.hvc
+def test_in_kernel_psci_gives_linux_the_same_view_of_the_firmware(hvc_run, kernel_run):
+    """kvm-smccc-abi.md §2.3: Linux's own conclusions from probing PSCI (version, function ids, Trusted OS
+    migration, SMCCC version) and from bringing up the secondaries are the same with the emulator as with KVM."""
+    u = [m["text"] for m in l2.DMESG_RE.finditer(_console(hvc_run))]
+    k = [m["text"] for m in l2.DMESG_RE.finditer(_console(kernel_run))]
+    assert any(t.startswith("psci: PSCIv") for t in u), f"no 'psci: PSCIv' line from the L2 /init:\n{u}"
+    assert u == k
+
+
 # ---- health -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("which", ["hvc_run", "smc_run", "kernel_run", "restart_run"])
 def test_neither_kernel_printed_a_failure(request, which):
