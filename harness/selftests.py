@@ -553,3 +553,86 @@ def add_cli(sub) -> None:
     q.add_argument("--boot-timeout", type=float, default=120.0)
     q.add_argument("--no-snapshot", action="store_true", help="cold-boot the guest")
     q.set_defaults(func=cmd_run, command="selftests-run")
+
+
+# ==== per-case results of programs that print their own KTAP =======================================
+def cases_of(run: SelftestRun) -> list[tuple[str, object]]:
+    """(case name, TapResult) of the program's own KTAP (empty when it prints none); unnamed results
+    (``ok 101 # SKIP reason``) are named ``case<N>``."""
+    sub = run.result.subtests
+    if sub is None:
+        return []
+    return [(r.name or f"case{r.number or i}", r) for i, r in enumerate(sub.results, 1)]
+
+
+CASES_SNAPSHOT = paths.REPO_ROOT / "tests" / "system" / "data" / "selftest_cases.json"
+
+
+def _safe(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", label).strip("_") or "source"
+
+
+def _cases_path(test: str, variant: str, source_label: str) -> Path:
+    return paths.cache_dir() / "selftests" / "cases" / _safe(source_label) / f"{test}-{variant}.json"
+
+
+def record_cases(run: SelftestRun, source_label: str) -> None:
+    """Remember the program's case names, so the next collection makes one pytest item per case."""
+    names = [n for n, _ in cases_of(run)]
+    if not names:
+        return
+    p = _cases_path(run.test, run.variant, source_label)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"test": run.test, "variant": run.variant, "source": source_label,
+                               "cases": names}, indent=1) + "\n")
+    os.replace(tmp, p)
+
+
+def known_cases(test: str, variant: str, source_label: str | None) -> list[str]:
+    """Case names of ``test`` built from ``source_label``: from its last run here (the cache), else from the
+    snapshot committed in tests/system/data/selftest_cases.json (so a cold CI gets the items too)."""
+    if not source_label:
+        return []
+    try:
+        return list(json.loads(_cases_path(test, variant, source_label).read_text())["cases"])
+    except (OSError, ValueError, KeyError):
+        pass
+    try:
+        snap = json.loads(CASES_SNAPSHOT.read_text())
+    except (OSError, ValueError):
+        return []
+    return list(snap.get(source_label, {}).get(f"{test}-{variant}", []))
+
+
+def expected_source_label(kernel_spec: str) -> str | None:
+    """The label :func:`debian_source` will give for ``kernel_spec``, from images/lock.json alone (no apt):
+    for naming pytest items at collection time.  None when the kernel is not locked (or is a file)."""
+    from .assets import Store
+    try:
+        lock = Store(lambda *_: None).read_lock()
+    except Exception:  # noqa: BLE001 - collection must not fail on a broken lock: no per-case items then
+        return None
+    names = lock.kernels.get(kernel_spec or "default")
+    if not names or names[0] not in lock.packages:
+        return None
+    e = lock.packages[names[0]]
+    m = re.search(r"-(\d+\.\d+)(?:\.\d+)?\+", e.name)
+    return f"linux-source-{m.group(1)} {e.version}" if m else None
+
+
+def case_outcome(run: SelftestRun, case: str) -> tuple[str, str]:
+    """("passed" | "failed" | "skipped" | "xfail" | "missing", reason) of one case of the program's KTAP."""
+    prog, why = outcome(run)
+    sub = run.result.subtests
+    if prog == "skipped" and (sub is None or sub.skip_all is not None or not sub.results):
+        return "skipped", why  # the whole program skipped: every case does
+    for name, r in cases_of(run):
+        if name == case:
+            o = {"todo": "xfail", "xpass": "passed"}.get(r.outcome, r.outcome)
+            text = r.reason or "\n".join(r.diagnostics[-20:])
+            return o, text
+    if sub is not None and not sub.errors and not run.timed_out and run.rc in (KSFT_PASS, KSFT_SKIP):
+        return "missing", f"{run.test} completed its plan ({sub.plan} cases) without a case {case!r}"
+    return "failed", (f"{run.test} did not report case {case!r}: "
+                      + ("; ".join(sub.errors) if sub is not None and sub.errors else f"exit code {run.rc}"))

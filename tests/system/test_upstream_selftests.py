@@ -35,8 +35,10 @@ PROGRAMS = {
     "psci_test": ("el2", "el1"),  # KVM's PSCI: CPU_ON, SYSTEM_SUSPEND, SYSTEM_OFF2: kvm-smccc-abi.md §2.3, §3.2
     "hypercalls": ("el2", "el1"),  # firmware pseudo-register bitmaps hide SMCCC services: §1.4, §3.3
     "hello_el2": ("el2",),  # a HAS_EL2 vCPU enters at vEL2 with E2H set: kvm-smccc-abi.md §1.3, §3.3
+    "set_id_regs": ("el1",),  # prints KTAP: one pytest item per ID register field (kvm-smccc-abi.md §1.3)
 }
 SLOW = {("smccc_filter", "el2"), ("psci_test", "el2"), ("hypercalls", "el2")}
+_RUNS: dict[tuple[str, str, str], selftests.SelftestRun] = {}  # (guest run dir, program, variant) -> its run
 
 
 @pytest.fixture(scope="session")
@@ -52,46 +54,99 @@ def selftest_build(request):
     return selftests.build(source, list(present))
 
 
-def _params(program: str):
-    out = []
-    for v in PROGRAMS[program]:
-        marks = [getattr(pytest.mark, v)] if program in selftests.NV_SENSITIVE else []
-        if (program, v) in SLOW:
-            marks.append(pytest.mark.slow)
-        out.append(pytest.param(v, marks=marks, id=v))
-    return out
+def _marks(program: str, variant: str) -> list:
+    marks = [getattr(pytest.mark, variant)] if program in selftests.NV_SENSITIVE or variant == "el1" else []
+    if (program, variant) in SLOW:
+        marks.append(pytest.mark.slow)
+    return marks
 
 
-def _run_program(program: str, variant: str, guest, selftest_build, record_property) -> None:
+def _program_run(program: str, variant: str, guest, selftest_build, record_property) -> selftests.SelftestRun:
+    """The program's run in this guest (one per guest, program and variant), attached to the report."""
     if program not in selftest_build.binaries:
         pytest.skip(f"{selftest_build.source.label} has no arm64 KVM selftest {program!r}")
-    run = selftests.run_in_guest(guest, selftest_build, program, selftests.VARIANTS[variant])
-    tap_path = selftests.save_run(run, guest.run_dir)
-    record_property("selftest_tap", str(tap_path))
+    key = (str(guest.run_dir), program, variant)
+    if key not in _RUNS:
+        run = selftests.run_in_guest(guest, selftest_build, program, selftests.VARIANTS[variant])
+        selftests.save_run(run, guest.run_dir)
+        selftests.record_cases(run, selftest_build.source.label)
+        _RUNS[key] = run
+    run = _RUNS[key]
+    record_property("selftest_tap", str(guest.run_dir / "selftests" / f"{program}-{variant}.tap"))
     record_property("selftest_seconds", run.seconds)
-    record_property("selftest_output", run.output[-8000:])
     record_property("selftest_source", selftest_build.source.label)
-    outcome, why = selftests.outcome(run)
-    if outcome == "skipped":
-        pytest.skip(f"upstream {program}: {why}")
-    if outcome == "xfail":
-        pytest.xfail(f"upstream {program}: {why}")
-    assert outcome == "passed", (f"upstream {program} ({variant}, {selftest_build.source.label}) failed: {why}\n"
-                                 f"--- KTAP ({tap_path}) ---\n{run.tap_text}")
+    return run
 
 
 def _make_test(program: str):
-    @pytest.mark.parametrize("variant", _params(program))
+    @pytest.mark.parametrize("variant", [pytest.param(v, marks=_marks(program, v), id=v) for v in PROGRAMS[program]])
     def test(variant, guest, selftest_build, record_property):
-        _run_program(program, variant, guest, selftest_build, record_property)
+        run = _program_run(program, variant, guest, selftest_build, record_property)
+        record_property("selftest_output", run.output[-8000:])
+        outcome, why = selftests.outcome(run)
+        if outcome == "skipped":
+            pytest.skip(f"upstream {program}: {why}")
+        if outcome == "xfail":
+            pytest.xfail(f"upstream {program}: {why}")
+        failed = [n for n, r in selftests.cases_of(run) if r.outcome == "failed"]
+        assert outcome == "passed", (
+            f"upstream {program} ({variant}, {selftest_build.source.label}) failed: {why}"
+            + (f"; failed cases: {', '.join(failed)}" if failed else "") + f"\n--- KTAP ---\n{run.tap_text}")
 
     test.__name__ = f"test_selftest_{program}"
-    test.__doc__ = (f"Upstream's tools/testing/selftests/kvm {program} passes (or skips with its own reason) in "
-                    f"the guest, per variant ({', '.join(PROGRAMS[program])}).")
+    test.__doc__ = (f"Upstream's tools/testing/selftests/kvm {program} exits 0 (or skips with its own reason) in "
+                    f"the guest: variants {', '.join(PROGRAMS[program])}.")
     return test
+
+
+def _case_id(variant: str, case: str) -> str:
+    return f"{variant}-" + "".join(c if c.isalnum() or c in "._=" else "_" for c in case)
+
+
+def _make_case_test(program: str):
+    """One item per case of a program that prints KTAP (names: pytest_generate_tests below); before any list
+    of its cases is known, one item per variant that skips saying so."""
+    def test(variant, case, guest, selftest_build, record_property):
+        run = _program_run(program, variant, guest, selftest_build, record_property)
+        if case is None:
+            pytest.skip(f"no case list of upstream {program} ({variant}) for {selftest_build.source.label} yet: "
+                        f"test_selftest_{program}[{variant}] records it; the next collection has one item per case")
+        outcome, why = selftests.case_outcome(run, case)
+        record_property("selftest_case_output", why[-4000:])
+        if outcome == "skipped":
+            pytest.skip(f"upstream {program}: {case}: {why}")
+        if outcome == "missing":
+            pytest.skip(f"case list is from another build; {why}")
+        if outcome == "xfail":
+            pytest.xfail(f"upstream {program}: {case}: {why}")
+        assert outcome == "passed", f"upstream {program} ({variant}) case {case!r} failed:\n{why}\n--- KTAP ---\n" \
+                                    f"{run.tap_text}"
+
+    test.__name__ = f"test_selftest_{program}_case"
+    test.__doc__ = f"Each KTAP case of upstream's {program} passes, or skips with upstream's reason."
+    test.selftest_program = program
+    return test
+
+
+def pytest_generate_tests(metafunc):
+    """Case names of KTAP programs: from their last run on this kernel's source, or the committed snapshot."""
+    program = getattr(metafunc.function, "selftest_program", None)
+    if program is None:
+        return
+    spec = metafunc.config.getoption("--kernel")
+    label = None if os.environ.get("SMCCC_SELFTESTS_SRC") else selftests.expected_source_label(spec)
+    params = []
+    for v in PROGRAMS[program]:
+        cases = selftests.known_cases(program, v, label)
+        params += [pytest.param(v, c, marks=_marks(program, v), id=_case_id(v, c)) for c in cases]
+        if not cases:
+            params.append(pytest.param(v, None, marks=_marks(program, v), id=f"{v}-cases_unknown"))
+    metafunc.parametrize("variant, case", params)
 
 
 test_selftest_smccc_filter = _make_test("smccc_filter")
 test_selftest_psci_test = _make_test("psci_test")
 test_selftest_hypercalls = _make_test("hypercalls")
 test_selftest_hello_el2 = _make_test("hello_el2")
+test_selftest_set_id_regs = _make_test("set_id_regs")
+test_selftest_set_id_regs_case = _make_case_test("set_id_regs")
