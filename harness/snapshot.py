@@ -123,13 +123,18 @@ def file_sha256(path: Path) -> str:
             h.update(chunk)
     digest = h.hexdigest()
     memo[str(path)] = {"id": ident, "sha256": digest}
-    with contextlib.suppress(OSError):       # a lost memo entry only costs a re-hash
+    _write_memo(memo_path, memo)
+    return digest
+
+
+def _write_memo(memo_path: Path, memo: dict) -> None:
+    """Atomic replace; concurrent writers may lose each other's entries, which only costs a recomputation."""
+    with contextlib.suppress(OSError):
         memo_path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=memo_path.parent, prefix=".digests-")
         with os.fdopen(fd, "w") as f:
             json.dump(memo, f, sort_keys=True)
         os.replace(tmp, memo_path)
-    return digest
 
 
 _VERSIONS: dict[str, str] = {}
@@ -144,11 +149,20 @@ def qemu_version(qemu_bin: str) -> str:
     except OSError as e:
         raise SnapshotError(f"cannot find QEMU {qemu_bin!r}: {e}") from None
     if ident not in _VERSIONS:
+        memo_path = _digest_memo_path()       # on disk too: `qemu --version` costs 20-50 ms per process
+        memo: dict = {}
+        with contextlib.suppress(OSError, ValueError):
+            memo = json.loads(memo_path.read_text())
+        if isinstance(memo.get("qemu:" + ident), str):
+            _VERSIONS[ident] = memo["qemu:" + ident]
+            return _VERSIONS[ident]
         try:
             out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
         except (OSError, subprocess.SubprocessError) as e:
             raise SnapshotError(f"{exe} --version failed: {e}") from None
         _VERSIONS[ident] = out.strip().splitlines()[0] if out.strip() else "unknown"
+        memo["qemu:" + ident] = _VERSIONS[ident]
+        _write_memo(memo_path, memo)
     return _VERSIONS[ident]
 
 
