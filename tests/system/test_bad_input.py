@@ -194,8 +194,18 @@ def tmpfs(path: Path, size: str, ro: bool = False):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+def _mirror_reachable() -> None:
+    import urllib.request
+    mirror = assets.load_manifest().mirror
+    try:
+        urllib.request.urlopen(urllib.request.Request(mirror + "/", method="HEAD"), timeout=10).close()
+    except OSError as e:
+        pytest.skip(f"the Debian mirror {mirror} is not reachable ({e}): this cache test downloads a package")
+
+
 def _private_apt(dest: Path) -> None:
     """The private apt state of the user's cache (lists: no 'apt update' needed), copied."""
+    _mirror_reachable()
     src = paths.cache_dir() / "apt"
     if not (src / "lists").is_dir():
         pytest.skip(f"no private apt lists in {src}: run 'smccc-harness setup' first")
