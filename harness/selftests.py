@@ -636,3 +636,15 @@ def case_outcome(run: SelftestRun, case: str) -> tuple[str, str]:
         return "missing", f"{run.test} completed its plan ({sub.plan} cases) without a case {case!r}"
     return "failed", (f"{run.test} did not report case {case!r}: "
                       + ("; ".join(sub.errors) if sub is not None and sub.errors else f"exit code {run.rc}"))
+
+
+def snapshot_cases(out: Path = CASES_SNAPSHOT) -> dict:
+    """Merge every recorded case list of the cache into the committed snapshot (refresh it after new runs:
+    ``python3 -c 'from harness.selftests import snapshot_cases; snapshot_cases()'``)."""
+    snap = json.loads(out.read_text()) if out.exists() else {}
+    for p in sorted((paths.cache_dir() / "selftests" / "cases").glob("*/*.json")):
+        d = json.loads(p.read_text())
+        snap.setdefault(d["source"], {})[f"{d['test']}-{d['variant']}"] = d["cases"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(snap, indent=1, sort_keys=True) + "\n")
+    return snap
