@@ -24,6 +24,8 @@ from . import paths
 from .report import KernelRun, format_matrix, read_junit, render_html
 
 DEFAULT_KERNELS = ("6.12", "7.2", "default")
+# tests of the harness's own commands (they start their own pytest/QEMU on the default kernel): not per kernel
+NOT_PER_KERNEL = ("tests/system/test_kernel_workflow.py", "tests/system/test_bisect.py")
 
 
 def label_dir(label: str) -> str:
@@ -32,7 +34,8 @@ def label_dir(label: str) -> str:
 
 def pytest_argv(kernel: str, out: Path, markers: str, k: str | None, workers: int, accel: str,
                 extra: list[str]) -> list[str]:
-    argv = [sys.executable, "-m", "pytest", "tests/system", "-m", markers, "-q", "-p", "no:cacheprovider",
+    argv = [sys.executable, "-m", "pytest", "tests/system", *(f"--ignore={t}" for t in NOT_PER_KERNEL), "-m", markers,
+            "-q", "-p", "no:cacheprovider",
             "--kernel", kernel, "--accel", accel, f"--junitxml={out / 'junit.xml'}",
             "--results-dir", str(out / "runs")]
     if k:

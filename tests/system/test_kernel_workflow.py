@@ -48,12 +48,13 @@ def test_bisect_step_whose_guest_cannot_boot_exits_125(default_image, tmp_path):
     assert ": boot -> exit 125" in r.stdout, r.stdout[-2000:]
 
 
-def test_matrix_writes_junit_with_properties_and_a_report(tmp_path):
-    r = _cli("matrix", "--kernels", "default", "--out", str(tmp_path), "-k", "test_hypercall_flags_name_the_conduit")
+def test_matrix_writes_junit_with_properties_and_a_report(default_image, tmp_path):
+    r = _cli("matrix", "--kernels", default_image, "--out", str(tmp_path), "-k", "test_hypercall_flags_name_the_conduit")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     rows = [line.split() for line in r.stdout.splitlines() if "test_hypercall_flags_name_the_conduit" in line]
     assert [row[-1] for row in rows] == ["PASS", "PASS"], r.stdout
-    props = {p.get("name"): p.get("value") for p in ET.parse(tmp_path / "default" / "junit.xml").getroot()
+    junit = next(tmp_path.glob("*/junit.xml"))
+    props = {p.get("name"): p.get("value") for p in ET.parse(junit).getroot()
              .find("testsuite/properties").iter("property")}
     assert props["kernel_version"].startswith("7.") and props["accel"] in ("tcg", "kvm")
     assert re.fullmatch(r"\d+\.\d+\.\d+", props["qemu_version"]) and len(props["kernel_sha256"]) == 64
@@ -61,11 +62,12 @@ def test_matrix_writes_junit_with_properties_and_a_report(tmp_path):
     assert html.count("<td class=passed") == 2
 
 
-def test_parallel_workers_each_boot_their_own_guest(tmp_path):
+def test_parallel_workers_each_boot_their_own_guest(default_image, tmp_path):
     """pytest -n 2: two workers, two QEMUs, two console logs (never one shared guest)."""
     junit = tmp_path / "j.xml"
-    r = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider", "-q",
-                        "tests/system/test_forwarding_el1.py", f"--junitxml={junit}", "--results-dir", str(tmp_path)],
+    r = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider", "-q", "--kernel",
+                        default_image, "tests/system/test_forwarding_el1.py", "-k", "test_hypercall_flags_name_the_conduit",
+                        "--dist", "load", f"--junitxml={junit}", "--results-dir", str(tmp_path)],
                        cwd=paths.REPO_ROOT, text=True, capture_output=True, timeout=600, check=False)
     assert r.returncode == 0, r.stdout[-3000:]
     logs = {p.get("value") for p in ET.parse(junit).getroot().iter("property") if p.get("name") == "console_log"}
