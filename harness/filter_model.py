@@ -12,7 +12,7 @@ kvm-smccc-abi.md §1.1 (``kvm_smccc_set_filter()``), checks in this order, for e
 
 The edge case ``base = 0, nr = 0``: ``end`` wraps to ``0xFFFF_FFFF``, which is not ``< base``, so older kernels
 reach the insert and return EEXIST (the range overlaps the reserved ones); newer kernels reject it with EINVAL.
-Measured: 7.3.4 returns EINVAL (tests/system/test_filter_model.py); :data:`ZERO_ZERO_MEASURED`.
+Measured (tests/system/test_filter_model.py): 6.12.117, 7.2.13 and 7.3.4 all return EINVAL; :data:`ZERO_ZERO_MEASURED`.
 
 The harness uses the model to reject a bad ``--forward`` / scenario filter spec before it boots anything
 (:func:`check_filters`), with a message naming the conflicting range; the filter-contract tests still send
@@ -33,7 +33,8 @@ ACTION_VALUES = {v: k for k, v in ACTION_NAMES.items()}
 RESERVED = ((0x8000_0000, 0x8000_FFFF), (0xC000_0000, 0xC000_FFFF))   # inclusive [start, end]
 RESERVED_NAME = "the reserved Arm Architecture Calls range"
 # What KVM returns for (base 0, nr 0), by kernel release, as measured by tests/system/test_filter_model.py.
-ZERO_ZERO_MEASURED = {"7.3.4": "EINVAL"}
+# 6.12.117 (a stable release) already has the EINVAL check: the fix was backported.
+ZERO_ZERO_MEASURED = {"6.12.117": "EINVAL", "7.2.13": "EINVAL", "7.3.4": "EINVAL"}
 
 
 class FilterSpecError(HarnessError):
