@@ -97,6 +97,7 @@ class ScenarioRun:
     def _install_filters(self, filters) -> list[dict]:
         out = []
         for f in filters:
+            f = P.validate_filter(f)    # late_filters are not checked by validate_scenario: shapes, action names, pad
             rec = {"base": f["base"], "nr": f["nr"], "action": f["action"], "errno": None}
             try:
                 self.filter.install(self.vm.fd, f["base"], f["nr"], f["action"], f["pad"])
