@@ -158,7 +158,15 @@ class LinuxRun(ScenarioRun):
         self.spec = merged
         self.replies = {}
         self.uart = Pl011(UART_BASE, on_line=self._console_line)
+        self._psci_lock = threading.Lock()
         self.layout: dict = {}
+
+    def _hypercall(self, v, st) -> None:
+        """The runner's dispatch, one call at a time: a dying CPU's CPU_OFF and the boot CPU's AFFINITY_INFO
+        poll arrive concurrently, and without the lock the trace order could differ from the order in which
+        the emulator saw them (AFFINITY_INFO answered ON, yet recorded after the CPU_OFF)."""
+        with self._psci_lock:
+            super()._hypercall(v, st)
 
     def _console_line(self, line: str) -> None:
         self.trace.add("console", text=line)
