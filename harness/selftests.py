@@ -579,7 +579,8 @@ def _cases_path(test: str, variant: str, source_label: str) -> Path:
 def record_cases(run: SelftestRun, source_label: str) -> None:
     """Remember the program's case names, so the next collection makes one pytest item per case."""
     names = [n for n, _ in cases_of(run)]
-    if not names:
+    sub = run.result.subtests
+    if not names or sub is None or sub.errors:  # a partial list (the program died mid-plan) would hide cases
         return
     p = _cases_path(run.test, run.variant, source_label)
     p.parent.mkdir(parents=True, exist_ok=True)
