@@ -474,7 +474,7 @@ def resolve_source(src: str | None, kernel_spec: str, progress=_progress_default
 def _tests_arg(args, source: Source) -> list[str]:
     """The tests asked for that the tree has (explicit --tests: all must exist; the default set: a note)."""
     if args.all:
-        return [t.rsplit("/", 1)[-1] for t in available_tests(source.tree) if "/" in t]
+        return [t.rsplit("/", 1)[-1] for t in available_tests(source.tree)]
     if args.tests:
         return list(args.tests)
     present, missing = resolve_tests(source.tree, DEFAULT_TESTS)
