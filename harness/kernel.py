@@ -60,9 +60,12 @@ def describe_file(head: bytes) -> str:
 def image_banner(path: Path) -> tuple[str | None, str | None]:
     """(uname -r, full banner) read from the image's ``linux_banner`` string, if present."""
     data = Path(path).read_bytes()
-    m = BANNER_RE.search(data)
-    if not m:
+    # An Image can hold two: init/version.c's weak placeholder ("# SMP ...", no build number or time) and
+    # the real one from init/version-timestamp.c.  The longest is the real one.
+    matches = list(BANNER_RE.finditer(data))
+    if not matches:
         return None, None
+    m = max(matches, key=lambda x: len(x.group(0).strip()))
     return m.group(1).decode(errors="replace"), m.group(0).decode(errors="replace")
 
 

@@ -259,3 +259,12 @@ def test_console_failure_gets_symbolized_only_when_the_kernel_has_a_vmlinux(otre
     assert "pc" in K.symbolize_for(with_vm, excerpt) and "handle_smc+0x4/0x10" in K.symbolize_for(with_vm, excerpt)
     assert K.symbolize_for(without, excerpt) == ""
     assert K.symbolize_for(None, excerpt) == ""
+
+
+def test_image_banner_prefers_the_real_banner_over_the_weak_placeholder(tmp_path):
+    """init/version.c leaves a placeholder ('#' with no build number) in the Image besides the real one."""
+    placeholder = BANNER.replace("#1 SMP PREEMPT", "# SMP PREEMPT ")
+    p = tmp_path / "Image"
+    _image(p, banner=placeholder)
+    p.write_bytes(p.read_bytes() + (BANNER + " Wed Nov 25 13:34:19 UTC 2026\n\0").encode())
+    assert K.image_banner(p)[1].strip() == BANNER + " Wed Nov 25 13:34:19 UTC 2026"
