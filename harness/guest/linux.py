@@ -47,6 +47,12 @@ GIC_SPI, GIC_PPI = 0, 1
 TIMER_PPIS = (13, 14, 11, 10)
 PSCI_RANGES = ((0x8400_0000, 0x20), (0xC400_0000, 0x20))
 
+# DT idle states (arm/idle-states.yaml, arm,psci-suspend-param: DEN0022 §5.4.2 original format):
+# "standby" = StateType 0 (retention), StateID 1; Linux then calls CPU_SUSPEND from its idle loop.
+IDLE_STATES = {"standby": 0x0000_0001}
+IDLE_PHANDLE = 3
+SUSPEND_TRACE_PER_VCPU = 4             # CPU_SUSPEND calls traced per vCPU; the rest are only counted
+
 DEFAULT_KERNEL = "/l2/Image"
 DEFAULT_INITRD = "/l2/initrd.cpio"
 
@@ -66,6 +72,9 @@ def validate(spec: dict) -> dict:
     s.setdefault("cmdline", "")
     s.setdefault("deadline_s", 300.0)
     s.setdefault("psci_minor", 3)
+    s.setdefault("idle_state", None)
+    if s["idle_state"] not in (None, *IDLE_STATES):
+        raise P.ProtocolError(f"idle_state must be null or one of {sorted(IDLE_STATES)}, got {s['idle_state']!r}")
     s.setdefault("on_reset", "stop")
     s.setdefault("max_boots", 1)
     if s["on_reset"] not in ("stop", "restart"):
@@ -108,7 +117,7 @@ def bootargs(spec: dict) -> str:
 
 
 def device_tree(mpidrs: list[int], ram_size: int, method: str, cmdline: str, initrd: tuple[int, int] | None,
-                gic_dist: int = GICD_BASE, gic_redist: int = GICR_BASE) -> bytes:
+                gic_dist: int = GICD_BASE, gic_redist: int = GICR_BASE, idle_param: int | None = None) -> bytes:
     """The DTB Linux boots with (bindings: arm/cpus.yaml, arm/psci.yaml, interrupt-controller/arm,gic-v3.yaml,
     timer/arm,arch_timer.yaml, serial/pl011.yaml, clock/fixed-clock.yaml)."""
     root = fdt.Node("", compatible="linux,dummy-virt", model="smccc-harness L2")
@@ -122,7 +131,14 @@ def device_tree(mpidrs: list[int], ram_size: int, method: str, cmdline: str, ini
     cpus.set("#address-cells", 1).set("#size-cells", 0)
     for mpidr in mpidrs:
         hw = mpidr & 0xFF_FFFF
-        cpus.add(f"cpu@{hw:x}", device_type="cpu", compatible="arm,armv8", reg=hw, enable_method="psci")
+        cpu = cpus.add(f"cpu@{hw:x}", device_type="cpu", compatible="arm,armv8", reg=hw, enable_method="psci")
+        if idle_param is not None:
+            cpu.set("cpu-idle-states", [IDLE_PHANDLE])
+    if idle_param is not None:
+        idle = cpus.add("idle-states", entry_method="psci")
+        st = idle.add("cpu-standby", compatible="arm,idle-state", entry_latency_us=10, exit_latency_us=10,
+                      min_residency_us=100)
+        st.set("arm,psci-suspend-param", idle_param).set("phandle", IDLE_PHANDLE)
     root.add("psci", compatible=["arm,psci-1.0", "arm,psci-0.2"], method=method)
     gic = root.add(f"intc@{gic_dist:x}", compatible="arm,gic-v3")
     gic.set("#interrupt-cells", 3).set("interrupt-controller", True).set("#redistributor-regions", 1)
@@ -159,6 +175,8 @@ class LinuxRun(ScenarioRun):
         self.replies = {}
         self.uart = Pl011(UART_BASE, on_line=self._console_line)
         self._psci_lock = threading.Lock()
+        self.suspends = [0] * P.MAX_VCPUS
+        self.wakeups = [0] * P.MAX_VCPUS
         self.layout: dict = {}
 
     def _hypercall(self, v, st) -> None:
@@ -166,7 +184,41 @@ class LinuxRun(ScenarioRun):
         poll arrive concurrently, and without the lock the trace order could differ from the order in which
         the emulator saw them (AFFINITY_INFO answered ON, yet recorded after the CPU_OFF)."""
         with self._psci_lock:
+            fid = v.hypercall()[0] & 0xFFFF_FFFF
+            if fid in (psci.CPU_SUSPEND, psci.CPU_SUSPEND64):
+                self._cpu_suspend(v, fid)
+                return
             super()._hypercall(v, st)
+
+    def _cpu_suspend(self, v, fid: int) -> None:
+        """CPU_SUSPEND (DEN0022 §5.4) as a real wait: the emulator answers SUCCESS (KVM treats every state as
+        standby and keeps the context), then the vCPU is put in KVM_MP_STATE_SUSPENDED, so its next KVM_RUN
+        blocks in KVM's WFI emulation until an interrupt is pending and exits with KVM_SYSTEM_EVENT_WAKEUP
+        (api.rst KVM_SET_MP_STATE / KVM_EXIT_SYSTEM_EVENT); :meth:`_dispatch` then makes it RUNNABLE again."""
+        args = v.get_xs(4)
+        out = self.psci.call(v.index, fid, args[1:4])
+        for i, val in enumerate(out.regs or []):
+            v.set_x(i, smccc.narrow(fid, val))
+        n = self.suspends[v.index] = self.suspends[v.index] + 1
+        if n <= SUSPEND_TRACE_PER_VCPU:
+            flags = v.hypercall()[1]
+            self.trace.add("hypercall", v.index, nr=fid, flags=flags, conduit=smccc.conduit(flags), pc=v.pc,
+                           pstate=v.pstate, el=kvm.pstate_el(v.pstate), args=args + [0] * 14, reply=out.regs,
+                           by="psci", name=psci.name(fid))
+        if out.effect == ("suspend",):
+            v.set_mp_state(kvm.KVM_MP_STATE_SUSPENDED)
+            if n <= SUSPEND_TRACE_PER_VCPU:
+                self.trace.add("psci", v.index, effect="suspend", mp_state="SUSPENDED")
+
+    def _dispatch(self, v, st, reason: int) -> None:
+        if reason == kvm.KVM_EXIT_SYSTEM_EVENT and v.system_event()[0] == kvm.KVM_SYSTEM_EVENT_WAKEUP:
+            v.set_mp_state(kvm.KVM_MP_STATE_RUNNABLE)
+            n = self.wakeups[v.index] = self.wakeups[v.index] + 1
+            if n <= SUSPEND_TRACE_PER_VCPU:
+                self.trace.add("system_event", v.index, type=kvm.KVM_SYSTEM_EVENT_WAKEUP, name="WAKEUP", data=[],
+                               by="kvm")
+            return
+        super()._dispatch(v, st, reason)
 
     def _console_line(self, line: str) -> None:
         self.trace.add("console", text=line)
@@ -208,7 +260,8 @@ class LinuxRun(ScenarioRun):
         self.vm.create_vgic_v3(GICD_BASE, GICR_BASE)
         mpidrs = [v.mpidr for v in self.vm.vcpus]
         dtb = device_tree(mpidrs, ram, s["method"], bootargs(s),
-                          (initrd_addr, initrd_addr + len(initrd)) if initrd else None)
+                          (initrd_addr, initrd_addr + len(initrd)) if initrd else None,
+                          idle_param=IDLE_STATES.get(s["idle_state"]))
         if len(dtb) > FDT_MAX:
             raise ValueError(f"the DTB is {len(dtb)} bytes, more than 2 MiB")
         self.mem.write(dtb_addr, dtb)
@@ -279,6 +332,7 @@ class LinuxRun(ScenarioRun):
             "errors": self.errors, "console": self.uart.text(), "psci_state": self.psci.affinity_state(),
             "layout": self.layout, "spec": {k: v for k, v in self.spec.items()},
             "uart": {"reads": self.uart.reads, "writes": self.uart.writes, "dropped": self.uart.dropped},
+            "cpu_suspend": {"calls": self.suspends[:len(self.vm.vcpus)], "wakeups": self.wakeups[:len(self.vm.vcpus)]},
             "timing": {"setup_s": round(t1 - t0, 6), "run_s": round(t2 - t1, 6)},
         }
         t3 = time.monotonic()

@@ -10,7 +10,7 @@ secondaries are powered the way kvmtool's userspace PSCI does it (kvm-smccc-abi.
 run boots the same guest with KVM's in-kernel PSCI (no filter).
 
 Cost: one extra L1 boot (its initramfs carries the 42 MB L2 Image) and ~40-60 s of TCG time per L2 boot
-(five L2 boots: about 3 minutes on a 2-core host), so the whole file is ``slow``.
+(six L2 boots: 3-5 minutes on a 2-core host), so the whole file is ``slow``.
 """
 
 from __future__ import annotations
@@ -89,6 +89,12 @@ def kernel_run(l2_host):
 def restart_run(l2_host):
     return _boot(l2_host, "linux_reset_restarts", vcpus=2, method="hvc", psci="fwd", action="reboot",
                  on_reset="restart", max_boots=2)
+
+
+@pytest.fixture(scope="module")
+def idle_run(l2_host):
+    return _boot(l2_host, "linux_cpu_suspend_idle", vcpus=2, method="hvc", psci="fwd", hotplug=(1,),
+                 action="poweroff", idle_state="standby")
 
 
 @pytest.fixture(params=[pytest.param("hvc", marks=pytest.mark.hvc), pytest.param("smc", marks=pytest.mark.smc)])
@@ -249,6 +255,45 @@ def test_system_reset_restarts_the_guest_when_configured(restart_run):
         assert _init_line(b)["processors"] == "2", b.describe()
 
 
+# ---- CPU_SUSPEND from the idle loop ----------------------------------------------------------------------------
+@pytest.mark.el1
+@pytest.mark.hvc
+def test_linux_idles_through_cpu_suspend_with_the_dt_suspend_param(idle_run):
+    """DEN0022 §5.4: with an `arm,idle-state` whose arm,psci-suspend-param is 0x1 (standby), Linux's psci_idle
+    driver enters idle with CPU_SUSPEND(0x1); the emulator answers SUCCESS."""
+    r = idle_run
+    m = l2.CPUIDLE_RE.search(_console(r))
+    assert m and m["driver"] == "psci_idle" and int(m["usage"] or 0) > 0, _console(r)[-2000:]
+    traced = _psci_calls(r, (psci.CPU_SUSPEND, psci.CPU_SUSPEND64))
+    assert traced, r.describe()
+    assert {h["args"][1] for h in traced} == {0x1}, r.describe()
+    assert {h["reply"][0] for h in traced} == {psci.SUCCESS}, r.describe()
+
+
+@pytest.mark.el1
+@pytest.mark.hvc
+def test_each_cpu_suspend_sleeps_in_kvm_until_a_wakeup(idle_run):
+    """api.rst KVM_SET_MP_STATE(KVM_MP_STATE_SUSPENDED): after a forwarded CPU_SUSPEND the vCPU waits in KVM's
+    WFI emulation and comes back with KVM_SYSTEM_EVENT_WAKEUP once an interrupt is pending: one wakeup per call
+    (a vCPU still asleep when the guest powers off has one call without a wakeup)."""
+    r = idle_run
+    calls, wakeups = r.raw["cpu_suspend"]["calls"], r.raw["cpu_suspend"]["wakeups"]
+    assert sum(calls) > 0, r.raw["cpu_suspend"]
+    assert all(0 <= c - w <= 1 for c, w in zip(calls, wakeups, strict=True)), r.raw["cpu_suspend"]
+    assert [e["name"] for e in r.events if e["kind"] == "system_event" and e["by"] == "kvm"][:1] == ["WAKEUP"], \
+        r.describe()
+
+
+@pytest.mark.el1
+@pytest.mark.hvc
+def test_cpus_and_hotplug_work_with_idle_states(idle_run):
+    """The same bring-up and hotplug results with CPU_SUSPEND in the idle loop."""
+    r = idle_run
+    assert _init_line(r)["processors"] == "2", r.describe()
+    assert _hotplug_lines(r) == [("1", "off", "0", "0", "1"), ("1", "on", "0", "0-1", "2")], _console(r)[-2000:]
+    assert _psci_calls(r)[-1]["nr"] == psci.SYSTEM_OFF, r.describe()
+
+
 # ---- differential ---------------------------------------------------------------------------------------------
 @pytest.mark.el1
 @pytest.mark.hvc
@@ -276,7 +321,7 @@ def test_in_kernel_psci_gives_linux_the_same_view_of_the_firmware(hvc_run, kerne
 
 
 # ---- health -----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("which", ["hvc_run", "smc_run", "kernel_run", "restart_run"])
+@pytest.mark.parametrize("which", ["hvc_run", "smc_run", "kernel_run", "restart_run", "idle_run"])
 def test_neither_kernel_printed_a_failure(request, which):
     """The L2 console (emulated PL011) and the L1 console while it ran carry no Oops/WARNING/BUG/panic/lockup."""
     r = request.getfixturevalue(which)
