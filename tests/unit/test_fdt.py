@@ -137,6 +137,25 @@ def test_l2_timer_lists_the_four_arch_timer_ppis():
     assert all(irqs[i] == 1 for i in range(0, 12, 3))            # GIC_PPI
 
 
+def test_l2_idle_state_links_every_cpu_to_the_psci_suspend_param():
+    blob = linux.device_tree([0x8000_0000, 0x8000_0001], 256 << 20, "hvc", "", None,
+                             idle_param=linux.IDLE_STATES["standby"])
+    cpus = fdt.parse(blob)["children"]["cpus"]["children"]
+    idle = cpus["idle-states"]
+    assert idle["props"]["entry-method"] == b"psci\0"
+    st = idle["children"]["cpu-standby"]["props"]
+    assert fdt.strings_of(st["compatible"]) == ["arm,idle-state"]
+    assert fdt.cells(st["arm,psci-suspend-param"]) == [0x1]
+    for name in ("cpu@0", "cpu@1"):
+        assert fdt.cells(cpus[name]["props"]["cpu-idle-states"]) == fdt.cells(st["phandle"])
+
+
+def test_l2_tree_has_no_idle_states_by_default():
+    _, t = _l2_tree()
+    cpus = t["children"]["cpus"]["children"]
+    assert "idle-states" not in cpus and "cpu-idle-states" not in cpus["cpu@0"]["props"]
+
+
 @pytest.mark.skipif(shutil.which("dtc") is None, reason="dtc (device-tree-compiler) is not installed")
 def test_dtc_decompiles_the_l2_tree_without_warnings():
     blob, _ = _l2_tree()
