@@ -284,8 +284,9 @@ def run_suite(workers: int, kernel_spec: str, extra: list[str]) -> dict:
     if "slowest 5 durations" in p.stdout:
         block = p.stdout.split("slowest 5 durations", 1)[1].splitlines()[1:6]
         slow = [ln.strip() for ln in block if ln.strip()]
+    failed = [ln.split(" - ")[0] for ln in lines if ln.startswith(("FAILED ", "ERROR "))]
     return {"workers": workers, "wall_s": wall, "rc": p.returncode, "summary": summary.strip("= "),
-            "slowest": slow, "extra": extra}
+            "slowest": slow, "failed": failed, "extra": extra}
 
 
 def section_suite(kernel_spec: str, results: dict, cold_too: bool) -> None:
@@ -298,6 +299,8 @@ def section_suite(kernel_spec: str, results: dict, cold_too: bool) -> None:
         out(f"  -n {w} {'cold (--no-snapshot)' if extra else 'warm'}: {r['wall_s']:.1f} s wall, rc {r['rc']}: "
             f"{r['summary']}")
         for ln in r["slowest"]:
+            out(f"      {ln}")
+        for ln in r["failed"]:
             out(f"      {ln}")
     results["suite"] = runs
 
