@@ -53,7 +53,7 @@ DEFAULT_TESTS = ("smccc_filter", "psci_test", "hypercalls", "hello_el2")  # base
 KSFT_PASS, KSFT_FAIL, KSFT_XFAIL, KSFT_XPASS, KSFT_SKIP = 0, 1, 2, 3, 4
 GUEST_DIR = "/tmp/selftests"
 # tests whose vCPUs take upstream's default (HAS_EL2 when KVM_CAP_ARM_EL2): worth running with and without NV
-NV_SENSITIVE = ("smccc_filter", "psci_test", "hypercalls")
+NV_SENSITIVE = ("smccc_filter", "psci_test", "hypercalls", "kvm-uuid", "set_id_regs", "mmio_sign_ext")
 # per-test deadline under TCG (seconds); nested VMs make teardown slow
 DEFAULT_TIMEOUT_S = 300.0
 

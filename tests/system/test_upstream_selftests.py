@@ -9,7 +9,8 @@ their own), so a case is a program run, in a variant:
 
 * ``el2``: upstream's default.  Its library gives every vCPU ``KVM_ARM_VCPU_HAS_EL2`` when the kernel has
   ``KVM_CAP_ARM_EL2`` (lib/arm64/processor.c ``vm_supports_el2()``; ../shared/docs/kvm-smccc-abi.md §1.3),
-  so the guest code runs at vEL2 and smccc_filter's guest calls with SMC only (``test_runs_at_el2()``).
+  so the guest code runs at vEL2: smccc_filter's guest calls with SMC only (``test_runs_at_el2()``), and
+  ``do_smccc()`` (psci_test, hypercalls, kvm-uuid) picks SMC at EL2, HVC at EL1.
   Every nested VM costs seconds of set-up and teardown under TCG, hence ``slow`` for the programs that
   create many (smccc_filter 8+, psci_test 3 with 2 vCPUs).
 * ``el1``: ``NV=0``, a plain EL1 vCPU: smccc_filter's guest calls with HVC and SMC.
@@ -35,6 +36,7 @@ PROGRAMS = {
     "psci_test": ("el2", "el1"),  # KVM's PSCI: CPU_ON, SYSTEM_SUSPEND, SYSTEM_OFF2: kvm-smccc-abi.md §2.3, §3.2
     "hypercalls": ("el2", "el1"),  # firmware pseudo-register bitmaps hide SMCCC services: §1.4, §3.3
     "hello_el2": ("el2",),  # a HAS_EL2 vCPU enters at vEL2 with E2H set: kvm-smccc-abi.md §1.3, §3.3
+    "kvm-uuid": ("el2", "el1"),  # VENDOR_HYP CALL_UID through do_smccc (SMC at vEL2, HVC at EL1): §3.3
     "set_id_regs": ("el1",),  # prints KTAP: one pytest item per ID register field (kvm-smccc-abi.md §1.3)
 }
 SLOW = {("smccc_filter", "el2"), ("psci_test", "el2"), ("hypercalls", "el2")}
@@ -93,7 +95,7 @@ def _make_test(program: str):
             f"upstream {program} ({variant}, {selftest_build.source.label}) failed: {why}"
             + (f"; failed cases: {', '.join(failed)}" if failed else "") + f"\n--- KTAP ---\n{run.tap_text}")
 
-    test.__name__ = f"test_selftest_{program}"
+    test.__name__ = f"test_selftest_{program.replace('-', '_')}"
     test.__doc__ = (f"Upstream's tools/testing/selftests/kvm {program} exits 0 (or skips with its own reason) in "
                     f"the guest: variants {', '.join(PROGRAMS[program])}.")
     return test
@@ -148,5 +150,6 @@ test_selftest_smccc_filter = _make_test("smccc_filter")
 test_selftest_psci_test = _make_test("psci_test")
 test_selftest_hypercalls = _make_test("hypercalls")
 test_selftest_hello_el2 = _make_test("hello_el2")
+test_selftest_kvm_uuid = _make_test("kvm-uuid")
 test_selftest_set_id_regs = _make_test("set_id_regs")
 test_selftest_set_id_regs_case = _make_case_test("set_id_regs")
