@@ -63,7 +63,12 @@ def _marks(program: str, variant: str) -> list:
     return marks
 
 
-def _program_run(program: str, variant: str, guest, selftest_build, record_property) -> selftests.SelftestRun:
+def _attach(request, name: str, value) -> None:
+    """A report property (JUnit <property>, report.user_properties) without record_property's xunit2 warning."""
+    request.node.user_properties.append((name, value))
+
+
+def _program_run(program: str, variant: str, guest, selftest_build, request) -> selftests.SelftestRun:
     """The program's run in this guest (one per guest, program and variant), attached to the report."""
     if program not in selftest_build.binaries:
         pytest.skip(f"{selftest_build.source.label} has no arm64 KVM selftest {program!r}")
@@ -74,17 +79,17 @@ def _program_run(program: str, variant: str, guest, selftest_build, record_prope
         selftests.record_cases(run, selftest_build.source.label)
         _RUNS[key] = run
     run = _RUNS[key]
-    record_property("selftest_tap", str(guest.run_dir / "selftests" / f"{program}-{variant}.tap"))
-    record_property("selftest_seconds", run.seconds)
-    record_property("selftest_source", selftest_build.source.label)
+    _attach(request, "selftest_tap", str(guest.run_dir / "selftests" / f"{program}-{variant}.tap"))
+    _attach(request, "selftest_seconds", run.seconds)
+    _attach(request, "selftest_source", selftest_build.source.label)
     return run
 
 
 def _make_test(program: str):
     @pytest.mark.parametrize("variant", [pytest.param(v, marks=_marks(program, v), id=v) for v in PROGRAMS[program]])
-    def test(variant, guest, selftest_build, record_property):
-        run = _program_run(program, variant, guest, selftest_build, record_property)
-        record_property("selftest_output", run.output[-8000:])
+    def test(variant, guest, selftest_build, request):
+        run = _program_run(program, variant, guest, selftest_build, request)
+        _attach(request, "selftest_output", run.output[-8000:])
         outcome, why = selftests.outcome(run)
         if outcome == "skipped":
             pytest.skip(f"upstream {program}: {why}")
@@ -108,13 +113,13 @@ def _case_id(variant: str, case: str) -> str:
 def _make_case_test(program: str):
     """One item per case of a program that prints KTAP (names: pytest_generate_tests below); before any list
     of its cases is known, one item per variant that skips saying so."""
-    def test(variant, case, guest, selftest_build, record_property):
-        run = _program_run(program, variant, guest, selftest_build, record_property)
+    def test(variant, case, guest, selftest_build, request):
+        run = _program_run(program, variant, guest, selftest_build, request)
         if case is None:
             pytest.skip(f"no case list of upstream {program} ({variant}) for {selftest_build.source.label} yet: "
                         f"test_selftest_{program}[{variant}] records it; the next collection has one item per case")
         outcome, why = selftests.case_outcome(run, case)
-        record_property("selftest_case_output", why[-4000:])
+        _attach(request, "selftest_case_output", why[-4000:])
         if outcome == "skipped":
             pytest.skip(f"upstream {program}: {case}: {why}")
         if outcome == "missing":
