@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from harness.payloads import build_payloads
 from harness.paths import REPO_ROOT
+from harness.payloads import build_payloads
 
 
 def cli(*args, timeout=300):

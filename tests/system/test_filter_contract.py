@@ -9,7 +9,7 @@ firmware/psci_version.S.  Errnos come straight from the kernel: each filter's re
 import pytest
 
 from harness.guest import kvm
-from harness.payloads import encode_call_table, decode_call_results, get_payload
+from harness.payloads import decode_call_results, encode_call_table, get_payload
 from harness.scenarios import PSCI_FWD, deny, fwd, handle, scenario
 
 pytestmark = [pytest.mark.el1, pytest.mark.filter]
