@@ -89,12 +89,17 @@ def main(args) -> int:
     def say(msg: str) -> None:
         print(f"[smccc-harness matrix] {msg}", flush=True)
 
-    runs = run_matrix(list(args.kernels), out, markers=args.markers, k=args.k, workers=args.workers,
-                      accel=args.accel, extra=list(args.pytest_args), progress=say)
+    if args.report_only:
+        out = Path(args.report_only).resolve()
+        runs = [read_junit(out / label_dir(k) / "junit.xml", k) for k in args.kernels
+                if (out / label_dir(k) / "junit.xml").is_file()]
+    else:
+        runs = run_matrix(list(args.kernels), out, markers=args.markers, k=args.k, workers=args.workers,
+                          accel=args.accel, extra=list(args.pytest_args), progress=say)
     table = format_matrix(runs)
     (out / "report.txt").write_text(table + "\n")
     (out / "report.html").write_text(render_html(runs))
-    print(table)
+    print(format_matrix(runs, brief=True) if args.brief else table)
     say(f"report: {out / 'report.html'} (text: {out / 'report.txt'})")
     return exit_status(runs)
 
@@ -108,5 +113,9 @@ def add_cli(sub) -> None:
     p.add_argument("-k", default=None, help="pytest -k expression")
     p.add_argument("-n", "--workers", type=int, default=1, help="pytest-xdist workers per kernel (each boots its VM)")
     p.add_argument("--accel", default=os.environ.get("SMCCC_ACCEL", "auto"), choices=("auto", "tcg", "kvm"))
+    p.add_argument("--brief", action="store_true",
+                   help="terminal table: only scenarios that did not pass everywhere (report.txt/html stay complete)")
+    p.add_argument("--report-only", metavar="DIR", default=None,
+                   help="no runs: rebuild the table and report.html from DIR/*/junit.xml of an earlier matrix")
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     p.set_defaults(func=main)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import paths
 
-SYMBOL = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped": "SKIP", None: "-"}
+SYMBOL = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped": "SKIP", "xfailed": "XFAIL", None: "-"}
 
 
 # ---- JUnit properties written by the plugin --------------------------------------------------------
@@ -83,7 +83,7 @@ def save_test_console(run_dir: Path, nodeid: str, text: str) -> Path:
 # ---- reading results -------------------------------------------------------------------------------
 @dataclass
 class TestResult:
-    outcome: str  # passed | failed | error | skipped
+    outcome: str  # passed | failed | error | skipped | xfailed
     message: str = ""
     time: float = 0.0
     properties: dict[str, str] = field(default_factory=dict)
@@ -98,7 +98,7 @@ class KernelRun:
     note: str = ""  # e.g. "pytest exit 3"
 
     def counts(self) -> dict[str, int]:
-        out = {"passed": 0, "failed": 0, "error": 0, "skipped": 0}
+        out = {"passed": 0, "failed": 0, "error": 0, "skipped": 0, "xfailed": 0}
         for r in self.results.values():
             out[r.outcome] = out.get(r.outcome, 0) + 1
         return out
@@ -121,6 +121,8 @@ def read_junit(path: Path, label: str) -> KernelRun:
         for child in tc:
             if child.tag in ("failure", "error", "skipped"):
                 outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[child.tag]
+                if child.tag == "skipped" and child.get("type") == "pytest.xfail":
+                    outcome = "xfailed"
                 msg = child.get("message", "") or (child.text or "")[:300]
                 break
         props = {p.get("name", ""): p.get("value", "") for p in tc.findall("properties/property")}
@@ -142,12 +144,15 @@ def column_title(run: KernelRun) -> str:
     return f"{run.label} ({v})" if v and v != run.label else run.label
 
 
-def format_matrix(runs: list[KernelRun]) -> str:
-    """The scenario x kernel table, plain text, plus a totals row and each kernel's properties."""
+def format_matrix(runs: list[KernelRun], brief: bool = False) -> str:
+    """The scenario x kernel table, plain text, plus a totals row and each kernel's properties.
+    ``brief``: only the scenarios that did not pass on every kernel."""
     scen = _scenarios(runs)
+    if brief:
+        scen = [s for s in scen if any(s not in r.results or r.results[s].outcome != "passed" for r in runs)]
     head = ["scenario"] + [column_title(r) for r in runs]
     body = [[s] + [SYMBOL[r.results[s].outcome] if s in r.results else "-" for r in runs] for s in scen]
-    totals = ["total"] + ["{passed}P {failed}F {error}E {skipped}S".format(**r.counts()) for r in runs]
+    totals = ["total"] + ["{passed}P {failed}F {error}E {skipped}S {xfailed}X".format(**r.counts()) for r in runs]
     rows = [head, *body, totals]
     w = [max(len(row[i]) for row in rows) for i in range(len(head))]
     fmt = "  ".join(f"{{:<{x}}}" for x in w)
@@ -164,7 +169,7 @@ def format_matrix(runs: list[KernelRun]) -> str:
 
 _CSS = """body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}
 td,th{border:1px solid #bbb;padding:3px 8px;font-size:13px;vertical-align:top}th{background:#eee}
-.passed{background:#c8f0c8}.failed{background:#f4b4b4}.error{background:#f7d08a}.skipped{background:#e4e4e4}
+.passed{background:#c8f0c8}.xfailed{background:#dde8f8}.failed{background:#f4b4b4}.error{background:#f7d08a}.skipped{background:#e4e4e4}
 td.s{font-family:monospace}small{color:#555}"""
 
 
@@ -188,7 +193,8 @@ def render_html(runs: list[KernelRun], title: str = "smccc-harness kernel matrix
             parts.append(f"<td class={t.outcome}{tip}>{SYMBOL[t.outcome]} <small>{t.time:.2f}s</small>{link}</td>")
         parts.append("</tr>")
     parts.append("<tr><th>total</th>")
-    parts += ["<th>{passed} pass, {failed} fail, {error} error, {skipped} skip</th>".format(**r.counts()) for r in runs]
+    parts += ["<th>{passed} pass, {failed} fail, {error} error, {skipped} skip, {xfailed} xfail</th>".format(**r.counts())
+              for r in runs]
     parts.append("</tr></table><h2>Runs</h2>")
     for r in runs:
         parts.append(f"<h3>{e(r.label)}</h3><table>")
