@@ -10,7 +10,7 @@
 //     x0 = CPU_ON64, x1 = target, x2 = secondary_entry, x3 = context id; smc #0 (symbol cpu_on_smc)
 //     x0 = AFFINITY_INFO64, x1 = target, x2 = 0; smc #0 (symbol affinity_smc), repeated until x0 = 0 (ON),
 //          at most 64 times
-//     wait (WFE loop, at most 5 s by CNTVCT_EL0) until the secondary has published its record
+//     wait (WFE loop, at most 20 s by CNTVCT_EL0) until the secondary has published its record
 //     x0 = CPU_ON64 again, same arguments; smc #0 (symbol cpu_on_again_smc) -> ALREADY_ON (-4) expected
 //     REPORT slot 0 <- CPU_ON x0, 1 <- last AFFINITY_INFO x0, 2 <- number of AFFINITY_INFO calls,
 //            3 <- 1 if the secondary's record was seen (0: the wait gave up), 4 <- second CPU_ON x0
@@ -40,7 +40,7 @@
     .equ DEFAULT_TARGET,    1
     .equ DEFAULT_CTX,       0xC0FFEE
     .equ MAX_AFFINITY_POLLS, 64
-    .equ WAIT_SECONDS,      5
+    .equ WAIT_SECONDS,      20
 
     .section .text.entry, "ax"
     .global _start

@@ -80,7 +80,7 @@ class NestedRuns:
             payload_name, kw = SCENARIOS[name]
             p = get_payload(payload_name)
             spec = scenario(f"nested_{name}_{'e2h0' if e2h0 else 'e2h'}", p, el2=True, e2h0=e2h0,
-                            deadline_s=10.0, **kw)
+                            deadline_s=30.0, **kw)
             self.results[key] = guest.run(spec, payload=p)
         return self.results[key]
 
@@ -390,7 +390,7 @@ CPU_ON_PATHS = [pytest.param("cpu_on_kernel", id="in_kernel"), pytest.param("cpu
 def _cpu_on(r):
     d = pl.decode_cpu_on(block(r))
     assert d["secondary"] is not None, (
-        f"the secondary never published its record within the payload's 5 s wait: {d}\n"
+        f"the secondary never published its record within the payload's 20 s wait: {d}\n"
         "(no vcpu1 report at all = its thread was never scheduled in the L1 guest: docs/nested-routing.md, "
         f"'A secondary that never runs')\n{r.describe()}")
     return d
