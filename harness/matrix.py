@@ -12,6 +12,7 @@ handler traces.  Then it writes ``OUT/report.html`` and prints the same scenario
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shlex
@@ -29,7 +30,10 @@ NOT_PER_KERNEL = ("tests/system/test_kernel_workflow.py", "tests/system/test_bis
 
 
 def label_dir(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", label).strip("_") or "kernel"
+    """A short directory name for a kernel label (unix socket paths under it must stay < 108 bytes)."""
+    if "/" in label and not label.startswith("pkg:"):
+        return f"{Path(label).name}-{hashlib.sha256(label.encode()).hexdigest()[:8]}"
+    return (re.sub(r"[^A-Za-z0-9_.+-]+", "_", label).strip("_") or "kernel")[:64]
 
 
 def pytest_argv(kernel: str, out: Path, markers: str, k: str | None, workers: int, accel: str,

@@ -140,8 +140,9 @@ def _scenarios(runs: list[KernelRun]) -> list[str]:
 
 
 def column_title(run: KernelRun) -> str:
+    label = Path(run.label).name if "/" in run.label and not run.label.startswith("pkg:") else run.label
     v = run.properties.get("kernel_version")
-    return f"{run.label} ({v})" if v and v != run.label else run.label
+    return f"{label} ({v})" if v and v != label else label
 
 
 def format_matrix(runs: list[KernelRun], brief: bool = False) -> str:
