@@ -16,6 +16,7 @@ import hashlib
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -27,6 +28,13 @@ from .report import KernelRun, format_matrix, read_junit, render_html
 DEFAULT_KERNELS = ("6.12", "7.2", "default")
 # tests of the harness's own commands (they start their own pytest/QEMU on the default kernel): not per kernel
 NOT_PER_KERNEL = ("tests/system/test_kernel_workflow.py", "tests/system/test_bisect.py")
+
+
+def default_sigint() -> None:
+    """In the child: SIGINT back to default.  A CI job started in the background (``cmd &``) has SIGINT
+    ignored, the pytest child would inherit that, and Ctrl-C-style teardown (tests/system/test_faults.py)
+    could not be exercised."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def label_dir(label: str) -> str:
@@ -65,7 +73,7 @@ def run_matrix(kernels: list[str], out: Path, *, markers: str = "not slow", k: s
         t0 = time.monotonic()
         with open(d / "pytest.log", "w") as log:
             rc = subprocess.run(argv, cwd=paths.REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, check=False).returncode
+                                stdin=subprocess.DEVNULL, check=False, preexec_fn=default_sigint).returncode
         dt = time.monotonic() - t0
         if junit.is_file():
             run = read_junit(junit, spec)
