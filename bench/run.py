@@ -206,13 +206,16 @@ def section_process(a: Assets, n: int, kernel_spec: str, results: dict) -> None:
         out(f"  python+imports {r['imports']:.3f}  +assets {r['assets']:.3f}  guest ready {r['ready']:.3f} s"
             + (f"  FALLBACK {r['fallback']}" if r["fallback"] else ""))
     out(f"  median guest ready: {statistics.median(r['ready'] for r in rows):.3f} s after process start")
-    t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "pytest", "tests/system/test_forwarding_el1.py", "-q", "-p",
-                        "no:cacheprovider", "-k", "stays_in_kernel", "--kernel", kernel_spec],
-                       capture_output=True, text=True, cwd=paths.REPO_ROOT, timeout=600, check=False)
-    wall = time.monotonic() - t0
-    results["process_pytest_one_test_s"] = wall
-    out(f"  pytest, one system test, warm: {wall:.2f} s wall ({(p.stdout.strip().splitlines() or ['?'])[-1]})")
+    for label, extra in (("", []), (" with -p no:hypothesispytest", ["-p", "no:hypothesispytest"]),
+                         (" --no-snapshot (cold)", ["--no-snapshot"])):
+        t0 = time.monotonic()
+        p = subprocess.run([sys.executable, "-m", "pytest", "tests/system/test_forwarding_el1.py", "-q", "-p",
+                            "no:cacheprovider", "-k", "stays_in_kernel", "--kernel", kernel_spec, *extra],
+                           capture_output=True, text=True, cwd=paths.REPO_ROOT, timeout=600, check=False)
+        wall = time.monotonic() - t0
+        results[f"process_pytest_one_test{label.replace(' ', '_')}_s"] = wall
+        out(f"  pytest, one system test{label}: {wall:.2f} s wall "
+            f"({(p.stdout.strip().splitlines() or ['?'])[-1]})")
 
 
 # ---- per-scenario latency ------------------------------------------------------------------------------
