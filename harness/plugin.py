@@ -247,14 +247,27 @@ def pytest_sessionfinish(session):
     from _pytest.junitxml import xml_key
     xml = session.config.stash.get(xml_key, None)
     pool = session.config.stash.get(_POOL_KEY, None)
+    opt = session.config.getoption
+    from .report import suite_properties
+    if xml is not None and (pool is None or not pool.assets) and _is_xdist_controller(session.config):
+        try:  # the workers booted the guests; the controller writes the JUnit file: describe the kernel file
+            from .kernel import resolve_kernel
+            for name, value in suite_properties(resolve_kernel(opt("--kernel")), {}, opt("--qemu-bin"),
+                                                resolve_accel(opt("--accel"))):
+                xml.add_global_property(name, value)
+        except Exception as e:  # noqa: BLE001 - a property must never fail the run
+            xml.add_global_property("kernel_error", str(e))
+        return
     if xml is None or pool is None or not pool.assets:
         return
-    from .report import suite_properties
     caps = next((s.caps for s in pool.sessions if getattr(s, "caps", None)), {})
-    opt = session.config.getoption
     for name, value in suite_properties(pool.assets.get("kernel"), caps, opt("--qemu-bin"),
                                         resolve_accel(opt("--accel")), pool.assets.get("initrd")):
         xml.add_global_property(name, value)
+
+
+def _is_xdist_controller(config) -> bool:
+    return bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
 
 
 def _row(report) -> dict:
