@@ -83,6 +83,8 @@ def test_parallel_workers_each_boot_their_own_guest(default_image, tmp_path):
     assert len(logs) == 2 and all(Path(p).is_file() for p in logs), logs
     pids = {re.search(r"-(\d+)-\d+/console\.log$", p).group(1) for p in logs}  # run dirs are <prefix>-<time>-<pid>-<n>
     assert len(pids) == 2, logs
+    suite = {p.get("name"): p.get("value") for p in ET.parse(junit).getroot().find("testsuite/properties")}
+    assert suite["kernel_image"] == default_image  # the xdist controller still describes the kernel
 
 
 @pytest.mark.slow
