@@ -65,6 +65,11 @@ def pytest_configure(config):
     if config.getoption("--kernel-pkg", None):
         config.option.kernel = "pkg:" + config.getoption("--kernel-pkg")
     config.addinivalue_line("markers", "system_suspend: needs KVM_CAP_ARM_SYSTEM_SUSPEND")
+    if config.getoption("--accel", "auto") == "kvm" and not hasattr(config, "workerinput"):
+        try:  # an impossible --accel kvm is a usage error (exit 4), said once, never a silent TCG fallback
+            resolve_accel("kvm")
+        except HarnessError as e:
+            raise pytest.UsageError(str(e)) from None
     _install_sigterm_handler()
 
 
