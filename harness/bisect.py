@@ -30,7 +30,6 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -160,25 +159,26 @@ def run_step(selection: list[str], *, src: Path, build: bool = True, out: Path |
         if not image.is_file():
             return "infra", f"--no-build: no {image}; build first or pass --kernel"
         kernel = str(image)
-    with tempfile.TemporaryDirectory(prefix="smccc-bisect-") as tmp:
-        junit = Path(tmp) / "junit.xml"
-        argv = pytest_argv(selection, kernel, junit, list(extra_pytest))
-        _say("$ " + " ".join(shlex.quote(a) for a in argv))
-        try:
-            # every bisect step boots a different kernel once: a warm-start snapshot would never be reused
-            env = dict(os.environ, SMCCC_NO_SNAPSHOT=os.environ.get("SMCCC_NO_SNAPSHOT", "1"))
-            rc = subprocess.run(argv, cwd=paths.REPO_ROOT, check=False, timeout=timeout_s, env=env,
-                                stdin=subprocess.DEVNULL).returncode
-        except subprocess.TimeoutExpired:
-            return "infra", f"pytest did not finish within {timeout_s:.0f} s"
-        counts = parse_junit(junit) if junit.is_file() else None
+    # the step's JUnit file and guest run directories stay (runs/bisect-*), never in the kernel tree or /tmp
+    step_dir = paths.new_run_dir("bisect", Path(os.environ.get("SMCCC_HARNESS_RESULTS") or paths.REPO_ROOT / "runs"))
+    junit = step_dir / "junit.xml"
+    argv = pytest_argv(selection, kernel, junit, ["--results-dir", str(step_dir), *extra_pytest])
+    _say("$ " + " ".join(shlex.quote(a) for a in argv))
+    try:
+        # every bisect step boots a different kernel once: a warm-start snapshot would never be reused
+        env = dict(os.environ, SMCCC_NO_SNAPSHOT=os.environ.get("SMCCC_NO_SNAPSHOT", "1"))
+        rc = subprocess.run(argv, cwd=paths.REPO_ROOT, check=False, timeout=timeout_s, env=env,
+                            stdin=subprocess.DEVNULL).returncode
+    except subprocess.TimeoutExpired:
+        return "infra", f"pytest did not finish within {timeout_s:.0f} s"
+    counts = parse_junit(junit) if junit.is_file() else None
     outcome = classify(rc, counts)
     c = counts or Counts()
     detail = (f"pytest exit {rc}: {c.passed} passed, {c.failed} failed, {c.errors} errors, {c.skipped} skipped "
               f"({time.monotonic() - t0:.1f} s)")
     if c.failed_names:
         detail += "; failed: " + ", ".join(c.failed_names[:3])
-    return outcome, detail
+    return outcome, detail + f"; logs: {step_dir}"
 
 
 def main(args) -> int:
