@@ -74,6 +74,7 @@ KEEP_RECENT_S = 120.0        # never prune a snapshot restored this recently (an
 SAVE_DEADLINE_S = 60.0
 RESTORE_DEADLINE_S = 30.0
 PING_DEADLINE_S = 10.0
+TIMER_PROBE_DEADLINE_S = 3.0
 LOCK_TIMEOUT_S = 600.0       # waiting for another process that is building the same snapshot
 NO_SNAPSHOT_ENV = "SMCCC_NO_SNAPSHOT"
 FULL_ARGV_ENV = "SMCCC_SNAPSHOT_FULL_ARGV"
@@ -279,6 +280,11 @@ class SnapshotStore:
         self.prune(keep=dest)
         return dest
 
+    def discard(self, key: str) -> None:
+        """Remove a snapshot found bad (under its lock); the next warm start builds a new one."""
+        with self.lock(key):
+            shutil.rmtree(self.snapshot(key).path, ignore_errors=True)
+
     def entries(self) -> list[Snapshot]:
         if not self.root.is_dir():
             return []
@@ -376,6 +382,14 @@ def restore_config(config: MachineConfig, snap: Snapshot, stubs: bool = True) ->
     return cfg
 
 
+class DeadTimerSnapshot(SnapshotError):
+    """A snapshot whose restores come up without a working timer interrupt: deterministic, so discard it.
+
+    Seen on QEMU 10.0.2 TCG: whether a saved state restores with a live tick depends on the moment it was
+    saved; a bad one is bad on every restore (sleeps never end, a spinning vCPU thread is never preempted).
+    """
+
+
 def restore(session, snap: Snapshot, *, stubs: bool | None = None) -> None:
     """Start ``session`` (not yet started) from ``snap``: QEMU with ``-incoming defer``, load, cont, ping.
 
@@ -405,6 +419,13 @@ def restore(session, snap: Snapshot, *, stubs: bool | None = None) -> None:
         pong = session.channel.request("ping", None, PING_DEADLINE_S)
         if not pong.get("pong"):
             raise SnapshotError(f"the restored agent answered ping with {pong!r}")
+        try:
+            session.channel.request("timer_probe", None, TIMER_PROBE_DEADLINE_S)
+        except HarnessError as e:
+            raise DeadTimerSnapshot(
+                f"snapshot {snap.key}: the restored guest's timer interrupt is dead (a 20 ms sleep did not end "
+                f"in {TIMER_PROBE_DEADLINE_S:.0f} s); QEMU did not re-arm the guest's EL2 timer on this "
+                f"restore, the snapshot is discarded") from e
     except SnapshotError:
         session.close()
         raise
@@ -468,6 +489,8 @@ def warm_start(session, store: SnapshotStore | None = None):
         raise
     except (SnapshotError, HarnessError, OSError) as e:
         reason = f"{type(e).__name__}: {e}"
+        if isinstance(e, DeadTimerSnapshot):
+            store.discard(key)
     if session.channel is not None and session.alive():
         try:        # the save failed but the cold-booted guest was resumed: use it
             session.channel.request("ping", None, PING_DEADLINE_S)
