@@ -306,25 +306,9 @@ class LinuxRun(ScenarioRun):
             return {"name": self.spec["name"], "outcome": "setup_error", "error": f"{type(e).__name__}: {e}",
                     "events": self.trace.export(), "console": ""}
         t1 = time.monotonic()
-        threads = [threading.Thread(target=self._loop, args=(v,), name=f"vcpu{v.index}", daemon=True)
-                   for v in self.vm.vcpus]
-        for t in threads:
-            t.start()
-        if not self.finished.wait(self.spec["deadline_s"]):
-            self.finish("deadline")
-        for t in threads:
-            t.join(5.0)
-        stuck = [t.name for t in threads if t.is_alive()]
+        stuck, vcpus = self._run_vcpus()
         t2 = time.monotonic()
         self.uart.flush()
-        vcpus = []
-        if not stuck:
-            for v in self.vm.vcpus:
-                vcpus.append({"index": v.index, "pc": v.pc, "pstate": v.pstate, "x": v.get_xs(31),
-                              "mpidr": v.mpidr, "mp_state": v.get_mp_state(), "parked": self.vstate[v.index].parked})
-            if self.outcome == "deadline":
-                for d in vcpus:
-                    self.trace.add("deadline", d["index"], pc=d["pc"], pstate=d["pstate"])
         result = {
             "name": self.spec["name"], "outcome": self.outcome, "exit_code": None,
             "events": self.trace.export(), "exits": self.exits, "trace_dropped": self.trace.dropped,

@@ -357,16 +357,12 @@ class ScenarioRun:
             v.set_mmio_read_data(0, length)
         self.trace.add("mmio", v.index, addr=addr, len=length, is_write=is_write, data=value, pc=v.pc)
 
-    # ---- top level -------------------------------------------------------------------------------------
-    def run(self) -> dict:
-        t0 = time.monotonic()
-        try:
-            self.setup()
-        except kvm.KvmError as e:
-            self._cleanup()
-            return {"name": self.spec["name"], "outcome": "setup_error", "error": str(e), "errno": e.errname,
-                    "events": self.trace.records}
-        t1 = time.monotonic()
+    def _run_vcpus(self) -> tuple[list[str], list[dict]]:
+        """One thread per vCPU until the outcome or the deadline (stopping the world to migrate when asked).
+
+        Returns the names of threads that did not stop, and each vCPU's final state (empty if any is stuck:
+        its registers cannot be read while it is inside KVM_RUN).
+        """
         threads = [threading.Thread(target=self._loop, args=(v,), name=f"vcpu{v.index}", daemon=True)
                    for v in self.vm.vcpus]
         for t in threads:
@@ -391,7 +387,6 @@ class ScenarioRun:
         for t in threads:
             t.join(5.0)
         stuck = [t.name for t in threads if t.is_alive()]
-        t2 = time.monotonic()
         vcpus = []
         if not stuck:
             for v in self.vm.vcpus:
@@ -400,6 +395,20 @@ class ScenarioRun:
             if self.outcome == "deadline":
                 for d in vcpus:
                     self.trace.add("deadline", d["index"], pc=d["pc"], pstate=d["pstate"])
+        return stuck, vcpus
+
+    # ---- top level -------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        t0 = time.monotonic()
+        try:
+            self.setup()
+        except kvm.KvmError as e:
+            self._cleanup()
+            return {"name": self.spec["name"], "outcome": "setup_error", "error": str(e), "errno": e.errname,
+                    "events": self.trace.records}
+        t1 = time.monotonic()
+        stuck, vcpus = self._run_vcpus()
+        t2 = time.monotonic()
         late = self._install_filters(self.spec.get("late_filters", [])) if not stuck else []
         block = self.mem.read(P.RESULT_BASE, RESULT_BLOCK_SIZE).rstrip(b"\0")
         result = {
