@@ -117,6 +117,7 @@ class MachineConfig:
     control_socket: Path | None = None   # unix socket of the virtio-serial port PORT_NAME (QEMU listens)
     qmp_socket: Path | None = None       # unix socket of a QMP monitor (QEMU listens)
     incoming: str | None = None          # "defer": wait for migrate-incoming (snapshot restore)
+    ssh_port: int | None = None          # opt-in SSH (harness/ssh.py): virtio-net user NIC, 127.0.0.1:PORT -> :22
     extra_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -158,6 +159,8 @@ class MachineConfig:
             raise bad(f"cmdline must be a one-line string, got {self.cmdline!r}")
         if self.incoming is not None and (not isinstance(self.incoming, str) or not self.incoming):
             raise bad(f"incoming must be a migration URI such as 'defer', or None, got {self.incoming!r}")
+        if self.ssh_port is not None and (not is_int(self.ssh_port) or not 1 <= self.ssh_port <= 65535):
+            raise bad(f"ssh_port must be a TCP port in 1..65535, or None, got {self.ssh_port!r}")
         if not all(isinstance(a, str) for a in self.extra_args):
             raise bad(f"extra_args must be a tuple of strings, got {self.extra_args!r}")
         for a in self.extra_args:
@@ -192,6 +195,12 @@ class MachineConfig:
         opts.append(f"gic-version={self.gic_version}")
         return ",".join(opts)
 
+    def nic_args(self) -> list[str]:
+        """No NIC, unless SSH was asked for: QEMU user networking with one forward, bound to 127.0.0.1 only."""
+        if self.ssh_port is None:
+            return ["-nic", "none"]
+        return ["-nic", f"user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22"]
+
     def argv(self) -> list[str]:
         """The exact QEMU command line (argv[0] is ``qemu_bin``)."""
         a = [self.qemu_bin,
@@ -201,7 +210,7 @@ class MachineConfig:
              "-smp", str(self.smp),
              "-m", str(self.memory_mb),
              "-display", "none", "-monitor", "none", "-serial", "stdio",
-             "-no-reboot", "-nic", "none",
+             "-no-reboot", *self.nic_args(),
              "-kernel", str(self.kernel)]
         if self.initrd is not None:
             a += ["-initrd", str(self.initrd)]
