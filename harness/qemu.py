@@ -199,7 +199,9 @@ class MachineConfig:
         """No NIC, unless SSH was asked for: QEMU user networking with one forward, bound to 127.0.0.1 only."""
         if self.ssh_port is None:
             return ["-nic", "none"]
-        return ["-nic", f"user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22"]
+        # romfile= : no PXE option ROM (the kernel boots directly; Debian's QEMU may not ship efi-virtio.rom)
+        return ["-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
+                "-device", "virtio-net-pci,netdev=net0,romfile="]
 
     def argv(self) -> list[str]:
         """The exact QEMU command line (argv[0] is ``qemu_bin``)."""

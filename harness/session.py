@@ -149,17 +149,30 @@ class GuestSession:
     scenario_count: int = 0
     broken: str | None = None       # why this guest can no longer serve requests (the pool boots a new one)
     snapshots: bool = False         # start() restores a cached snapshot (harness.snapshot); cold boot as fallback
+    ssh_keys: object = None         # harness.ssh.SshKeys when booted with ssh=True (opt-in, docs/ssh.md)
+    ssh: object = None              # harness.ssh.SshChannel, connected by boot() when ssh_keys is set
 
     @classmethod
     def create(cls, kernel: Path, initrd: Path, run_dir: Path, *, accel: str = "tcg", smp: int = 1,
                memory_mb: int = 1024, append: str = "", boot_deadline_s: float = 120.0,
                qemu_bin: str = "qemu-system-aarch64", incoming: str | None = None,
-               snapshots: bool = False) -> GuestSession:
+               snapshots: bool = False, ssh: bool = False) -> GuestSession:
+        keys = port = None
+        if ssh:     # opt-in (docs/ssh.md): a per-run initrd with dropbear + keys, a NIC, a cold boot
+            from . import ssh as sshmod
+            from . import sshimage
+            keys = sshmod.SshKeys.generate()
+            keys.save(run_dir)
+            initrd = sshimage.build_ssh_initrd(Path(initrd), Path(kernel), Path(run_dir) / "initrd-ssh.cpio",
+                                               keys.authorized_keys(), keys.host_private)
+            append = f"{append} {sshimage.SSH_CMDLINE}".strip()
+            port, snapshots = sshmod.free_port(), False
         cfg = MachineConfig(kernel=Path(kernel), initrd=Path(initrd), cmdline=default_cmdline(append),
                             accel=accel, smp=smp, memory_mb=memory_mb, qemu_bin=qemu_bin,
                             control_socket=run_dir / "ctl.sock", qmp_socket=run_dir / "qmp.sock",
-                            incoming=incoming)
-        return cls(config=cfg, run_dir=run_dir, boot_deadline_s=boot_deadline_s, snapshots=snapshots)
+                            incoming=incoming, ssh_port=port)
+        return cls(config=cfg, run_dir=run_dir, boot_deadline_s=boot_deadline_s, snapshots=snapshots,
+                   ssh_keys=keys)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> GuestSession:
@@ -177,7 +190,18 @@ class GuestSession:
         t0 = time.monotonic()
         self.machine = Machine(self.config, self.run_dir)
         try:
-            self.machine.start()
+            for attempt in range(3 if self.config.ssh_port else 1):
+                try:
+                    self.machine.start()
+                    break
+                except BootError as e:   # another process took the free port first: pick another one
+                    if "host forwarding rule" not in str(e) or attempt == 2:
+                        raise
+                    import dataclasses
+
+                    from .ssh import free_port
+                    self.config = dataclasses.replace(self.config, ssh_port=free_port())
+                    self.machine = Machine(self.config, self.run_dir)
             m = self.machine.console.expect_ready(READY_RE, self.boot_deadline_s)
             self.timings["boot_s"] = round(time.monotonic() - t0, 3)
             self.caps = json.loads(m.group(1))
@@ -186,6 +210,16 @@ class GuestSession:
             hello = self.channel.wait_hello(15.0)
             self.caps = hello.get("caps", self.caps)
             self.timings["ready_s"] = round(time.monotonic() - t0, 3)
+            if self.ssh_keys is not None:
+                from .ssh import SshChannel
+                from .sshimage import FAILED_LINE
+
+                def up() -> bool:   # QEMU alive and the guest's setup script did not give up
+                    self.machine.console.drain(timeout=0.0, max_s=0.05)
+                    return self.machine.alive() and FAILED_LINE not in self.machine.console.text
+                self.ssh = SshChannel(self.config.ssh_port, self.ssh_keys).connect(
+                    max(30.0, self.boot_deadline_s - (time.monotonic() - t0)), alive=up)
+                self.timings["ssh_s"] = round(time.monotonic() - t0, 3)
         except BaseException:
             self.close()
             raise
@@ -201,6 +235,9 @@ class GuestSession:
         return self.machine is not None and self.machine.alive() and self.broken is None
 
     def close(self) -> None:
+        if self.ssh is not None:
+            self.ssh.close()
+            self.ssh = None
         if self.channel is not None:
             self.channel.close()
             self.channel = None
