@@ -25,7 +25,7 @@ VARIANTS = [pytest.param(False, id="e2h"), pytest.param(True, id="e2h0", marks=p
 HANDLER_MARK = 0x5EED_0001            # what the Python handler answers to PSCI_VERSION: KVM never says this
 PSCI_VERSION = psci.PSCI_VERSION
 CTX = 0xC0FFEE
-HCR_E2H, HCR_HCD = 1 << 34, 1 << 29
+HCR_E2H = 1 << 34
 ID_AA64PFR0_EL3 = 0xF << 12          # ID_AA64PFR0_EL1.EL3, bits [15:12]
 MODE_MASK, MODE_EL1H, MODE_EL2H = 0xF, 0x5, 0x9
 SPSR_EL1H_DAIF = 0x3C5
@@ -219,12 +219,12 @@ def test_vel2_hvc_lands_on_the_guest_el2_vector_as_hvc64(guest, nested, e2h0):
 @pytest.mark.parametrize("e2h0", VARIANTS)
 def test_hcd_is_res0_at_vel2_while_kvm_advertises_el3(guest, nested, e2h0):
     """platform.md "Nested routing": with ID_AA64PFR0_EL1.EL3 != 0 HCR_EL2.HCD is RES0: the HVC still lands
-    on the vEL2 vector as HVC64 although the guest set (and reads back) HCD."""
+    on the vEL2 vector as HVC64 although the guest set HCD."""
     hello = ok(nested.get(guest, "hello", e2h0))
     assert hello.reports[2] & ID_AA64PFR0_EL3, f"guest ID_AA64PFR0_EL1 = {hello.reports[2]:#x}: no EL3 advertised"
     r = ok(nested.get(guest, "vectors_hcd", e2h0))
     v = pl.decode_el2_vectors(block(r))
-    assert v["hcr_el2"] & HCR_HCD, f"HCR_EL2 = {v['hcr_el2']:#x}\n{r.describe()}"
+    # v["hcr_el2"] (the read-back) is not asserted: HCD is RES0 here and reads back either way across runs
     assert [(t["vector"], t["ec"]) for t in v["traps"]] == [(VEC_CUR_SPX, pl.EC_HVC64)], r.describe()
     assert r.reports[0] == pl.HVC_MARKER, r.describe()
 
