@@ -167,3 +167,53 @@ class SshChannel:
                               f"&& mv {q}.smccc-tmp {q}", timeout, stdin=data)
         if rc != 0:
             raise GuestError(f"writing {remote} in the guest failed (exit {rc}): {err.strip()}")
+
+
+def push_guest_code(session, files: dict[str, Path] | None = None, timeout: float = 30.0) -> list[str]:
+    """Copy the host's current guest code (harness/initramfs.guest_sources: harness/protocol.py,
+    harness/guest/*.py) into the running guest over SSH; only files whose sha256 differs are sent, and their
+    stale ``__pycache__`` entries (unchecked-hash .pyc, which Python would otherwise keep using) are removed.
+    Returns the guest paths written.  The running agent still has the old code: see :func:`reload_agent`."""
+    import hashlib
+
+    from .initramfs import guest_sources
+    ch: SshChannel = session.ssh
+    if ch is None:
+        raise GuestError("this guest was not booted with SSH", hint="GuestSession.create(..., ssh=True) / --ssh")
+    files = files if files is not None else guest_sources()
+    paths = " ".join(shlex.quote("/" + g) for g in sorted(files))
+    _rc, out, _err = ch.run(f"sha256sum {paths} 2>/dev/null; true", timeout)
+    have = {}
+    for line in out.splitlines():
+        digest, _, path = line.partition("  ")
+        have[path.strip()] = digest
+    written = []
+    for gpath, host in sorted(files.items()):
+        data = Path(host).read_bytes()
+        if have.get("/" + gpath) == hashlib.sha256(data).hexdigest():
+            continue
+        ch.put(data, "/" + gpath, 0o644, timeout)
+        d, name = ("/" + gpath).rsplit("/", 1)
+        stem = name.removesuffix(".py")
+        ch.run(f"rm -f {shlex.quote(d)}/__pycache__/{shlex.quote(stem)}.*.pyc", timeout)
+        written.append("/" + gpath)
+    return written
+
+
+def reload_agent(session, deadline_s: float = 60.0) -> dict:
+    """Ask the agent to re-exec itself (the ``reload`` op: same pid under /init, the code now on disk) and
+    wait for its new hello on the same control channel; returns the new capabilities."""
+    session.request("reload", {}, 10.0)
+    hello = session.channel.wait_hello(deadline_s)
+    session.caps = hello.get("caps", session.caps)
+    return session.caps
+
+
+def update_guest(session, deadline_s: float = 60.0) -> dict:
+    """:func:`push_guest_code` + :func:`reload_agent` when anything changed; timings in the result."""
+    t0 = time.monotonic()
+    written = push_guest_code(session)
+    t1 = time.monotonic()
+    if written:
+        reload_agent(session, deadline_s)
+    return {"written": written, "push_s": round(t1 - t0, 3), "reload_s": round(time.monotonic() - t1, 3)}

@@ -174,6 +174,12 @@ class Agent:
             return put_file(args)
         if op == "stats":
             return {"graveyard_vms": len(GRAVEYARD), "pid": os.getpid()}
+        if op == "reload":     # re-exec after new guest code was pushed over SSH (--reuse-vm, docs/ssh.md)
+            if GRAVEYARD:      # exec would close their fds, i.e. destroy nested VMs (never done, platform.md)
+                raise RuntimeError(f"{len(GRAVEYARD)} nested VM(s) are kept alive in this agent; a reload "
+                                   "would destroy them: boot a new guest instead")
+            self.reexec = True
+            return {"pid": os.getpid()}
         if op == "shutdown":
             subprocess.Popen(["/bin/busybox", "poweroff", "-f"])
             return {"bye": True}
@@ -190,6 +196,8 @@ class Agent:
                 resp = {"type": "response", "id": rid, "ok": False,
                         "error": {"kind": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()}}
             self.send(resp)
+            if getattr(self, "reexec", False):    # same pid (/init still waits for it), new code, new hello
+                os.execv(sys.executable, [sys.executable, "-S", "-m", "harness.guest.agent"])
 
 
 def main() -> int:
