@@ -8,8 +8,11 @@ platform.md).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +24,22 @@ from .errors import BootError, GuestError
 from .qemu import Machine, MachineConfig, default_cmdline
 
 RESULT_BLOCK_SIZE = 0x4000
+SOCK_PREFIX = "smccc-sock-"
+SUN_PATH_MAX = 107          # sockaddr_un.sun_path, minus the NUL
+
+
+def sock_dir(run_dir: Path) -> Path:
+    """Where a run's QMP and control sockets live: the run directory itself (0700), unless that path is too
+    long for a unix socket (deep pytest/xdist tmp dirs, matrix output dirs): then a private 0700 temp dir,
+    removed by :meth:`GuestSession.close`, with a pointer to it left in the run directory."""
+    if len(str(Path(run_dir) / "ctl.sock")) <= SUN_PATH_MAX - 8:
+        return Path(run_dir)
+    d = Path(tempfile.mkdtemp(prefix=SOCK_PREFIX))
+    with contextlib.suppress(OSError):
+        (Path(run_dir) / "sockets").write_text(f"{d}\n")
+    return d
+
+
 READY_RE = re.compile(re.escape(P.READY_BANNER) + r" (\{.*\})")
 
 
@@ -167,9 +186,10 @@ class GuestSession:
                                                keys.authorized_keys(), keys.host_private)
             append = f"{append} {sshimage.SSH_CMDLINE}".strip()
             port, snapshots = sshmod.free_port(), False
+        sockets = sock_dir(run_dir)
         cfg = MachineConfig(kernel=Path(kernel), initrd=Path(initrd), cmdline=default_cmdline(append),
                             accel=accel, smp=smp, memory_mb=memory_mb, qemu_bin=qemu_bin,
-                            control_socket=run_dir / "ctl.sock", qmp_socket=run_dir / "qmp.sock",
+                            control_socket=sockets / "ctl.sock", qmp_socket=sockets / "qmp.sock",
                             incoming=incoming, ssh_port=port)
         return cls(config=cfg, run_dir=run_dir, boot_deadline_s=boot_deadline_s, snapshots=snapshots,
                    ssh_keys=keys)
@@ -243,6 +263,9 @@ class GuestSession:
             self.channel = None
         if self.machine is not None:
             self.machine.stop()
+        sockets = self.config.control_socket.parent if self.config.control_socket else None
+        if sockets is not None and sockets != self.run_dir and sockets.name.startswith(SOCK_PREFIX):
+            shutil.rmtree(sockets, ignore_errors=True)
 
     @property
     def console_log(self) -> Path:
