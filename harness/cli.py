@@ -90,7 +90,7 @@ def cmd_test(args) -> int:
 
 
 # ---- boot / run-payload -----------------------------------------------------------------------------
-def _session(args, append: str = ""):
+def _session(args, append: str = "", ssh: bool = False):
     from . import assets, initramfs
     from .kernel import resolve_kernel
     from .plugin import resolve_accel
@@ -103,11 +103,12 @@ def _session(args, append: str = ""):
     from .snapshot import disabled_by_env
     warm = not (getattr(args, "no_snapshot", False) or disabled_by_env() or getattr(args, "shell", False))
     return GuestSession.create(k.image, cpio, run_dir, accel=resolve_accel(args.accel), append=append,
-                               qemu_bin=args.qemu_bin, boot_deadline_s=args.boot_timeout, snapshots=warm), k
+                               qemu_bin=args.qemu_bin, boot_deadline_s=args.boot_timeout, snapshots=warm,
+                               ssh=ssh), k
 
 
 def cmd_boot(args) -> int:
-    s, k = _session(args, append="smccc.shell" if args.shell else "")
+    s, k = _session(args, append="smccc.shell" if args.shell else "", ssh=getattr(args, "ssh", False))
     if args.print_cmd:
         print(s.config.shell_command())
         return 0
@@ -121,6 +122,9 @@ def cmd_boot(args) -> int:
                   f"KVM: {s.caps.get('kvm_mode')}")
         print(json.dumps(s.caps, indent=2, sort_keys=True))
         _progress(f"console log: {s.console_log}")
+        if s.ssh is not None:
+            _progress(f"ssh: {s.ssh.run('uname -a', 10)[1].strip()}  (key {s.run_dir / 'ssh' / 'id_ed25519'}, "
+                      f"127.0.0.1:{s.config.ssh_port})")
     return 0
 
 
@@ -215,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--print-cmd", action="store_true", help="print the exact QEMU command line and exit")
     p.add_argument("--shell", action="store_true", help="interactive shell on the serial console")
+    p.add_argument("--ssh", action="store_true", help="also bring up the SSH channel (docs/ssh.md) and run uname -a")
     p.set_defaults(func=cmd_boot)
 
     p = sub.add_parser("run-payload", help="run your payload ELF against the handler and print the trace")

@@ -50,6 +50,9 @@ def pytest_addoption(parser):
                 default=os.environ.get("SMCCC_NO_SNAPSHOT", "") not in ("", "0"),
                 help="cold-boot every guest instead of restoring the cached snapshot of a booted guest "
                      "(harness.snapshot) [env SMCCC_NO_SNAPSHOT=1]")
+    g.addoption("--ssh", action="store_true", default=os.environ.get("SMCCC_SSH", "") not in ("", "0"),
+                help="boot the pool's guests with the SSH channel (dropbear, virtio-net, hostfwd on 127.0.0.1; "
+                     "cold boot, no snapshot; docs/ssh.md); session.ssh is a harness.ssh.SshChannel [env SMCCC_SSH=1]")
 
 
 def pytest_configure(config):
@@ -138,7 +141,7 @@ class GuestPool:
             self.session = GuestSession.create(
                 a["kernel"].image, a["initrd"], run_dir, accel=resolve_accel(opt("--accel")), smp=opt("--smp"),
                 memory_mb=opt("--memory"), append=opt("--append"), boot_deadline_s=opt("--boot-timeout"),
-                qemu_bin=opt("--qemu-bin"), snapshots=not opt("--no-snapshot"))
+                qemu_bin=opt("--qemu-bin"), snapshots=not opt("--no-snapshot"), ssh=opt("--ssh"))
             self.sessions.append(self.session)
             self.session.start()
         except BaseException as e:
