@@ -60,13 +60,29 @@ def qemu_processes(marker: str | os.PathLike | None = None) -> list[Proc]:
     """QEMU processes whose command line mentions ``marker`` (e.g. a run directory), plus QEMU zombies that
     this process has not reaped (their command line is gone).  ``marker=None``: every QEMU, everyone's."""
     me = os.getpid()
+    markers = _markers(marker) if marker is not None else []
     out = []
     for p in processes():
         if not is_qemu(p):
             continue
-        if marker is None or str(marker) in " ".join(p.argv) or (p.state == "Z" and p.ppid == me):
+        argv = " ".join(p.argv)
+        if marker is None or any(m in argv for m in markers) or (p.state == "Z" and p.ppid == me):
             out.append(p)
     return out
+
+
+def _markers(marker: str | os.PathLike) -> list[str]:
+    """``marker`` plus the private socket dirs its run directories point to (``<run_dir>/sockets``, written
+    by harness.session.sock_dir when a run dir is too deep for a unix socket path)."""
+    out = [str(marker)]
+    d = Path(marker)
+    if d.is_dir():
+        for f in d.rglob("sockets"):
+            try:
+                out.append(f.read_text().strip())
+            except OSError:
+                pass
+    return [m for m in out if m]
 
 
 def sockets(directory: Path) -> list[Path]:
