@@ -32,7 +32,7 @@ def sock_dir(run_dir: Path) -> Path:
     """Where a run's QMP and control sockets live: the run directory itself (0700), unless that path is too
     long for a unix socket (deep pytest/xdist tmp dirs, matrix output dirs): then a private 0700 temp dir,
     removed by :meth:`GuestSession.close`, with a pointer to it left in the run directory."""
-    if len(str(Path(run_dir) / "ctl.sock")) <= SUN_PATH_MAX - 8:
+    if len(str(Path(run_dir) / "ctl.sock")) <= SUN_PATH_MAX:
         return Path(run_dir)
     d = Path(tempfile.mkdtemp(prefix=SOCK_PREFIX))
     with contextlib.suppress(OSError):
