@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -155,4 +156,10 @@ def sweep_stale_sockets(root: Path) -> list[Path]:
                 if s.is_socket() and not any(str(d) in " ".join(p.argv) for p in qemu_processes(d)):
                     s.unlink()
                     removed.append(s)
+        pointer = d / "sockets"         # a private socket dir (harness.session.sock_dir) of that run
+        with contextlib.suppress(OSError):
+            sd = Path(pointer.read_text().strip())
+            if sd.name.startswith("smccc-sock-") and sd.is_dir() and not qemu_processes(sd):
+                shutil.rmtree(sd, ignore_errors=True)
+                removed.append(sd)
     return removed
