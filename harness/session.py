@@ -237,8 +237,13 @@ class GuestSession:
                 def up() -> bool:   # QEMU alive and the guest's setup script did not give up
                     self.machine.console.drain(timeout=0.0, max_s=0.05)
                     return self.machine.alive() and FAILED_LINE not in self.machine.console.text
-                self.ssh = SshChannel(self.config.ssh_port, self.ssh_keys).connect(
-                    max(30.0, self.boot_deadline_s - (time.monotonic() - t0)), alive=up)
+                try:
+                    self.ssh = SshChannel(self.config.ssh_port, self.ssh_keys).connect(
+                        max(30.0, self.boot_deadline_s - (time.monotonic() - t0)), alive=up)
+                except GuestError as e:
+                    lines = [ln for ln in self.machine.console.text.splitlines() if "smccc-ssh" in ln]
+                    raise GuestError(f"{e}\nguest SSH setup said: {' | '.join(lines) or '(nothing)'}\n"
+                                     f"console log: {self.console_log}") from e
                 self.timings["ssh_s"] = round(time.monotonic() - t0, 3)
         except BaseException:
             self.close()

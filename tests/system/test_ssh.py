@@ -114,3 +114,12 @@ def test_reload_runs_pushed_guest_code_without_a_new_initramfs(ssh_guest, tmp_pa
     assert ssh_guest.request("stats", {})["pid"] == pid_before
     ssh.push_guest_code(ssh_guest)      # back to the checked-out code
     ssh.reload_agent(ssh_guest)
+
+
+def test_default_guest_has_no_network_interface(guest, request):
+    """Opt-in only: a guest booted without SSH has no NIC and no dropbear (only the loopback device)."""
+    if request.config.getoption("--ssh"):
+        pytest.skip("--ssh was given: the pool's guests have the SSH NIC on purpose")
+    got = guest.request("exec", {"argv": ["/bin/ls", "/sys/class/net"]})
+    assert got["stdout"].split() == ["lo"]
+    assert not os.path.exists(guest.run_dir / "ssh")
