@@ -147,7 +147,7 @@ def _modules_root(release: str, progress=print) -> Path:
         raise SetupError(f"--ssh needs the {NET_MODULE} module of kernel {release}, which is not a Debian kernel "
                          "known to images/lock.json",
                          hint="use a Debian kernel (--kernel default/7.2/6.12), or build virtio_net in (=y)")
-    d = store.extract(kpkg) / "usr/lib/modules" / release
+    d = store.extract(store._get(kpkg.name, kpkg.version, kpkg.suite)) / "usr/lib/modules" / release
     if (d / "kernel").is_dir():
         return d
     mods = store._get(f"linux-modules-{release}", kpkg.version, kpkg.suite)
