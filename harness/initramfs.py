@@ -26,7 +26,7 @@ from filelock import FileLock
 
 from . import cpio
 from .errors import AssetError
-from .paths import IMAGES_DIR, REPO_ROOT, cache_dir
+from .paths import IMAGES_DIR, REPO_ROOT, cache_dir, prune_newest
 
 BUILDER_VERSION = 1
 PY = "python3.13"
@@ -312,9 +312,4 @@ def build_initramfs(rootfs: dict[str, Path] | None = None, progress=print) -> Pa
 
 def _prune(out_dir: Path, keep: Path, max_keep: int = 8) -> None:
     """Keep the newest few archives (guest code changes often)."""
-    olds = sorted((p for p in out_dir.glob("*.cpio") if p != keep), key=lambda p: p.stat().st_mtime, reverse=True)
-    for p in olds[max_keep - 1:]:
-        try:
-            p.unlink()
-        except OSError:
-            pass
+    prune_newest(out_dir, "*.cpio", keep, max_keep)

@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 
 from . import cpio
-from .paths import cache_dir
+from .paths import cache_dir, prune_newest
 
 L2_INIT = r"""#!/bin/busybox sh
 # /init of the L2 guest (harness/l2.py): report the CPUs, hotplug what l2.hotplug names, then l2.action.
@@ -119,12 +119,7 @@ def build_l1_initrd(base: Path, l2_kernel: Path, l2_initrd: Path) -> Path:
 
 
 def _prune(d: Path, keep: Path, max_keep: int = 3) -> None:
-    olds = sorted((p for p in d.glob("l1-initrd-*.cpio") if p != keep), key=lambda p: p.stat().st_mtime, reverse=True)
-    for p in olds[max_keep - 1:]:
-        try:
-            p.unlink()
-        except OSError:
-            pass
+    prune_newest(d, "l1-initrd-*.cpio", keep, max_keep)
 
 
 def l2_kernel_spec(l1_spec: str) -> str:

@@ -39,3 +39,15 @@ def new_run_dir(prefix: str = "run", root: Path | None = None) -> Path:
         except FileExistsError:
             continue
     raise RuntimeError(f"cannot create a run directory under {root}")
+
+
+def prune_newest(directory: Path, pattern: str, keep: Path, max_keep: int) -> None:
+    """Delete all but the ``max_keep`` newest files matching ``pattern`` under ``directory`` (``keep`` is
+    always kept and counts as one): cached archives and per-run initrds that are rebuilt often."""
+    olds = sorted((p for p in Path(directory).glob(pattern) if p != keep),
+                  key=lambda p: p.stat().st_mtime, reverse=True)
+    for p in olds[max_keep - 1:]:
+        try:
+            p.unlink()
+        except OSError:
+            pass

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from . import cpio
 from .errors import SetupError
-from .paths import cache_dir
+from .paths import cache_dir, prune_newest
 
 BUILDER_VERSION = "smccc-ssh v1"
 SSH_RDINIT = "/bin/smccc-ssh-init"
@@ -277,10 +277,4 @@ def build_ssh_initrd(base: Path, kernel_image: Path, out: Path, authorized_keys:
 def _prune_run_initrds(keep: Path, max_keep: int = 3) -> None:
     """Each SSH run writes a ~25 MB initrd into its run dir: keep only the newest ``max_keep`` of them
     (older runs keep their logs; their qemu-cmd.sh then names an initrd that is gone)."""
-    olds = sorted((p for p in keep.parent.parent.glob(f"*/{keep.name}") if p != keep),
-                  key=lambda p: p.stat().st_mtime, reverse=True)
-    for p in olds[max_keep - 1:]:
-        try:
-            p.unlink()
-        except OSError:
-            pass
+    prune_newest(keep.parent.parent, f"*/{keep.name}", keep, max_keep)
