@@ -16,7 +16,6 @@ below ``loglevel=5``), ``l2.hotplug=1,2`` offlines and onlines those CPUs throug
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from pathlib import Path
@@ -144,15 +143,8 @@ def run_linux(session, request: dict):
 
     mark = session.machine.console.mark()
     raw = session.request("linux", request, request["deadline_s"] * request.get("max_boots", 1) + 60.0)
-    session.scenario_count += 1
-    tdir = session.run_dir / "traces"
-    tdir.mkdir(exist_ok=True)
-    path = tdir / f"{session.scenario_count:03d}-{request['name']}.jsonl"
-    with open(path, "w") as f:
-        f.writelines(json.dumps(e, sort_keys=True) + "\n" for e in raw.get("events", []))
-        summary = {k: v for k, v in raw.items() if k not in ("events", "console", "previous_boots")}
-        f.write(json.dumps({"kind": "summary", **summary}, sort_keys=True) + "\n")
+    path = session.save_trace(request["name"], raw, leave_out=("console", "previous_boots"))
     consoles = [b.get("console", "") for b in raw.get("previous_boots", [])] + [raw.get("console", "")]
-    (tdir / f"{session.scenario_count:03d}-{request['name']}.console.log").write_text(
+    path.with_suffix(".console.log").write_text(
         "".join(f"=== L2 boot {i + 1} ===\n{c}" for i, c in enumerate(consoles)))
     return ScenarioResult(raw=raw, console=session.machine.console.since(mark), trace_path=path)

@@ -340,20 +340,21 @@ class GuestSession:
         try:
             raw = self.request("run", spec, deadline_s or spec["deadline_s"] + 30.0)
         except GuestError as e:     # keep a trace file that names the failure (the guest's own trace is lost)
-            self.scenario_count += 1
-            tdir = self.run_dir / "traces"
-            tdir.mkdir(exist_ok=True)
-            path = tdir / f"{self.scenario_count:03d}-{_file_name(spec['name'])}.jsonl"
-            path.write_text(json.dumps({"kind": "summary", "name": spec["name"], "outcome": "harness_error",
-                                        "error": str(e), "console_log": str(self.console_log)}) + "\n")
-            e.trace_path = path
+            e.trace_path = self.save_trace(spec["name"], {"name": spec["name"], "outcome": "harness_error",
+                                                          "error": str(e), "console_log": str(self.console_log)})
             raise
+        path = self.save_trace(spec["name"], raw, leave_out=("result_block",))
+        return ScenarioResult(raw=raw, payload=payload, console=self.machine.console.since(mark), trace_path=path)
+
+    def save_trace(self, name: str, raw: dict, leave_out: tuple[str, ...] = ()) -> Path:
+        """Write ``<run_dir>/traces/NNN-<name>.jsonl``: one line per event, then a ``summary`` line with the rest
+        of ``raw`` (minus ``leave_out``); numbered in the order the scenarios ran."""
         self.scenario_count += 1
         tdir = self.run_dir / "traces"
         tdir.mkdir(exist_ok=True)
-        path = tdir / f"{self.scenario_count:03d}-{_file_name(spec['name'])}.jsonl"
+        path = tdir / f"{self.scenario_count:03d}-{_file_name(name)}.jsonl"
         with open(path, "w") as f:
             f.writelines(json.dumps(e, sort_keys=True) + "\n" for e in raw.get("events", []))
-            summary = {k: v for k, v in raw.items() if k not in ("events", "result_block")}
+            summary = {k: v for k, v in raw.items() if k != "events" and k not in leave_out}
             f.write(json.dumps({"kind": "summary", **summary}, sort_keys=True) + "\n")
-        return ScenarioResult(raw=raw, payload=payload, console=self.machine.console.since(mark), trace_path=path)
+        return path
