@@ -23,7 +23,7 @@ from harness import protocol as P
 from harness.payloads import build_payloads, get_payload
 from harness.scenarios import scenario
 
-pytestmark = pytest.mark.bad_input
+pytestmark = [pytest.mark.bad_input, pytest.mark.infra]
 CLI_TIMEOUT_S = 300
 
 

@@ -14,6 +14,7 @@ def test_caps_of_the_default_kernel_are_probed(guest):
     assert isinstance(c["KVM_CAP_ARM_EL2"], int)
 
 
+@pytest.mark.infra   # a second boot with another command line: the harness's capability plumbing
 def test_kernel_without_kvm_is_reported_as_missing_kvm(guest_pool):
     """kvm-arm.mode=none: KVM does not initialise, /dev/kvm is absent → tests skip with that reason."""
     a = guest_pool.resolve_assets()

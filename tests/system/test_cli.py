@@ -9,6 +9,8 @@ import pytest
 from harness.paths import REPO_ROOT
 from harness.payloads import build_payloads
 
+pytestmark = pytest.mark.infra  # the harness's own plumbing (harness/tiers.py)
+
 
 def cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "harness.cli", *args], cwd=REPO_ROOT, capture_output=True,

@@ -25,7 +25,7 @@ from harness.errors import GuestError
 from harness.payloads import get_payload
 from harness.scenarios import PSCI_FWD, scenario
 
-pytestmark = pytest.mark.fault
+pytestmark = [pytest.mark.fault, pytest.mark.infra]
 SYSRQ_CRASH = ["/bin/busybox", "sh", "-c", "echo c > /proc/sysrq-trigger"]
 
 

@@ -21,6 +21,8 @@ from harness import bisect as B
 from harness import kbuild, paths
 from harness.kernel import resolve_kernel
 
+pytestmark = pytest.mark.infra  # the harness's own plumbing (harness/tiers.py)
+
 SELECTION = ["tests/system/test_forwarding_el1.py", "-k", "test_hypercall_flags_name_the_conduit and smc"]
 
 

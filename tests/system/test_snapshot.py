@@ -17,6 +17,8 @@ from harness.payloads import get_payload
 from harness.scenarios import PSCI_FWD, scenario
 from harness.session import GuestSession
 
+pytestmark = pytest.mark.infra  # the harness's own plumbing (harness/tiers.py)
+
 PSCI_VERSION = 0x8400_0000
 HANDLER_MARK = 0x5EED_0002        # what the Python handler answers to PSCI_VERSION: KVM never says this
 MODE_MASK, MODE_EL2H = 0xF, 0x9

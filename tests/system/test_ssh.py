@@ -23,6 +23,8 @@ from harness.paths import new_run_dir
 from harness.plugin import resolve_accel
 from harness.session import GuestSession
 
+pytestmark = pytest.mark.infra  # the harness's own plumbing (harness/tiers.py)
+
 
 @pytest.fixture(scope="module")
 def ssh_guest(request):

@@ -57,7 +57,9 @@ def selftest_build(request):
 
 
 def _marks(program: str, variant: str) -> list:
-    marks = [getattr(pytest.mark, variant)] if program in selftests.NV_SENSITIVE or variant == "el1" else []
+    marks = [pytest.mark.upstream]      # a tier of its own: harness/tiers.py
+    if program in selftests.NV_SENSITIVE or variant == "el1":
+        marks.append(getattr(pytest.mark, variant))
     if (program, variant) in SLOW:
         marks.append(pytest.mark.slow)
     return marks
