@@ -336,7 +336,10 @@ class Console:
     def _fail(self, scan_from: int, trigger_line_end: int, what: str) -> ConsoleFailure:
         """Complete the excerpt of a failure seen in the line ending at ``trigger_line_end``, and describe it."""
         elapsed = self.elapsed()
-        stop = time.monotonic() + FAILURE_GRACE_S
+        trigger = match_line(self._text[self._text.rfind("\n", 0, trigger_line_end - 1) + 1:trigger_line_end - 1])
+        # An agent's exit line ends its incident (its traceback came before it): nothing more to wait for.
+        grace = 0.0 if trigger is not None and trigger[0] == "agent exited" else FAILURE_GRACE_S
+        stop = time.monotonic() + grace
         while time.monotonic() < stop:
             after = self._text[trigger_line_end:]
             lines = after.split("\n")

@@ -13,6 +13,7 @@ import pexpect
 import pytest
 
 from harness.console import (
+    FAILURE_GRACE_S,
     FAILURE_PATTERNS,
     Console,
     ConsoleFailure,
@@ -182,6 +183,7 @@ def spawn(tmp_path: Path):
     def _spawn(script: str, *, log_name: str = "console.log") -> Console:
         child = pexpect.spawn("/bin/sh", ["-c", script], encoding="utf-8", codec_errors="replace",
                               timeout=None, echo=False, cwd=str(DATA))
+        child.delayafterterminate = child.ptyproc.delayafterclose = child.ptyproc.delayafterterminate = 0.01  # 0.1 s each
         children.append(child)
         c = Console(child, tmp_path / log_name, name="QEMU")
         consoles.append(c)
@@ -239,11 +241,11 @@ def test_expect_ready_timeout(spawn) -> None:
     c = spawn("head -n 20 clean_boot.log; sleep 30")
     t0 = time.monotonic()
     with pytest.raises(ConsoleFailure) as ei:
-        c.expect_ready(READY_BANNER, 1)
-    assert 0.9 < time.monotonic() - t0 < 3
+        c.expect_ready(READY_BANNER, 0.5)
+    assert 0.45 < time.monotonic() - t0 < 3
     e = ei.value
     assert e.kind == "timeout"
-    assert str(e).startswith("no 'SMCCC-AGENT READY' within 1 s")
+    assert str(e).startswith("no 'SMCCC-AGENT READY' within 0.5 s")
     lines = e.excerpt.splitlines()
     assert len(lines) <= 30 and "rcu: Hierarchical RCU implementation." in e.excerpt
 
@@ -266,8 +268,10 @@ def test_eof_after_unterminated_failure(spawn) -> None:
 
 def test_agent_exit_is_a_failure(spawn) -> None:
     c = spawn("echo 'Traceback (most recent call last):'; echo 'SMCCC-AGENT EXITED rc=1'; sleep 30")
+    t0 = time.monotonic()
     with pytest.raises(ConsoleFailure, match=r"^agent exited after"):
         c.expect_ready(READY_BANNER, 20)
+    assert time.monotonic() - t0 < FAILURE_GRACE_S      # its line ends the incident: no grace wait
 
 
 def test_wait_needs_a_deadline(spawn) -> None:
@@ -278,11 +282,13 @@ def test_wait_needs_a_deadline(spawn) -> None:
 
 
 def test_drain_mark_since(spawn) -> None:
-    c = spawn("echo one; sleep 0.3; echo two; echo 'WARNING: CPU: 0 PID: 1 at x.c:1 f+0/0x4'; sleep 30")
+    c = spawn("echo one; sleep 0.1; echo two; echo 'WARNING: CPU: 0 PID: 1 at x.c:1 f+0/0x4'; sleep 30")
     c.expect("one\n", 10)
     m = c.mark()
     assert c.drain() == "" or "two" not in c.text[:m]
-    time.sleep(0.8)
+    stop = time.monotonic() + 10
+    while "WARNING" not in c.text and time.monotonic() < stop:
+        c.drain(timeout=0.05)
     got = c.since(m)      # drains first
     assert "two\n" in got and "one" not in got
     assert [f.name for f in scan_failures(got)] == ["kernel WARNING"]
@@ -294,8 +300,8 @@ def test_drain_mark_since(spawn) -> None:
 
 
 def test_drain_with_timeout_waits_for_quiet(spawn) -> None:
-    c = spawn("echo a; sleep 0.2; echo b; sleep 30")
-    got = c.drain(timeout=1.0)
+    c = spawn("echo a; sleep 0.1; echo b; sleep 30")
+    got = c.drain(timeout=0.4)
     assert got == "a\nb\n"
 
 
@@ -315,11 +321,13 @@ def test_run_shell(spawn, tmp_path: Path) -> None:
 
 
 def test_failures_are_never_lost_and_reported_once(spawn) -> None:
-    c = spawn("echo one; sleep 0.3; echo '[    3.2] WARNING: CPU: 0 PID: 1 at x.c:1 f+0/0x4'; echo '[    3.2] ---[ end trace 0 ]---';"
-              " echo two; sleep 0.3; echo three; sleep 30")
+    c = spawn("echo one; sleep 0.1; echo '[    3.2] WARNING: CPU: 0 PID: 1 at x.c:1 f+0/0x4'; echo '[    3.2] ---[ end trace 0 ]---';"
+              " echo two; sleep 0.1; echo three; sleep 30")
     c.expect("one\n", 10)
     m = c.mark()
-    time.sleep(0.8)
+    stop = time.monotonic() + 10
+    while "three" not in c.text and time.monotonic() < stop:
+        c.drain(timeout=0.05)
     assert "WARNING" in c.since(m)              # drained (by the plugin, say) ...
     with pytest.raises(ConsoleFailure, match="^kernel WARNING after"):
         c.expect("three", 10)                   # ... but the next wait still reports it
@@ -327,8 +335,8 @@ def test_failures_are_never_lost_and_reported_once(spawn) -> None:
 
 
 def test_skip_acknowledges_failures(spawn) -> None:
-    c = spawn("echo '[    3.2] BUG: sleeping function called from invalid context'; echo two; sleep 0.5; echo three;"
+    c = spawn("echo '[    3.2] BUG: sleeping function called from invalid context'; echo two; sleep 0.3; echo three;"
               " sleep 30")
-    c.drain(timeout=0.3)
+    c.drain(timeout=0.15)
     c.skip()
     assert c.expect("three", 10).group(0) == "three"
