@@ -552,6 +552,14 @@ class Store:
         self.progress(f"downloading {name} {version} ({suite}, {_mb(size)}) ...")
         t0 = time.monotonic()
         self.debs.mkdir(parents=True, exist_ok=True)
+
+        def no_space() -> AssetError:
+            return AssetError(f"no space left in {self.debs} while downloading {name} {version} ({_mb(size)}; "
+                              f"{_mb(shutil.disk_usage(self.debs).free)} free)",
+                              hint="free some space, or point SMCCC_HARNESS_CACHE at a disk with ~1 GB free; "
+                                   "nothing already cached was touched")
+        if size and shutil.disk_usage(self.debs).free < size:   # now, not after apt's retries (1+2+4+8 s)
+            raise no_space()
         try:
             with tempfile.TemporaryDirectory(dir=self.debs, prefix=".dl-") as tmp:
                 deb = self.apt.download(name, version, Path(tmp))
@@ -562,11 +570,7 @@ class Store:
         except (AssetError, OSError) as e:   # the temp dir is gone; nothing half-written is left in debs/
             text = str(e)
             if "No space left on device" in text or getattr(e, "errno", None) == 28:
-                free = shutil.disk_usage(self.debs).free
-                raise AssetError(f"no space left in {self.debs} while downloading {name} {version} ({_mb(size)}; "
-                                 f"{_mb(free)} free)",
-                                 hint="free some space, or point SMCCC_HARNESS_CACHE at a disk with ~1 GB free; "
-                                      "nothing already cached was touched") from None
+                raise no_space() from None
             if isinstance(e, OSError):
                 raise AssetError(f"cannot store {name} {version} in {self.debs}: {e}") from None
             raise

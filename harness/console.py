@@ -218,7 +218,12 @@ class _Tee:
 
 
 def _describe(pattern: str | re.Pattern[str]) -> str:
-    return pattern.pattern if isinstance(pattern, re.Pattern) else pattern
+    """A pattern as a reader wants it in "no ... within N s": its literal prefix when it has one
+    (``re.escape(READY_BANNER) + r" (\\{.*\\})"`` -> ``SMCCC-AGENT READY``), else the regex itself."""
+    text = pattern.pattern if isinstance(pattern, re.Pattern) else pattern
+    m = re.match(r"(?:\\[^A-Za-z0-9]|[^.^$*+?{}\[\]\\|()])+", text)
+    literal = re.sub(r"\\(.)", r"\1", m.group(0)).strip() if m else ""
+    return literal if len(literal) >= 4 else text
 
 
 def _tail(text: str, n: int = TAIL_LINES) -> str:

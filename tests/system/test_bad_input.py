@@ -87,7 +87,7 @@ def test_corrupt_kernel_that_prints_nothing_is_named_as_the_likely_culprit(tmp_p
     data = bytearray(default_image.read_bytes())
     data[0x10_0000:0x50_0000] = b"\xff" * 0x40_0000
     k.write_bytes(bytes(data))
-    r = cli("boot", "--kernel", str(k), "--boot-timeout", "15", "--results-dir", str(results), timeout=240)
+    r = cli("boot", "--kernel", str(k), "--boot-timeout", "4", "--results-dir", str(results), timeout=240)
     assert_refused(r, "printed nothing on the serial console", "corrupt, truncated", "console log:")
     assert not leftovers.qemu_processes(results)
 

@@ -1,6 +1,7 @@
 """harness.assets: the pure parts (Debian versions, apt output parsing, kernel choice, lock merging)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -209,3 +210,36 @@ def test_find_kernel_files(tmp_path):
 def test_lock_pruned_drops_unreferenced():
     lock = Lock("m", {"a": entry("a", "1"), "k": entry("k", "1"), "old": entry("old", "1")}, {"default": ["k"]})
     assert set(lock.pruned(["a"]).packages) == {"a", "k"}
+
+
+class _FullDiskApt:
+    """apt-get download as it behaves on a full disk: part of the file written, then ENOSPC."""
+    _updated = True
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def ensure_lists(self) -> None:
+        pass
+
+    def show(self, name, version):
+        return {"Size": str(self.size), "SHA256": "0" * 64, "Architecture": "arm64"}
+
+    def download(self, name, version, into: Path) -> Path:
+        (into / f"{name}_{version}_arm64.deb").write_bytes(b"\0" * 1000)       # half-written
+        raise AssetError(f"apt-get download {name}={version} failed:\nE: Write error - write (28: No space "
+                                "left on device)")
+
+
+@pytest.mark.parametrize("size,what", [(10, "ENOSPC in the middle of apt's download"),
+                                       (1 << 50, "more than the free space: refused before apt runs")])
+def test_full_disk_download_is_refused_and_leaves_nothing_half_written(tmp_path, monkeypatch, size, what):
+    monkeypatch.setenv("SMCCC_HARNESS_CACHE", str(tmp_path / "cache"))
+    store = assets.Store(lambda *_: None)
+    store.apt = _FullDiskApt(size)
+    store.debs.mkdir(parents=True)
+    (store.debs / ("1" * 64 + ".deb")).write_bytes(b"cached")
+    with pytest.raises(AssetError, match=r"^no space left in .*/debs while downloading libx 1\.0") as ei:
+        store.download("libx", "1.0", "trixie")
+    assert "SMCCC_HARNESS_CACHE" in ei.value.hint, what
+    assert sorted(p.name for p in store.debs.iterdir()) == ["1" * 64 + ".deb"], what

@@ -340,3 +340,10 @@ def test_skip_acknowledges_failures(spawn) -> None:
     c.drain(timeout=0.15)
     c.skip()
     assert c.expect("three", 10).group(0) == "three"
+
+
+def test_timeout_message_names_the_banner_not_its_regex(spawn) -> None:
+    from harness.session import READY_RE
+    c = spawn("echo booting; sleep 30")
+    with pytest.raises(ConsoleFailure, match=r"^no 'SMCCC-AGENT READY' within 0\.2 s$"):
+        c.expect(READY_RE, 0.2)
