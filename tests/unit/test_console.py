@@ -345,5 +345,5 @@ def test_skip_acknowledges_failures(spawn) -> None:
 def test_timeout_message_names_the_banner_not_its_regex(spawn) -> None:
     from harness.session import READY_RE
     c = spawn("echo booting; sleep 30")
-    with pytest.raises(ConsoleFailure, match=r"^no 'SMCCC-AGENT READY' within 0\.2 s$"):
+    with pytest.raises(ConsoleFailure, match=r"^no 'SMCCC-AGENT READY' within 0\.2 s\n"):
         c.expect(READY_RE, 0.2)
