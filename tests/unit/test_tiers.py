@@ -33,7 +33,7 @@ def project(pytester):
 
 def collect(project, *args: str) -> tuple[set[str], str]:
     """The test names pytest would run with ``args``, and its output."""
-    r = project.runpytest_inprocess("--co", "-q", "-p", "no:cacheprovider", *args)
+    r = project.runpytest_inprocess("--co", "-q", "-p", "no:cacheprovider", "-p", "no:hypothesispytest", *args)
     out = r.stdout.str()
     assert r.ret in (0, 5), out
     names = {ln.split("::")[-1] for ln in out.splitlines() if "::" in ln}
