@@ -7,7 +7,8 @@
 Prints, for a cold boot and a warm start (snapshot restore): QEMU start -> first console byte -> kernel ready
 (/init's "smccc-init:" line) -> agent ready (banner) -> channel hello -> first scenario result; per-scenario
 latency (min/median/max) of EL1 and nested-EL2 scenarios in one guest; the naive way (one fresh cold boot
-per scenario) with the ratio; the whole default suite with ``-n 1`` and ``-n 2``; the initramfs size; a few
+per scenario) with the ratio; the whole default suite (a bare ``pytest``, harness/tiers.py) with ``-n 1`` and
+``-n 2`` (``--suite-ci``: also the CI suite, ``-m 'not slow'``); the initramfs size; a few
 experiments (-smp 2, restore with the real -kernel/-initrd).  Results also go to ``runs/bench-*/bench.json``.
 Timing lives here, never in asserting tests.
 """
@@ -275,9 +276,14 @@ def section_naive(a: Assets, results: dict) -> None:
 
 
 # ---- the whole default suite --------------------------------------------------------------------------
-def run_suite(workers: int, kernel_spec: str, extra: list[str]) -> dict:
-    argv = [sys.executable, "-m", "pytest", "tests/unit", "tests/system", "-m", "not slow", "-q", "-p",
-            "no:cacheprovider", "-n", str(workers), "--kernel", kernel_spec, "--durations=5", *extra]
+# harness/tiers.py: a bare `pytest` is the kernel developer's suite (unit + KVM behaviour); CI adds the
+# harness's own plumbing (infra) and upstream's selftests: `-m "not slow"`.
+SUITES = {"default": [], "ci": ["tests/unit", "tests/system", "-m", "not slow"]}
+
+
+def run_suite(workers: int, kernel_spec: str, extra: list[str], suite: str = "default") -> dict:
+    argv = [sys.executable, "-m", "pytest", *SUITES[suite], "-q", "-p", "no:cacheprovider", "-n", str(workers),
+            "--kernel", kernel_spec, "--durations=5", *extra]
     t0 = time.monotonic()
     p = subprocess.run(argv, capture_output=True, text=True, cwd=paths.REPO_ROOT, timeout=1800, check=False)
     wall = time.monotonic() - t0
@@ -288,23 +294,26 @@ def run_suite(workers: int, kernel_spec: str, extra: list[str]) -> dict:
         block = p.stdout.split("slowest 5 durations", 1)[1].splitlines()[1:6]
         slow = [ln.strip() for ln in block if ln.strip()]
     failed = [ln.split(" - ")[0] for ln in lines if ln.startswith(("FAILED ", "ERROR "))]
-    return {"workers": workers, "wall_s": wall, "rc": p.returncode, "summary": summary.strip("= "),
+    return {"suite": suite, "workers": workers, "wall_s": wall, "rc": p.returncode, "summary": summary.strip("= "),
             "slowest": slow, "failed": failed, "extra": extra}
 
 
-def section_suite(kernel_spec: str, results: dict, cold_too: bool) -> None:
-    out("== whole default suite: pytest tests/unit tests/system -m 'not slow' ==")
+def section_suite(kernel_spec: str, results: dict, cold_too: bool, ci_too: bool) -> None:
     runs = []
-    variants = [(1, []), (2, [])] + ([(1, ["--no-snapshot"]), (2, ["--no-snapshot"])] if cold_too else [])
-    for w, extra in variants:
-        r = run_suite(w, kernel_spec, extra)
-        runs.append(r)
-        out(f"  -n {w} {'cold (--no-snapshot)' if extra else 'warm'}: {r['wall_s']:.1f} s wall, rc {r['rc']}: "
-            f"{r['summary']}")
-        for ln in r["slowest"]:
-            out(f"      {ln}")
-        for ln in r["failed"]:
-            out(f"      {ln}")
+    for suite in ("default", "ci") if ci_too else ("default",):
+        what = "bare `pytest` (unit + KVM behaviour)" if suite == "default" else \
+            "CI: pytest tests/unit tests/system -m 'not slow' (+ infra, upstream)"
+        out(f"== whole {suite} suite: {what} ==")
+        variants = [(1, []), (2, [])] + ([(1, ["--no-snapshot"]), (2, ["--no-snapshot"])] if cold_too else [])
+        for w, extra in variants:
+            r = run_suite(w, kernel_spec, extra, suite)
+            runs.append(r)
+            out(f"  -n {w} {'cold (--no-snapshot)' if extra else 'warm'}: {r['wall_s']:.1f} s wall, rc {r['rc']}: "
+                f"{r['summary']}")
+            for ln in r["slowest"]:
+                out(f"      {ln}")
+            for ln in r["failed"]:
+                out(f"      {ln}")
     results["suite"] = runs
 
 
@@ -333,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions, no suite runs")
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     ap.add_argument("--suite-cold", action="store_true", help="also run the suite with --no-snapshot")
+    ap.add_argument("--suite-ci", action="store_true", help="also time the CI suite (-m 'not slow': + infra, upstream)")
     ap.add_argument("-n", "--repeat", type=int, default=None, help="repetitions of boots (default 3, quick 2)")
     args = ap.parse_args(argv)
     only = set(args.only.split(","))
@@ -363,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     if "experiments" in only:
         section_experiments(a, reps, results)
     if "suite" in only:
-        section_suite(args.kernel, results, args.suite_cold)
+        section_suite(args.kernel, results, args.suite_cold, args.suite_ci)
     results["load_after"] = loadavg()
     results["total_s"] = time.monotonic() - t_all
     d = paths.new_run_dir("bench")
