@@ -3,7 +3,7 @@
     smccc-harness matrix --kernels 6.12 7.2 default [--out DIR] [-n 2] [-- extra pytest args]
 
 Per kernel ``K`` (a Debian spec, a package via ``pkg:NAME[/SUITE]``, or an Image path) it runs
-``python3 -m pytest tests/system -m 'not slow' --kernel K --junitxml OUT/K/junit.xml --results-dir OUT/K/runs``;
+``python3 -m pytest tests/system -m 'not slow and not infra' --kernel K --junitxml OUT/K/junit.xml --results-dir OUT/K/runs``;
 the run directories keep each guest's console log, a per-test console slice (``tests/*.console.log``) and the
 handler traces.  Then it writes ``OUT/report.html`` and prints the same scenario x kernel table.  Exit code:
 0 when every kernel ran and nothing failed, 1 when a test failed or errored, 2 when a kernel's run broke
@@ -26,6 +26,9 @@ from . import paths
 from .report import KernelRun, format_matrix, read_junit, render_html
 
 DEFAULT_KERNELS = ("6.12", "7.2", "default")
+# per kernel: the KVM behaviour suite and upstream's selftests; the harness's own plumbing (infra) is tested
+# once, on the default kernel, by ./smccc-harness test (harness/tiers.py)
+KERNEL_MARKERS = "not slow and not infra"
 # tests of the harness's own commands (they start their own pytest/QEMU on the default kernel): not per kernel
 NOT_PER_KERNEL = ("tests/system/test_kernel_workflow.py", "tests/system/test_bisect.py")
 
@@ -57,7 +60,7 @@ def pytest_argv(kernel: str, out: Path, markers: str, k: str | None, workers: in
     return argv + list(extra)
 
 
-def run_matrix(kernels: list[str], out: Path, *, markers: str = "not slow", k: str | None = None, workers: int = 1,
+def run_matrix(kernels: list[str], out: Path, *, markers: str = KERNEL_MARKERS, k: str | None = None, workers: int = 1,
                accel: str = "auto", extra: list[str] = (), progress=print) -> list[KernelRun]:
     out.mkdir(parents=True, exist_ok=True)
     runs: list[KernelRun] = []
@@ -121,7 +124,8 @@ def add_cli(sub) -> None:
     p.add_argument("--kernels", nargs="+", default=list(DEFAULT_KERNELS),
                    help=f"kernel specs or Image paths (default: {' '.join(DEFAULT_KERNELS)})")
     p.add_argument("--out", default=None, help="output directory (default: runs/matrix-<time>)")
-    p.add_argument("-m", "--markers", default="not slow")
+    p.add_argument("-m", "--markers", default=KERNEL_MARKERS,
+                   help=f"pytest -m expression (default: {KERNEL_MARKERS!r}: the KVM tests and upstream's selftests)")
     p.add_argument("-k", default=None, help="pytest -k expression")
     p.add_argument("-n", "--workers", type=int, default=1, help="pytest-xdist workers per kernel (each boots its VM)")
     p.add_argument("--accel", default=os.environ.get("SMCCC_ACCEL", "auto"), choices=("auto", "tcg", "kvm"))
