@@ -25,6 +25,8 @@ from . import paths
 from .errors import HarnessError
 
 FRAGMENT = paths.REPO_ROOT / "images" / "kernel.config"
+SSH_FRAGMENT = paths.REPO_ROOT / "images" / "kernel-ssh.config"   # `kernel build --ssh`: + TCP/IP, virtio-net
+MERGED = ".smccc-harness-fragment.config"  # in O=: the fragments, concatenated, when there are several
 CROSS = "aarch64-linux-gnu-"
 CCACHE_SLOPPINESS = "include_file_mtime,include_file_ctime,time_macros"
 SOURCE_PACKAGE = "linux-source-7.3"
@@ -71,10 +73,11 @@ def unmet_options(fragment: dict[str, str], config_text: str) -> list[str]:
     return bad
 
 
-def default_out_dir(src: Path) -> Path:
-    """A persistent O= per source tree (keyed by its absolute path), so rebuilds are incremental."""
+def default_out_dir(src: Path, flavour: str = "") -> Path:
+    """A persistent O= per source tree (keyed by its absolute path) and config flavour ("" or "ssh"), so
+    rebuilds are incremental and switching flavours does not reconfigure (= rebuild) the other one."""
     key = hashlib.sha256(str(Path(src).resolve()).encode()).hexdigest()[:12]
-    return paths.cache_dir() / "kbuild" / f"{Path(src).resolve().name}-{key}"
+    return paths.cache_dir() / "kbuild" / f"{Path(src).resolve().name}-{key}{'-' + flavour if flavour else ''}"
 
 
 def make_env(ccache_dir: Path | None = None) -> dict[str, str]:
@@ -106,8 +109,12 @@ def _run_make(argv: list[str], env: dict, log: Path, what: str, progress) -> Non
 
 
 def build(src: str | os.PathLike, out: str | os.PathLike | None = None, *, jobs: int | None = None,
-          fragment: Path = FRAGMENT, ccache: bool = True, progress=print) -> BuildResult:
-    """Configure (if needed) and build ``Image`` for the kernel tree ``src`` into ``out``."""
+          fragment: Path | list[Path] = FRAGMENT, ccache: bool = True, progress=print) -> BuildResult:
+    """Configure (if needed) and build ``Image`` for the kernel tree ``src`` into ``out``.
+
+    ``fragment``: one config fragment or several (concatenated, later lines win, as KCONFIG_ALLCONFIG reads
+    them), e.g. ``[FRAGMENT, SSH_FRAGMENT]``."""
+    fragments = [Path(f) for f in (fragment if isinstance(fragment, (list, tuple)) else [fragment])]
     from . import sysdeps
     from .kernel import image_banner
     src = Path(src).resolve()
@@ -122,7 +129,15 @@ def build(src: str | os.PathLike, out: str | os.PathLike | None = None, *, jobs:
     env = make_env()
     jobs = jobs or os.cpu_count() or 2
     t0 = time.monotonic()
-    frag_text = Path(fragment).read_text()
+    try:
+        frag_text = "\n".join(f.read_text() for f in fragments)
+    except OSError as e:
+        raise HarnessError(f"cannot read the config fragment {e.filename}: {e.strerror}",
+                           hint="pass an existing file with --fragment") from None
+    fragment = fragments[0].resolve()
+    if len(fragments) > 1:
+        fragment = out / MERGED
+        fragment.write_text(frag_text)
     frag_sha = hashlib.sha256(frag_text.encode()).hexdigest()
     stamp = out / STAMP
     configured = False
@@ -191,8 +206,11 @@ def _cmd_build(args) -> int:
     def say(msg: str) -> None:
         print(f"[smccc-harness] {msg}", flush=True)
     src = Path(args.src) if args.src else source_tree(progress=say)
-    r = build(src, args.out, jobs=args.jobs, fragment=Path(args.fragment), ccache=not args.no_ccache, progress=say)
-    say(f"built {r.version} in {r.seconds:.1f} s{' (configured from ' + str(args.fragment) + ')' if r.configured else ''}")
+    fragments = [Path(f) for f in (args.fragment or [FRAGMENT])] + ([SSH_FRAGMENT] if args.ssh else [])
+    out = args.out or default_out_dir(src, "ssh" if args.ssh else "")
+    r = build(src, out, jobs=args.jobs, fragment=fragments, ccache=not args.no_ccache, progress=say)
+    what = " + ".join(str(f) for f in fragments)
+    say(f"built {r.version} in {r.seconds:.1f} s{' (configured from ' + what + ')' if r.configured else ''}")
     say(f"log: {r.log}")
     say(f"vmlinux: {r.vmlinux}")
     print(r.image)
@@ -222,7 +240,10 @@ def add_cli(sub) -> None:
     b.add_argument("src", nargs="?", help="kernel source tree (default: Debian's linux-source-7.3, unpacked in the cache)")
     b.add_argument("--out", help="build directory (O=); default: a persistent one per tree in the cache")
     b.add_argument("-j", "--jobs", type=int, default=None, help="make -j (default: all CPUs)")
-    b.add_argument("--fragment", default=str(FRAGMENT), help="config fragment for allnoconfig (KCONFIG_ALLCONFIG)")
+    b.add_argument("--fragment", action="append", default=None,
+                   help=f"config fragment for allnoconfig (KCONFIG_ALLCONFIG); repeatable (default: {FRAGMENT})")
+    b.add_argument("--ssh", action="store_true",
+                   help=f"also {SSH_FRAGMENT.name}: TCP/IP and virtio-net built in, for --ssh (docs/ssh.md); own O= dir")
     b.add_argument("--no-ccache", action="store_true")
     b.set_defaults(func=_cmd_build)
     s = ks.add_parser("source", help="fetch and unpack Debian's linux-source-7.3; prints the tree's path")

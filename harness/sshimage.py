@@ -69,7 +69,12 @@ for m in $(cat /{MODULE_DIR}/load-order); do
 done
 i=0
 until [ -e /sys/class/net/eth0 ]; do
-  i=$((i + 1)); [ $i -gt 200 ] && {{ say "FAILED: no eth0 10 s after loading {NET_MODULE}"; exit 1; }}
+  i=$((i + 1))
+  if [ $i -gt 200 ]; then
+    [ -s /{MODULE_DIR}/load-order ] && {{ say "FAILED: no eth0 10 s after loading {NET_MODULE}"; exit 1; }}
+    say "FAILED: no eth0: this kernel has no {NET_MODULE} built in (CONFIG_VIRTIO_NET=y, CONFIG_INET=y:" \
+        "smccc-harness kernel build --ssh) and no Debian modules package"; exit 1
+  fi
   /bin/busybox sleep 0.05
 done
 ip link set lo up
@@ -197,6 +202,16 @@ def _decompress(path: Path) -> bytes:
     return data
 
 
+def has_builtin_virtio_net(image: Path) -> bool:
+    """Does this arm64 Image (or Image.gz) have the virtio_net driver built in?  Its driver name and its
+    module parameter prefix ("virtio_net.napi_tx") are strings in the image; a modular kernel has neither."""
+    import gzip
+    data = Path(image).read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    return b"virtio_net.napi_tx" in data or b"virtio_net\0" in data
+
+
 # ---- the archives -----------------------------------------------------------------------------------
 def _key(*parts: bytes) -> str:
     h = hashlib.sha256(BUILDER_VERSION.encode() + b"\n")
@@ -206,10 +221,12 @@ def _key(*parts: bytes) -> str:
     return h.hexdigest()[:24]
 
 
-def build_ssh_cpio(release: str, progress=print) -> Path:
-    """The cached ``ssh.cpio`` for kernel ``release`` (see the module docstring)."""
+def build_ssh_cpio(release: str | None, progress=print) -> Path:
+    """The cached ``ssh.cpio`` for the Debian kernel ``release`` (see the module docstring); ``None``: a kernel
+    with virtio-net built in (``smccc-harness kernel build --ssh``), no modules."""
     group = load_group()
-    out = cache_dir() / "ssh" / f"ssh-{_key(release.encode(), repr(group).encode(), Path(__file__).read_bytes())}.cpio"
+    rel = (release or "built-in virtio_net").encode()
+    out = cache_dir() / "ssh" / f"ssh-{_key(rel, repr(group).encode(), Path(__file__).read_bytes())}.cpio"
     if out.exists():
         return out
     from .assets import Store
@@ -229,8 +246,7 @@ def build_ssh_cpio(release: str, progress=print) -> Path:
                     entries.append(cpio.file(rel, source=p, mode=0o755 if os.access(p, os.X_OK) else 0o644))
     if not any(e.path == "usr/sbin/dropbear" for e in entries):
         raise SetupError("dropbear-bin has no usr/sbin/dropbear", hint="the Debian package layout changed")
-    mroot = _modules_root(release, progress)
-    order, blobs = module_closure(mroot, NET_MODULE)
+    order, blobs = module_closure(_modules_root(release, progress), NET_MODULE) if release else ([], {})
     for m in order:
         entries.append(cpio.file(f"{MODULE_DIR}/{m}.ko", blobs[m]))
     entries.append(cpio.file(f"{MODULE_DIR}/load-order", (" ".join(order) + "\n").encode()))
@@ -241,7 +257,8 @@ def build_ssh_cpio(release: str, progress=print) -> Path:
                 cpio.chardev("dev/null", 1, 3, 0o666)]   # ash's '&' opens it before /init mounts devtmpfs
     out.parent.mkdir(parents=True, exist_ok=True)
     cpio.build(out, entries)
-    progress(f"ssh: built {out.name} (dropbear + {', '.join(order)} for {release})")
+    progress(f"ssh: built {out.name} (dropbear + {', '.join(order) or 'no modules'} for "
+             f"{release or 'a kernel with virtio_net built in'})")
     return out
 
 
@@ -255,10 +272,11 @@ def build_ssh_initrd(base: Path, kernel_image: Path, out: Path, authorized_keys:
                      progress=print) -> Path:
     """``out`` = ``base`` + the cached ssh.cpio for the kernel + this run's keys (written atomically)."""
     release = kernel_release(kernel_image)
-    if release is None:
-        raise SetupError(f"--ssh: cannot tell the kernel release of {kernel_image} (not a Debian kernel from the "
-                         "cache), so its virtio_net module cannot be found",
-                         hint="use a Debian kernel (--kernel default/7.2/6.12)")
+    if release is None and not has_builtin_virtio_net(kernel_image):
+        raise SetupError(f"--ssh: {kernel_image} is not a Debian kernel from the cache (whose virtio_net module the "
+                         "harness fetches) and has no virtio_net built in",
+                         hint="build it with 'smccc-harness kernel build --ssh' (images/kernel-ssh.config: "
+                              "CONFIG_VIRTIO_NET=y, CONFIG_INET=y), or use a Debian kernel (--kernel default/7.2/6.12)")
     ssh = build_ssh_cpio(release, progress)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:

@@ -268,3 +268,14 @@ def test_image_banner_prefers_the_real_banner_over_the_weak_placeholder(tmp_path
     _image(p, banner=placeholder)
     p.write_bytes(p.read_bytes() + (BANNER + " Wed Nov 25 13:34:19 UTC 2026\n\0").encode())
     assert K.image_banner(p)[1].strip() == BANNER + " Wed Nov 25 13:34:19 UTC 2026"
+
+
+def test_ssh_fragment_adds_networking_to_the_base_fragment():
+    base, ssh = (kbuild.parse_fragment(f.read_text()) for f in (kbuild.FRAGMENT, kbuild.SSH_FRAGMENT))
+    assert ssh["CONFIG_VIRTIO_NET"] == "y" and ssh["CONFIG_INET"] == "y"
+    assert not set(base) & set(ssh), "the SSH fragment only adds options"
+
+
+def test_each_flavour_has_its_own_build_directory(tmp_path):
+    plain, ssh = kbuild.default_out_dir(tmp_path), kbuild.default_out_dir(tmp_path, "ssh")
+    assert ssh.name == plain.name + "-ssh" and ssh.parent == plain.parent

@@ -109,6 +109,28 @@ def test_load_order_cycle_is_an_error():
         sshimage.load_order({"a": ["b"], "b": ["a"]}, "a")
 
 
+def test_builtin_virtio_net_is_recognised_in_a_plain_or_gzipped_image(tmp_path):
+    import gzip
+    modular, builtin = tmp_path / "modular", tmp_path / "Image"
+    modular.write_bytes(b"ARM\x64" + os.urandom(4096) + b"net_failover is a module\0")
+    builtin.write_bytes(b"ARM\x64" + os.urandom(4096) + b"virtio_net\0" + os.urandom(64))
+    (tmp_path / "Image.gz").write_bytes(gzip.compress(builtin.read_bytes()))
+    assert not sshimage.has_builtin_virtio_net(modular)
+    assert sshimage.has_builtin_virtio_net(builtin) and sshimage.has_builtin_virtio_net(tmp_path / "Image.gz")
+
+
+def test_a_self_built_kernel_without_virtio_net_is_refused_naming_the_ssh_build(tmp_path):
+    k = tmp_path / "Image"
+    k.write_bytes(b"ARM\x64" + os.urandom(4096))
+    with pytest.raises(SetupError, match="no virtio_net built in") as ei:
+        sshimage.build_ssh_initrd(tmp_path / "base.cpio", k, tmp_path / "out.cpio", "", b"")
+    assert "smccc-harness kernel build --ssh" in ei.value.hint
+
+
+def test_the_guest_script_names_the_missing_builtin_driver():
+    assert "CONFIG_VIRTIO_NET=y" in sshimage.SSH_SETUP and "kernel build --ssh" in sshimage.SSH_SETUP
+
+
 # ---- host-key pinning and auth against a real paramiko server on 127.0.0.1 --------------------------
 class _Server(paramiko.ServerInterface):
     def __init__(self, allowed: paramiko.PKey):
