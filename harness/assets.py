@@ -270,8 +270,13 @@ class Lock:
         return json.dumps(data, indent=2, sort_keys=False) + "\n"
 
     def pruned(self, keep: list[str]) -> Lock:
-        """Only the packages named in ``keep`` or by a kernel spec (stale pins are dropped)."""
+        """Only the packages named in ``keep`` or by a kernel spec, and the ``linux-modules-R`` of a kept
+        kernel package at its version (--ssh's virtio_net); stale pins are dropped."""
         names = set(keep) | {n for ns in self.kernels.values() for n in ns}
+        kernel_versions = {(n.split("-", 2)[2], self.packages[n].version) for n in names if n in self.packages
+                           and n.startswith(("linux-image-", "linux-binary-"))}
+        names |= {n for n, e in self.packages.items()
+                  if n.startswith("linux-modules-") and (n[len("linux-modules-"):], e.version) in kernel_versions}
         return Lock(self.mirror, {n: e for n, e in self.packages.items() if n in names}, dict(self.kernels))
 
     def merge(self, other: Lock) -> Lock:
@@ -300,6 +305,7 @@ class Manifest:
     default_series: str
     rootfs_suite: str
     rootfs_packages: list[str]
+    optional_packages: list[str] = field(default_factory=list)   # [ssh]: only --ssh sessions fetch them
 
 
 def load_manifest(path: Path = MANIFEST) -> Manifest:
@@ -312,6 +318,7 @@ def load_manifest(path: Path = MANIFEST) -> Manifest:
         lists_max_age_hours=float(apt.get("lists_max_age_hours", 24)),
         flavour=k.get("flavour", "cloud-arm64"), default_series=str(k.get("default_series", "7")),
         rootfs_suite=r.get("suite", apt["suites"][0]), rootfs_packages=list(r["packages"]),
+        optional_packages=list(d.get("ssh", {}).get("packages", [])),
     )
 
 
@@ -502,7 +509,7 @@ class Store:
 
     def record(self, entries: list[LockEntry] = (), kernels: dict[str, list[str]] | None = None) -> None:
         new = Lock(mirror=self.m.mirror, packages={e.name: e for e in entries}, kernels=kernels or {})
-        lock = self.read_lock().merge(new).pruned(self.m.rootfs_packages)
+        lock = self.read_lock().merge(new).pruned(self.m.rootfs_packages + self.m.optional_packages)
         text = lock.dumps()
         try:
             if self.lock_path.exists() and self.lock_path.read_text() == text:
@@ -677,10 +684,19 @@ class Store:
         return e
 
     def _get(self, name: str, version: str, suite: str) -> LockEntry:
-        e = self.read_lock().packages.get(name)
-        if e and e.version == version and self.cached(e):
-            return e
-        return self.download(name, version, suite)
+        """``name`` at exactly ``version`` (a kernel's own modules package): from the cache, else downloaded,
+        checked against its pin when images/lock.json has one, and pinned."""
+        with self.flock:
+            e = self.read_lock().packages.get(name)
+            if e and e.version == version and self.cached(e):
+                return e
+            got = self.download(name, version, suite)
+            if e and e.version == version and got.sha256 != e.sha256:
+                raise AssetError(f"{name} {version}: the mirror's .deb has sha256 {got.sha256}, images/lock.json "
+                                 f"pins {e.sha256}", hint="someone changed the package under the same version; "
+                                                          "check the mirror, then 'smccc-harness assets lock'")
+            self.record([got])
+            return got
 
 
 # ==== public API ==================================================================================

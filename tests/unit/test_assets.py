@@ -212,6 +212,20 @@ def test_lock_pruned_drops_unreferenced():
     assert set(lock.pruned(["a"]).packages) == {"a", "k"}
 
 
+def test_lock_pruned_keeps_the_modules_of_a_kept_kernel_at_its_version():
+    r = "7.3.4+deb13-cloud-arm64"
+    lock = Lock("m", {f"linux-binary-{r}": entry(f"linux-binary-{r}", "7.3.4-1"),
+                      f"linux-modules-{r}": entry(f"linux-modules-{r}", "7.3.4-1"),
+                      "linux-modules-6.1.0-9-arm64": entry("linux-modules-6.1.0-9-arm64", "6.1.1-1"),
+                      "linux-modules-7.3.4+deb13-rt-arm64": entry("linux-modules-7.3.4+deb13-rt-arm64", "7.3.4-1")},
+                {"default": [f"linux-binary-{r}"]})
+    assert set(lock.pruned([]).packages) == {f"linux-binary-{r}", f"linux-modules-{r}"}
+
+
+def test_the_optional_ssh_group_is_part_of_the_manifest():
+    assert "dropbear-bin" in assets.load_manifest().optional_packages
+
+
 class _FullDiskApt:
     """apt-get download as it behaves on a full disk: part of the file written, then ENOSPC."""
     _updated = True
