@@ -87,7 +87,7 @@ def test_junit_of_a_real_pytest_run_counts_each_kind(tmp_path):
         def test_setup_error(broken): pass
     """))
     junit = tmp_path / "j.xml"
-    rc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", "/dev/null",
+    rc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:hypothesispytest", "-c", "/dev/null",
                          f"--junitxml={junit}", str(tmp_path / "test_kinds.py")], cwd=tmp_path,
                         capture_output=True, check=False).returncode
     c = B.parse_junit(junit)

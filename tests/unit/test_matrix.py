@@ -34,7 +34,7 @@ def _junit(tmp: Path, kernel: str) -> Path:
     d.mkdir()
     (d / "test_scen.py").write_text(TESTS.replace("{KERNEL!r}", repr(kernel)))
     junit = d / "junit.xml"
-    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", "/dev/null",
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:hypothesispytest", "-c", "/dev/null",
                     "-o", "junit_family=xunit1", f"--junitxml={junit}", str(d / "test_scen.py")],
                    cwd=d, capture_output=True, check=False)
     return junit
