@@ -20,7 +20,7 @@ from .errors import HarnessError
 SUITE_MARKERS = "not slow"
 # The main job: forwarding behaviour only (PSCI, the filter, both conduits, EL1 and nested EL2); the fault,
 # bad-input, selftest and Linux-guest suites run under `test`.
-RUN_MARKERS = "(psci or filter or hvc or smc or el2) and not slow and not fault and not bad_input"
+RUN_MARKERS = "(psci or filter or hvc or smc or el2) and not slow and not infra and not upstream"
 
 
 def _progress(msg: str) -> None:
