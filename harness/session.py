@@ -3,7 +3,8 @@
 ``GuestSession`` is what the pytest plugin and the CLI hold.  It boots once, then serves many scenarios;
 everything it produces (console.log, qemu-cmd.sh, scenario traces) lands in its run directory, which is kept.
 A guest is thrown away, not torn down: ``close()`` kills QEMU (nested VMs inside it are never destroyed,
-platform.md).
+platform.md).  A reusable VM (``detached``, ``keep_vm``: ``pytest --reuse-vm``, harness/reuse.py) is only
+detached by ``close()`` while it is healthy, and killed like any other guest once it is not.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from . import protocol as P
 from .channel import Channel, ChannelError
 from .console import ConsoleFailure, scan_failures
 from .errors import BootError, GuestError
-from .qemu import Machine, MachineConfig, default_cmdline
+from .qemu import DetachedMachine, Machine, MachineConfig, default_cmdline
 
 RESULT_BLOCK_SIZE = 0x4000
 SOCK_PREFIX = "smccc-sock-"
@@ -170,6 +171,9 @@ class GuestSession:
     snapshots: bool = False         # start() restores a cached snapshot (harness.snapshot); cold boot as fallback
     ssh_keys: object = None         # harness.ssh.SshKeys when booted with ssh=True (opt-in, docs/ssh.md)
     ssh: object = None              # harness.ssh.SshChannel, connected by boot() when ssh_keys is set
+    detached: Path | None = None    # boot() starts a DetachedMachine there (the reusable VM's dir, harness/reuse.py)
+    keep_vm: bool = False           # close() detaches from a healthy detached VM instead of killing it
+    reuse: dict | None = None       # how the reusable VM was got: started / attached / replaced (harness/reuse.py)
 
     @classmethod
     def create(cls, kernel: Path, initrd: Path, run_dir: Path, *, accel: str = "tcg", smp: int = 1,
@@ -208,7 +212,7 @@ class GuestSession:
     def boot(self) -> GuestSession:
         """Cold boot: QEMU start -> the agent's ready banner -> the control channel's hello."""
         t0 = time.monotonic()
-        self.machine = Machine(self.config, self.run_dir)
+        self.machine = self._new_machine()
         try:
             for attempt in range(3 if self.config.ssh_port else 1):
                 try:
@@ -221,7 +225,7 @@ class GuestSession:
 
                     from .ssh import free_port
                     self.config = dataclasses.replace(self.config, ssh_port=free_port())
-                    self.machine = Machine(self.config, self.run_dir)
+                    self.machine = self._new_machine()
             m = self.machine.console.expect_ready(READY_RE, self.boot_deadline_s)
             self.timings["boot_s"] = round(time.monotonic() - t0, 3)
             self.caps = json.loads(m.group(1))
@@ -250,6 +254,11 @@ class GuestSession:
             raise
         return self
 
+    def _new_machine(self) -> Machine:
+        if self.detached is not None:
+            return DetachedMachine(self.config, self.detached)
+        return Machine(self.config, self.run_dir)
+
     def __enter__(self) -> GuestSession:  # noqa: PYI034
         return self.start()
 
@@ -259,6 +268,20 @@ class GuestSession:
     def alive(self) -> bool:
         return self.machine is not None and self.machine.alive() and self.broken is None
 
+    def unusable(self) -> str | None:
+        """Why this guest must not be handed to anyone else (None: healthy): broken, QEMU gone, or the kernel
+        printed an Oops/WARNING/BUG/panic/lockdep (or the agent died) since this process got the guest."""
+        if self.broken is not None:
+            return f"broken: {self.broken}"
+        if self.machine is None or not self.machine.alive():
+            return "QEMU is not running"
+        if self.machine.console is not None:
+            with contextlib.suppress(Exception):
+                found = scan_failures(self.machine.console.since(0))
+                if found:
+                    return f"the guest kernel printed {found[0].name!r}: {found[0].line.strip()}"
+        return None
+
     def close(self) -> None:
         if self.ssh is not None:
             self.ssh.close()
@@ -266,6 +289,15 @@ class GuestSession:
         if self.channel is not None:
             self.channel.close()
             self.channel = None
+        if self.machine is not None and self.keep_vm and isinstance(self.machine, DetachedMachine):
+            why = self.unusable()
+            if why is None:
+                self.machine.detach()       # the reusable VM lives on for the next run
+                return
+            if self.reuse is not None:
+                self.reuse["killed"] = why
+            self.machine.stop()
+            return
         if self.machine is not None:
             self.machine.stop()
         sockets = self.config.control_socket.parent if self.config.control_socket else None

@@ -4,6 +4,11 @@ Started once per boot by /init (``python3 -S -m harness.guest.agent``).  It open
 named :data:`harness.protocol.PORT_NAME`, probes KVM's capabilities, prints the ready banner on the console
 (the host's boot detection), greets the host on the port and then answers requests, one at a time, until
 told to shut down.  No Python start-up per scenario: a scenario costs only its own VM.
+
+A reusable VM (``pytest --reuse-vm``, harness/reuse.py) gets ``smccc.idle=SECONDS`` on the kernel command line
+(the host may change it with the ``idle`` op): after that long without a request the agent powers the guest
+off, so a forgotten VM does not run forever.  ``code`` reports the sha256 of the guest code this agent
+started with; ``put`` also writes ``.py`` files under the guest code directory (then ``reload``).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import glob
 import hashlib
 import json
 import os
+import select
 import subprocess
 import sys
 import time
@@ -100,11 +106,28 @@ def inject_fault(args: dict) -> dict:
     raise P.ProtocolError(f"fault kind must be one of {FAULT_KINDS}, got {kind!r}")
 
 
+CODE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))    # /opt/smccc/harness
+IDLE_PARAM = "smccc.idle"
+
+
+def _is_code_path(path: str) -> bool:
+    """A guest-code module: ``CODE_ROOT/**/NAME.py`` (no ``__pycache__``, no hidden or odd names)."""
+    rel = path[len(CODE_ROOT) + 1:].split("/") if path.startswith(CODE_ROOT + "/") else []
+    return bool(rel) and path.endswith(".py") and all(
+        part and not part.startswith(".") and part != "__pycache__" and part.replace("_", "a").replace(".", "a")
+        .isalnum() for part in rel)
+
+
 def put_file(args: dict) -> dict:
-    """``{"path": "/tmp/...", "data": base64, "mode": 0o755}``: write atomically (temp file + rename) under /tmp."""
+    """``{"path": "/tmp/...", "data": base64, "mode": 0o755}``: write atomically (temp file + rename) under /tmp,
+    or a ``.py`` module of the guest code (``/opt/smccc/harness/...``, --reuse-vm code push): its stale
+    ``__pycache__`` entries are removed (the initramfs's .pyc are unchecked-hash: Python would keep them)."""
     path, data, mode = args.get("path"), args.get("data"), args.get("mode", 0o644)
-    if not (isinstance(path, str) and path.startswith("/tmp/") and ".." not in path.split("/")):
-        raise P.ProtocolError(f"put needs an absolute path under /tmp (the guest's tmpfs), got {path!r}")
+    ok_tmp = isinstance(path, str) and path.startswith("/tmp/") and ".." not in path.split("/")
+    ok_code = isinstance(path, str) and _is_code_path(path)
+    if not (ok_tmp or ok_code):
+        raise P.ProtocolError(f"put needs an absolute path under /tmp (the guest's tmpfs) or a .py module under "
+                              f"{CODE_ROOT}, got {path!r}")
     if not isinstance(data, str) or not isinstance(mode, int):
         raise P.ProtocolError("put needs data (base64 text) and an integer mode")
     blob = P.unb64(data)
@@ -112,9 +135,42 @@ def put_file(args: dict) -> dict:
     tmp = f"{path}.part{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(blob)
-    os.chmod(tmp, mode & 0o7777)
+    os.chmod(tmp, (mode & 0o7777) if ok_tmp else 0o644)
     os.replace(tmp, path)
+    if ok_code:
+        d, name = os.path.split(path)
+        for pyc in glob.glob(os.path.join(d, "__pycache__", name[:-3] + ".*.pyc")):
+            os.unlink(pyc)
     return {"path": path, "size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+
+
+def code_hashes(root: str = CODE_ROOT) -> dict[str, str]:
+    """sha256 of every guest-code module on disk (path -> hex digest)."""
+    out = {}
+    for d, dirs, files in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if x != "__pycache__")
+        for name in sorted(files):
+            if name.endswith(".py"):
+                with open(os.path.join(d, name), "rb") as f:
+                    out[os.path.join(d, name)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def idle_from_cmdline(path: str = "/proc/cmdline") -> float | None:
+    """``smccc.idle=SECONDS`` on the kernel command line (reusable VMs only), else None (never idle out)."""
+    try:
+        with open(path) as f:
+            words = f.read().split()
+    except OSError:
+        return None
+    for w in words:
+        if w.startswith(IDLE_PARAM + "="):
+            try:
+                v = float(w.split("=", 1)[1])
+            except ValueError:
+                return None
+            return v if v > 0 else None
+    return None
 
 
 class Agent:
@@ -123,6 +179,20 @@ class Agent:
         self.buf = b""
         self.caps = probe_caps()
         self.sys_fd = self.caps.pop("sys_fd", None)
+        self.code = code_hashes()           # the code this agent runs (a push changes the disk, not this)
+        self.idle_s = idle_from_cmdline()
+        self.last_request = time.monotonic()
+
+    def idle_left(self) -> float | None:
+        return None if self.idle_s is None else self.idle_s - (time.monotonic() - self.last_request)
+
+    def idle_poweroff(self) -> None:
+        """No request for ``idle_s``: power the guest off (PSCI SYSTEM_OFF; QEMU exits).  Nested VMs are not
+        destroyed first (never done): ``poweroff -f`` does not wait for this process."""
+        print(f"smccc-agent: no request for {self.idle_s:g} s ({IDLE_PARAM}): powering the guest off", flush=True)
+        subprocess.Popen(["/bin/busybox", "poweroff", "-f"])
+        time.sleep(60)
+        os._exit(0)
 
     def send(self, msg: dict) -> None:
         data = P.encode(msg)
@@ -132,6 +202,12 @@ class Agent:
 
     def recv(self) -> dict:
         while b"\n" not in self.buf:
+            left = self.idle_left()
+            if left is not None:
+                if left <= 0:
+                    self.idle_poweroff()
+                if not select.select([self.fd], [], [], min(left, 60.0))[0]:
+                    continue
             chunk = os.read(self.fd, 65536)
             if not chunk:       # host not connected (yet, or any more): wait for it
                 time.sleep(0.05)
@@ -174,7 +250,16 @@ class Agent:
             return put_file(args)
         if op == "stats":
             return {"graveyard_vms": len(GRAVEYARD), "pid": os.getpid()}
-        if op == "reload":     # re-exec after new guest code was pushed over SSH (--reuse-vm, docs/ssh.md)
+        if op == "code":       # what this agent runs (--reuse-vm pushes the modules that differ, then reloads)
+            return {"hashes": dict(self.code), "graveyard_vms": len(GRAVEYARD), "pid": os.getpid(),
+                    "idle_s": self.idle_s}
+        if op == "idle":       # {"seconds": N}: power off after N s without a request; 0 = never
+            sec = args.get("seconds")
+            if not isinstance(sec, (int, float)) or isinstance(sec, bool) or sec < 0:
+                raise P.ProtocolError(f"idle needs seconds >= 0, got {sec!r}")
+            self.idle_s = float(sec) or None
+            return {"idle_s": self.idle_s}
+        if op == "reload":     # re-exec after new guest code was pushed (--reuse-vm, docs/reuse-vm.md, docs/ssh.md)
             if GRAVEYARD:      # exec would close their fds, i.e. destroy nested VMs (never done, platform.md)
                 raise RuntimeError(f"{len(GRAVEYARD)} nested VM(s) are kept alive in this agent; a reload "
                                    "would destroy them: boot a new guest instead")
@@ -196,6 +281,7 @@ class Agent:
                 resp = {"type": "response", "id": rid, "ok": False,
                         "error": {"kind": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()}}
             self.send(resp)
+            self.last_request = time.monotonic()
             if getattr(self, "reexec", False):    # same pid (/init still waits for it), new code, new hello
                 os.execv(sys.executable, [sys.executable, "-S", "-m", "harness.guest.agent"])
 

@@ -1,0 +1,665 @@
+"""The reusable VM (``pytest --reuse-vm``, ``smccc-harness vm start|status|stop``; docs/reuse-vm.md).
+
+A guest that outlives one pytest run, for the kernel developer's edit-test loop: the first run boots it
+detached (harness.qemu.DetachedMachine: its own session, no PDEATHSIG, console on a unix socket that QEMU
+logs itself), later runs attach to it in a fraction of a second, push the guest code that changed since it
+booted (the agent's ``put`` into /opt/smccc/harness, then ``reload``) and run their tests.
+
+Everything about one VM lives in ``<results root>/reuse-vm-<name>/`` (name: ``default``, or the pytest-xdist
+worker id): ``state.json`` (written atomically: pid + its start time, argv, sockets, what it was booted
+with, the agent's caps), ``console.log`` (QEMU's own log of the serial console, kept after a stop),
+``qemu.out``, ``qemu-cmd.sh``, ``lock`` (held by the process attached to it), ``ssh/`` (keys, with --ssh).
+The sockets sit there too unless that path is too long for a unix socket; then in a private 0700
+``$TMPDIR/smccc-vm-<uid>-<hash>/``.
+
+The VM is replaced (killed, then a new one started; the reason said in one line) when its QEMU is gone or
+is not that QEMU any more (pid reuse: start time and cmdline are checked), when what this run asks for
+differs (kernel sha256, rootfs packages, /init, kernel command line, accel, smp, memory, QEMU binary and
+version, SSH), when the agent does not answer, and when changed guest code cannot be loaded because the agent
+keeps nested VMs alive (a reload would destroy them; that is never done).  A session that broke (agent
+timeout, QEMU died, a kernel splat) kills it on close (harness.session.GuestSession.close).  A VM nobody uses
+powers itself off after ``idle_s`` (the agent, ``smccc.idle=`` on the kernel command line; default 30 min).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import stat
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import paths
+from . import protocol as P
+from .channel import Channel, ChannelError
+from .errors import HarnessError
+from .qemu import (
+    SUN_PATH_MAX,
+    DetachedMachine,
+    MachineConfig,
+    default_cmdline,
+    detached_gone,
+    kill_detached,
+    proc_argv,
+    proc_identity,
+)
+
+STATE_FILE = "state.json"
+LOCK_FILE = "lock"
+STATE_FORMAT = 1
+DIR_PREFIX = "reuse-vm-"
+SOCK_DIR_PREFIX = "smccc-vm-"
+DEFAULT_IDLE_S = 1800.0
+IDLE_ENV = "SMCCC_REUSE_VM_IDLE"
+IDLE_PARAM = "smccc.idle"          # read by harness/guest/agent.py
+ATTACH_DEADLINE_S = 10.0           # the agent's first answer after attaching (a scenario of a killed run may finish)
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
+
+
+class ReuseError(HarnessError):
+    """The reusable VM's state is unusable, or the VM is in use by another process."""
+
+
+class ReuseBusy(ReuseError):
+    """Another live process is attached to this reusable VM."""
+
+
+def quiet(*_a) -> None:
+    pass
+
+
+# ==== where =========================================================================================
+def vm_name() -> str:
+    """``default``, or the pytest-xdist worker id (each worker has its own reusable VM)."""
+    return os.environ.get("PYTEST_XDIST_WORKER") or "default"
+
+
+def vm_dir(name: str = "default", root: Path | None = None) -> Path:
+    if not NAME_RE.match(name) or name in (".", ".."):
+        raise ReuseError(f"reusable VM name {name!r}: use letters, digits, '_', '.', '-' (at most 40)")
+    return Path(root or paths.results_root()) / f"{DIR_PREFIX}{name}"
+
+
+def all_vm_dirs(root: Path | None = None) -> list[Path]:
+    root = Path(root or paths.results_root())
+    return sorted(d for d in root.glob(DIR_PREFIX + "*") if d.is_dir()) if root.is_dir() else []
+
+
+def socket_dir(vmdir: Path, create: bool = True) -> Path:
+    """``vmdir`` itself, or (path too long for sun_path) a fixed private dir named after it in $TMPDIR."""
+    vmdir = Path(vmdir).absolute()
+    if len(os.fsencode(str(vmdir / "console.sock"))) <= SUN_PATH_MAX:
+        return vmdir
+    digest = hashlib.sha256(str(vmdir).encode()).hexdigest()[:16]
+    d = Path(tempfile.gettempdir()) / f"{SOCK_DIR_PREFIX}{os.getuid()}-{digest}"
+    if create:
+        with contextlib.suppress(FileExistsError):
+            d.mkdir(mode=0o700)
+        st = os.lstat(d)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise ReuseError(f"{d} is not a private directory of this user: refusing to put sockets there",
+                             hint="remove it, or use a shorter --results-dir")
+    return d
+
+
+# ==== the state file ================================================================================
+@dataclass
+class VmState:
+    """What ``state.json`` holds about one running reusable VM."""
+    name: str
+    pid: int
+    pid_start: int                 # /proc/PID/stat starttime: a reused pid has another one
+    argv: list[str]
+    qemu_version: str
+    kernel: str
+    kernel_sha256: str
+    initrd: str
+    rootfs_key: str                # harness.initramfs.base_key of the rootfs packages
+    init_sha256: str               # images/init (not pushable: a change means a new VM)
+    cmdline: str                   # without smccc.idle=
+    idle_s: float
+    accel: str
+    smp: int
+    memory_mb: int
+    control_socket: str
+    qmp_socket: str
+    console_socket: str
+    console_log: str
+    ssh_port: int | None = None
+    ssh_dir: str | None = None     # keys: id_ed25519(.pub), host_key.pub, known_hosts
+    caps: dict = field(default_factory=dict)
+    created: float = 0.0           # time.time() when QEMU started
+    boot_s: float = 0.0
+    format: int = STATE_FORMAT
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: object, where: str = STATE_FILE) -> VmState:
+        if not isinstance(d, dict):
+            raise ReuseError(f"{where}: not a JSON object")
+        if d.get("format") != STATE_FORMAT:
+            raise ReuseError(f"{where}: format {d.get('format')!r}, this harness writes {STATE_FORMAT}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for k, t in _STATE_TYPES.items():
+            if k not in d and k in ("ssh_port", "ssh_dir"):
+                continue
+            v = d.get(k)
+            if k not in d or not isinstance(v, t) or (isinstance(v, bool) and t in (int, (int, float))):
+                raise ReuseError(f"{where}: field {k!r} missing or of the wrong type ({v!r})")
+        if not all(isinstance(a, str) for a in d["argv"]) or not d["argv"]:
+            raise ReuseError(f"{where}: argv must be a non-empty list of strings")
+        if d["pid"] <= 1:
+            raise ReuseError(f"{where}: pid {d['pid']} is not a QEMU")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def config(self) -> MachineConfig:
+        """The MachineConfig it was started with (raises SetupError if e.g. the kernel file is gone)."""
+        return MachineConfig(kernel=Path(self.kernel), initrd=Path(self.initrd), cmdline=self.full_cmdline(),
+                             accel=self.accel, smp=self.smp, memory_mb=self.memory_mb, qemu_bin=self.argv[0],
+                             control_socket=Path(self.control_socket), qmp_socket=Path(self.qmp_socket),
+                             console_socket=Path(self.console_socket), console_logfile=Path(self.console_log),
+                             ssh_port=self.ssh_port)
+
+    def full_cmdline(self) -> str:
+        return with_idle(self.cmdline, self.idle_s)
+
+
+_STATE_TYPES = {"name": str, "pid": int, "pid_start": int, "argv": list, "qemu_version": str, "kernel": str,
+                "kernel_sha256": str, "initrd": str, "rootfs_key": str, "init_sha256": str, "cmdline": str,
+                "idle_s": (int, float), "accel": str, "smp": int, "memory_mb": int, "control_socket": str,
+                "qmp_socket": str, "console_socket": str, "console_log": str, "ssh_port": (int, type(None)),
+                "ssh_dir": (str, type(None)), "caps": dict, "created": (int, float), "boot_s": (int, float),
+                "format": int}
+
+
+def with_idle(cmdline: str, idle_s: float) -> str:
+    return f"{cmdline} {IDLE_PARAM}={int(idle_s)}" if idle_s and idle_s > 0 else cmdline
+
+
+def strip_idle(cmdline: str) -> str:
+    return " ".join(w for w in cmdline.split() if not w.startswith(IDLE_PARAM + "="))
+
+
+def read_state(vmdir: Path) -> VmState | None:
+    """The state file of ``vmdir``; None if there is none; ReuseError if it is unreadable or invalid."""
+    p = Path(vmdir) / STATE_FILE
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ReuseError(f"cannot read {p}: {e}") from None
+    try:
+        d = json.loads(text)
+    except ValueError as e:
+        raise ReuseError(f"{p}: not JSON: {e}") from None
+    return VmState.from_dict(d, str(p))
+
+
+def write_state(vmdir: Path, st: VmState) -> Path:
+    """Atomically (temp file in the same dir, fsync, rename), 0600."""
+    vmdir = Path(vmdir)
+    vmdir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=vmdir, prefix=".state-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(st.to_dict(), f, indent=1, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, vmdir / STATE_FILE)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return vmdir / STATE_FILE
+
+
+def process_problem(st: VmState) -> str | None:
+    """Why ``st.pid`` is not the VM's QEMU any more (None: it is, and it runs)."""
+    ident = proc_identity(st.pid)
+    if ident is None or ident[1] in "ZX":
+        return f"its QEMU (pid {st.pid}) is gone"
+    if ident[0] != st.pid_start:
+        return f"pid {st.pid} is now another process (started at tick {ident[0]}, the VM's QEMU at {st.pid_start})"
+    argv = proc_argv(st.pid)
+    if argv is not None and argv != st.argv:
+        return f"pid {st.pid} is not the VM's QEMU (another command line)"
+    return None
+
+
+# ==== what this run asks for ========================================================================
+@dataclass(frozen=True)
+class Wanted:
+    kernel: Path
+    kernel_sha256: str
+    rootfs_key: str
+    init_sha256: str
+    cmdline: str                   # without smccc.idle=
+    accel: str
+    smp: int
+    memory_mb: int
+    qemu_bin: str
+    qemu_version: str
+    ssh: bool = False
+
+
+def wanted(kernel: Path, *, append: str = "", accel: str = "tcg", smp: int = 1, memory_mb: int = 1024,
+           qemu_bin: str = "qemu-system-aarch64", ssh: bool = False, rootfs: dict | None = None) -> Wanted:
+    """What a run with these options needs, without building the initramfs (guest code is pushed instead)."""
+    from . import assets, initramfs
+    from .snapshot import file_sha256, qemu_version
+    if rootfs is None:
+        rootfs = assets.ensure_rootfs(progress=quiet)
+    extra = append
+    if ssh:
+        from .sshimage import SSH_CMDLINE
+        extra = f"{append} {SSH_CMDLINE}".strip()
+    return Wanted(kernel=Path(kernel).absolute(), kernel_sha256=file_sha256(Path(kernel)),
+                  rootfs_key=initramfs.base_key({n: Path(p).name for n, p in rootfs.items()}),
+                  init_sha256=hashlib.sha256((paths.IMAGES_DIR / "init").read_bytes()).hexdigest(),
+                  cmdline=strip_idle(default_cmdline(extra)), accel=accel, smp=smp, memory_mb=memory_mb,
+                  qemu_bin=qemu_bin, qemu_version=qemu_version(qemu_bin), ssh=ssh)
+
+
+def _short(h: str) -> str:
+    return h[:12]
+
+
+def mismatches(st: VmState, want: Wanted) -> list[str]:
+    """Why the running VM cannot serve this run (empty: it can).  A VM with SSH serves a run without."""
+    out = []
+    if st.kernel_sha256 != want.kernel_sha256:
+        out.append(f"the kernel changed ({_short(st.kernel_sha256)} {st.kernel} -> "
+                   f"{_short(want.kernel_sha256)} {want.kernel})")
+    if st.rootfs_key != want.rootfs_key:
+        out.append("the rootfs packages changed")
+    if st.init_sha256 != want.init_sha256:
+        out.append("images/init changed")
+    ssh_cmd = ""
+    if st.ssh_port is not None and not want.ssh:
+        from .sshimage import SSH_CMDLINE
+        ssh_cmd = SSH_CMDLINE
+    vm_cmdline = strip_idle(st.cmdline)
+    if ssh_cmd:
+        vm_cmdline = " ".join(vm_cmdline.replace(ssh_cmd, " ").split())
+    if vm_cmdline != want.cmdline:
+        out.append(f"the kernel command line differs ({vm_cmdline!r} -> {want.cmdline!r})")
+    for what, have, need in (("accel", st.accel, want.accel), ("smp", st.smp, want.smp),
+                             ("memory", st.memory_mb, want.memory_mb)):
+        if have != need:
+            out.append(f"{what} {have} -> {need}")
+    if shutil.which(st.argv[0]) != shutil.which(want.qemu_bin):
+        out.append(f"another QEMU binary ({st.argv[0]} -> {want.qemu_bin})")
+    elif st.qemu_version != want.qemu_version:
+        out.append(f"QEMU changed ({st.qemu_version} -> {want.qemu_version})")
+    if want.ssh and st.ssh_port is None:
+        out.append("SSH asked for, the VM has none")
+    return out
+
+
+# ==== locking =======================================================================================
+_LOCKS: dict[str, int] = {}
+
+
+def _lock(vmdir: Path) -> None:
+    """Hold ``vmdir/lock`` (flock) while this process uses the VM; ReuseBusy if another process does."""
+    key = str(Path(vmdir).absolute())
+    if key in _LOCKS:
+        return
+    Path(vmdir).mkdir(parents=True, exist_ok=True)
+    fd = os.open(Path(vmdir) / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise ReuseBusy(f"the reusable VM in {vmdir} is in use by another process ({holder or 'pid unknown'})",
+                        hint="wait for that run, or give this one another --results-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+    _LOCKS[key] = fd
+
+
+def _unlock(vmdir: Path) -> None:
+    fd = _LOCKS.pop(str(Path(vmdir).absolute()), None)
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _released(vmdir: Path, pid: int):
+    """on_release hook of the DetachedMachine: a stop removes the state file (if still this VM's) and the
+    private socket dir; detach and stop both release the lock."""
+    def hook(m: DetachedMachine) -> None:
+        try:
+            if not m.detached:
+                _forget(vmdir, pid)
+        finally:
+            _unlock(vmdir)
+    return hook
+
+
+def _forget(vmdir: Path, pid: int | None) -> None:
+    with contextlib.suppress(ReuseError):
+        st = read_state(vmdir)
+        if st is not None and (pid is None or st.pid == pid):
+            with contextlib.suppress(OSError):
+                (Path(vmdir) / STATE_FILE).unlink()
+            _remove_sockets(vmdir, st)
+    sd = socket_dir(vmdir, create=False)
+    if sd != Path(vmdir).absolute() and sd.is_dir():
+        shutil.rmtree(sd, ignore_errors=True)
+
+
+def _remove_sockets(vmdir: Path, st: VmState | None) -> None:
+    socks = [Path(vmdir) / n for n in ("ctl.sock", "qmp.sock", "console.sock")]
+    if st is not None:
+        socks += [Path(st.control_socket), Path(st.qmp_socket), Path(st.console_socket)]
+    for s in socks:
+        with contextlib.suppress(OSError):
+            if s.is_socket():
+                s.unlink()
+
+
+# ==== start / attach / stop =========================================================================
+def _link_console(run_dir: Path, log: Path) -> None:
+    """``<run_dir>/console.log`` -> the VM's console.log (the per-test slices and traces stay per run)."""
+    link = Path(run_dir) / "console.log"
+    with contextlib.suppress(OSError):
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(log)
+
+
+def _ssh_files(d: Path, keys, port: int) -> None:
+    keys.save(d.parent)                      # ssh/id_ed25519 (0600) + .pub
+    (d / "host_key.pub").write_text(keys.host_public + "\n")
+    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {' '.join(keys.host_public.split()[:2])}\n")
+
+
+def _load_ssh_keys(d: Path):
+    from .ssh import SshKeys
+    return SshKeys(client_private=(d / "id_ed25519").read_bytes(),
+                   client_public=(d / "id_ed25519.pub").read_text().strip(), host_private=b"",
+                   host_public=(d / "host_key.pub").read_text().strip())
+
+
+def ssh_command(st: VmState) -> str | None:
+    if st.ssh_port is None or st.ssh_dir is None:
+        return None
+    d = Path(st.ssh_dir)
+    return (f"ssh -i {d / 'id_ed25519'} -p {st.ssh_port} -o UserKnownHostsFile={d / 'known_hosts'} "
+            "-o IdentitiesOnly=yes root@127.0.0.1")
+
+
+def kill(vmdir: Path, st: VmState | None = None) -> bool:
+    """Kill the VM of ``vmdir`` if its QEMU still runs (pid + start time checked); remove its state and
+    sockets; console.log and qemu.out stay.  True if a QEMU was killed."""
+    if st is None:
+        with contextlib.suppress(ReuseError):
+            st = read_state(vmdir)
+    killed = False
+    if st is not None and process_problem(st) is None:
+        killed = kill_detached(st.pid, st.pid_start)
+    _forget(vmdir, None)
+    _remove_sockets(vmdir, st)
+    return killed
+
+
+def start(want: Wanted, vmdir: Path, run_dir: Path, *, idle_s: float = DEFAULT_IDLE_S,
+          boot_deadline_s: float = 120.0, initrd: Path | None = None, progress=quiet):
+    """Boot a new reusable VM in ``vmdir`` (killing whatever VM was there) and return its GuestSession."""
+    from . import initramfs
+    from .session import GuestSession
+    vmdir = Path(vmdir).absolute()
+    _lock(vmdir)
+    try:
+        kill(vmdir)
+        if initrd is None:
+            from . import assets
+            initrd = initramfs.build_initramfs(assets.ensure_rootfs(progress=quiet), progress=progress)
+        keys = port = None
+        cmdline = want.cmdline
+        if want.ssh:
+            from . import sshimage
+            from .ssh import SshKeys, free_port
+            keys, port = SshKeys.generate(), free_port()
+            (vmdir / "ssh").mkdir(mode=0o700, exist_ok=True)
+            initrd = sshimage.build_ssh_initrd(Path(initrd), want.kernel, vmdir / "initrd-ssh.cpio",
+                                               keys.authorized_keys(), keys.host_private, progress=progress)
+        sd = socket_dir(vmdir)
+        cfg = MachineConfig(kernel=want.kernel, initrd=Path(initrd), cmdline=with_idle(cmdline, idle_s),
+                            accel=want.accel, smp=want.smp, memory_mb=want.memory_mb, qemu_bin=want.qemu_bin,
+                            control_socket=sd / "ctl.sock", qmp_socket=sd / "qmp.sock",
+                            console_socket=sd / "console.sock", console_logfile=vmdir / "console.log",
+                            ssh_port=port)
+        _link_console(run_dir, cfg.console_logfile)
+        s = GuestSession(config=cfg, run_dir=Path(run_dir), boot_deadline_s=boot_deadline_s, ssh_keys=keys,
+                         detached=vmdir)
+        created = time.time()
+        s.boot()                 # on failure it kills the QEMU (keep_vm is still False)
+    except BaseException:
+        _unlock(vmdir)
+        raise
+    m: DetachedMachine = s.machine
+    if keys is not None:
+        _ssh_files(vmdir / "ssh", keys, s.config.ssh_port)
+    st = VmState(name=vmdir.name[len(DIR_PREFIX):], pid=m.pid, pid_start=m.pid_start, argv=s.config.argv(),
+                 qemu_version=want.qemu_version, kernel=str(want.kernel), kernel_sha256=want.kernel_sha256,
+                 initrd=str(cfg.initrd), rootfs_key=want.rootfs_key, init_sha256=want.init_sha256,
+                 cmdline=want.cmdline, idle_s=float(idle_s), accel=want.accel, smp=want.smp,
+                 memory_mb=want.memory_mb, control_socket=str(cfg.control_socket), qmp_socket=str(cfg.qmp_socket),
+                 console_socket=str(cfg.console_socket), console_log=str(cfg.console_logfile),
+                 ssh_port=s.config.ssh_port, ssh_dir=str(vmdir / "ssh") if keys is not None else None,
+                 caps=s.caps, created=created, boot_s=s.timings.get("ready_s", 0.0))
+    write_state(vmdir, st)
+    m.on_release.append(_released(vmdir, m.pid))
+    s.keep_vm = True
+    s.reuse = {"how": "started", "name": st.name, "vm_dir": str(vmdir), "pid": m.pid,
+               "boot_s": st.boot_s, "uptime_s": 0.0, "pushed": [], "idle_s": float(idle_s)}
+    return s
+
+
+def _sync(ch: Channel, deadline_s: float) -> dict:
+    """First request on a new connection, with a random id: answers to requests of an earlier process (a
+    killed run's scenario that finished meanwhile, a hello) are skipped until its own answer comes."""
+    rid = random.getrandbits(62) | (1 << 62)
+    ch.sock.sendall(P.encode({"type": "request", "id": rid, "op": "code", "args": {}}))
+    stop = time.monotonic() + deadline_s
+    while True:
+        msg = ch._readline(stop)
+        if msg.get("type") == "response" and msg.get("id") == rid:
+            if not msg.get("ok"):
+                err = msg.get("error") or {}
+                raise ChannelError(f"guest agent failed 'code': {err.get('kind')}: {err.get('message')}",
+                                   kind="remote")
+            return msg["result"]
+
+
+def host_code() -> dict[str, Path]:
+    """Guest path (absolute) -> host file of the guest code (harness/initramfs.guest_sources)."""
+    from .initramfs import guest_sources
+    return {"/" + g: p for g, p in guest_sources().items()}
+
+
+def stale_code(loaded: dict[str, str], host: dict[str, Path] | None = None) -> dict[str, bytes]:
+    """Host guest-code files whose sha256 differs from what the agent runs: guest path -> contents."""
+    out = {}
+    for gpath, hp in sorted((host or host_code()).items()):
+        data = hp.read_bytes()
+        if loaded.get(gpath) != hashlib.sha256(data).hexdigest():
+            out[gpath] = data
+    return out
+
+
+class _Replace(Exception):
+    """The attached VM cannot serve this run: replace it (the message says why, in one line)."""
+
+
+def attach(want: Wanted, vmdir: Path, run_dir: Path, *, idle_s: float = DEFAULT_IDLE_S,
+           boot_deadline_s: float = 120.0, push: bool = True, progress=quiet):
+    """The GuestSession of the running reusable VM in ``vmdir``, its guest code brought up to date; a new VM
+    (started here) if there is none or it cannot serve this run (``session.reuse["replaced"]`` says why)."""
+    t0 = time.monotonic()
+    vmdir = Path(vmdir).absolute()
+    _lock(vmdir)
+    try:
+        try:
+            st = read_state(vmdir)
+        except ReuseError as e:
+            st, reason = None, str(e)
+        else:
+            reason = "no reusable VM was running" if st is None else (
+                process_problem(st) or "; ".join(mismatches(st, want)) or None)
+        s = None
+        if reason is None:
+            try:
+                s = _attach(st, want, vmdir, run_dir, idle_s, push, t0)
+            except _Replace as e:
+                reason = str(e)
+            except HarnessError as e:
+                reason = f"attaching failed: {str(e).splitlines()[0]}"
+        if s is not None:
+            return s
+        if st is not None:
+            kill(vmdir, st)
+        progress(f"reusable VM: starting a new one ({reason})")
+        s = start(want, vmdir, run_dir, idle_s=idle_s, boot_deadline_s=boot_deadline_s, progress=progress)
+        s.reuse["replaced"] = reason
+        return s
+    except BaseException:
+        _unlock(vmdir)
+        raise
+
+
+def _attach(st: VmState, want: Wanted, vmdir: Path, run_dir: Path, idle_s: float, push: bool, t0: float):
+    from .session import GuestSession
+    try:
+        cfg = st.config()
+    except HarnessError as e:
+        raise _Replace(f"its configuration is no longer valid: {str(e).splitlines()[0]}") from None
+    if cfg.argv() != st.argv:
+        raise _Replace("the state file does not match its own command line")
+    m = DetachedMachine(cfg, vmdir, pid=st.pid, pid_start=st.pid_start)
+    s = GuestSession(config=cfg, run_dir=Path(run_dir), machine=m, caps=dict(st.caps), detached=vmdir)
+    try:
+        _link_console(run_dir, Path(st.console_log))
+        m.attach()
+        s.channel = Channel(cfg.control_socket)
+        s.channel.connect(2.0)
+        try:
+            code = _sync(s.channel, ATTACH_DEADLINE_S)
+        except ChannelError as e:
+            raise _Replace(f"its agent did not answer ({e})") from None
+        t_sync = time.monotonic()
+        pushed, t_push, t_reload = [], 0.0, 0.0
+        if push:
+            stale = stale_code(code.get("hashes") or {})
+            if stale and code.get("graveyard_vms"):
+                raise _Replace(f"{len(stale)} guest module(s) changed but the agent keeps "
+                               f"{code['graveyard_vms']} nested VM(s) alive (a reload would destroy them)")
+            for gpath, data in stale.items():
+                s.request("put", {"path": gpath, "data": P.b64(data), "mode": 0o644}, 30.0)
+                pushed.append(gpath)
+            t_push = time.monotonic() - t_sync
+            if stale:
+                from .ssh import reload_agent
+                try:
+                    reload_agent(s, 60.0)
+                except HarnessError as e:
+                    raise _Replace(f"the agent did not come back after a reload ({str(e).splitlines()[0]})") from None
+                t_reload = time.monotonic() - t_sync - t_push
+                st.caps = dict(s.caps)
+        s.request("idle", {"seconds": float(idle_s)}, 10.0)
+        if st.idle_s != float(idle_s) or pushed:
+            st.idle_s = float(idle_s)
+            write_state(vmdir, st)
+        if st.ssh_port is not None and st.ssh_dir is not None:
+            from .ssh import SshChannel
+            s.ssh_keys = _load_ssh_keys(Path(st.ssh_dir))
+            s.ssh = SshChannel(st.ssh_port, s.ssh_keys).connect(10.0, alive=m.alive)
+    except BaseException:
+        if s.channel is not None:
+            s.channel.close()
+            s.channel = None
+        if s.ssh is not None:
+            s.ssh.close()
+            s.ssh = None
+        m.detach()
+        raise
+    m.on_release.append(_released(vmdir, m.pid))
+    s.keep_vm = True
+    s.timings["ready_s"] = round(time.monotonic() - t0, 3)
+    s.reuse = {"how": "attached", "name": st.name, "vm_dir": str(vmdir), "pid": st.pid,
+               "attach_s": s.timings["ready_s"], "uptime_s": round(time.time() - st.created, 1),
+               "boot_s": st.boot_s, "pushed": pushed, "push_s": round(t_push, 3), "reload_s": round(t_reload, 3),
+               "idle_s": float(idle_s)}
+    return s
+
+
+def open_vm(kernel: Path, run_dir: Path, *, name: str | None = None, root: Path | None = None,
+            append: str = "", accel: str = "tcg", smp: int = 1, memory_mb: int = 1024,
+            qemu_bin: str = "qemu-system-aarch64", ssh: bool = False, idle_s: float | None = None,
+            boot_deadline_s: float = 120.0, fresh: bool = False, progress=quiet):
+    """Attach to (or start) the reusable VM ``name`` under ``root``; ``fresh``: always a new one."""
+    vmdir = vm_dir(name or vm_name(), root)
+    idle = idle_default() if idle_s is None else float(idle_s)
+    want = wanted(kernel, append=append, accel=accel, smp=smp, memory_mb=memory_mb, qemu_bin=qemu_bin, ssh=ssh)
+    if fresh:
+        s = start(want, vmdir, run_dir, idle_s=idle, boot_deadline_s=boot_deadline_s, progress=progress)
+        s.reuse["replaced"] = "a guest without earlier state was asked for (fresh)"
+        return s
+    return attach(want, vmdir, run_dir, idle_s=idle, boot_deadline_s=boot_deadline_s, progress=progress)
+
+
+def idle_default() -> float:
+    """``SMCCC_REUSE_VM_IDLE`` seconds (0: never), else :data:`DEFAULT_IDLE_S`."""
+    env = os.environ.get(IDLE_ENV, "")
+    try:
+        return float(env) if env else DEFAULT_IDLE_S
+    except ValueError:
+        raise ReuseError(f"{IDLE_ENV}={env!r}: not a number of seconds") from None
+
+
+def status(vmdir: Path) -> dict:
+    """What ``smccc-harness vm status`` prints about one VM dir."""
+    vmdir = Path(vmdir)
+    out: dict = {"vm_dir": str(vmdir), "name": vmdir.name[len(DIR_PREFIX):], "running": False,
+                 "console_log": str(vmdir / "console.log")}
+    try:
+        st = read_state(vmdir)
+    except ReuseError as e:
+        out["problem"] = str(e)
+        return out
+    if st is None:
+        out["problem"] = "no reusable VM (no state file)"
+        return out
+    problem = process_problem(st)
+    out.update(pid=st.pid, running=problem is None, uptime_s=round(time.time() - st.created, 1),
+               kernel=st.kernel, release=st.caps.get("uname"), kvm_mode=st.caps.get("kvm_mode"),
+               control_socket=st.control_socket, console_socket=st.console_socket, console_log=st.console_log,
+               qmp_socket=st.qmp_socket, idle_s=st.idle_s, boot_s=st.boot_s, ssh=ssh_command(st))
+    if problem:
+        out["problem"] = problem
+    return out
+
+
+def stale_state(vmdir: Path) -> bool:
+    """True if ``vmdir`` has a state file whose QEMU is gone (leftovers may remove its sockets)."""
+    try:
+        st = read_state(vmdir)
+    except ReuseError:
+        return True
+    return st is None or detached_gone(st.pid, st.pid_start) or process_problem(st) is not None
