@@ -158,6 +158,76 @@ def cmd_run_payload(args) -> int:
     return 0 if r.outcome in ("done", "system_event", "all_off") else 1
 
 
+# ---- the reusable VM (--reuse-vm, docs/reuse-vm.md) ------------------------------------------------------
+def _vm_dirs(args) -> list[Path]:
+    from . import reuse
+    root = Path(args.results_dir).resolve() if args.results_dir else None
+    if getattr(args, "all", False):
+        return reuse.all_vm_dirs(root)
+    return [reuse.vm_dir(args.name, root)]
+
+
+def _print_vm(info: dict) -> None:
+    state = "running" if info["running"] else f"not running ({info.get('problem', '?')})"
+    print(f"reusable VM {info['name']!r}: {state}")
+    if "pid" in info:
+        up = info["uptime_s"]
+        print(f"  pid            {info['pid']} (up {int(up // 3600)}h{int(up % 3600 // 60):02d}m{int(up % 60):02d}s, "
+              f"idle timeout {info['idle_s']:.0f} s)")
+        print(f"  kernel         {info.get('release') or '?'} ({info['kernel']})")
+        print(f"  control socket {info['control_socket']}")
+        print(f"  console socket {info['console_socket']}")
+    print(f"  console log    {info['console_log']}")
+    if info.get("ssh"):
+        print(f"  ssh            {info['ssh']}")
+
+
+def cmd_vm(args) -> int:
+    """``vm start|status|stop``: the reusable VM that ``pytest --reuse-vm`` attaches to."""
+    from . import reuse
+    if args.action == "start":
+        from .kernel import resolve_kernel
+        from .plugin import resolve_accel
+        from .sysdeps import check_qemu
+        check_qemu(args.qemu_bin)
+        k = resolve_kernel(args.kernel)
+        root = Path(args.results_dir).resolve() if args.results_dir else None
+        s = reuse.open_vm(k.image, paths.new_run_dir("vm_start", root), name=args.name, root=root,
+                          append=args.append, accel=resolve_accel(args.accel), smp=args.smp, memory_mb=args.memory,
+                          qemu_bin=args.qemu_bin, ssh=args.ssh, idle_s=args.idle, boot_deadline_s=args.boot_timeout,
+                          progress=_progress)
+        info = s.reuse
+        try:
+            if info["how"] == "attached":
+                _progress(f"already running: pid {info['pid']} (attached in {info['attach_s']} s"
+                          + (f", pushed {len(info['pushed'])} guest module(s)" if info["pushed"] else "") + ")")
+            else:
+                _progress(f"started pid {info['pid']}: guest ready in {info['boot_s']} s")
+        finally:
+            s.close()
+        _print_vm(reuse.status(Path(info["vm_dir"])))
+        return 0
+    dirs = _vm_dirs(args)
+    if args.action == "status":
+        if not dirs or not any((d / reuse.STATE_FILE).exists() for d in dirs):
+            print("no reusable VM" + ("" if getattr(args, "all", False) else f" {args.name!r}") +
+                  f" under {paths.results_root() if not args.results_dir else Path(args.results_dir).resolve()}")
+            return 1
+        infos = [reuse.status(d) for d in dirs if (d / reuse.STATE_FILE).exists()]
+        for info in infos:
+            _print_vm(info)
+        return 0 if all(i["running"] for i in infos) else 1
+    for d in dirs:
+        if not d.is_dir():
+            continue
+        killed = reuse.kill(d)
+        _progress(f"{d.name}: " + ("QEMU killed" if killed else "no QEMU was running") +
+                  f"; logs kept: {d / 'console.log'}")
+    if not any(d.is_dir() for d in dirs):
+        _progress("no reusable VM")
+    return 0
+
+
 # ---- assets / cache ---------------------------------------------------------------------------------
 def cmd_assets(args) -> int:
     from . import assets
@@ -221,6 +291,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shell", action="store_true", help="interactive shell on the serial console")
     p.add_argument("--ssh", action="store_true", help="also bring up the SSH channel (docs/ssh.md) and run uname -a")
     p.set_defaults(func=cmd_boot)
+
+    p = sub.add_parser("vm", help="the reusable VM that pytest --reuse-vm attaches to: start, status, stop")
+    p.add_argument("action", choices=("start", "status", "stop"))
+    common(p)
+    p.add_argument("--name", default="default", help="which reusable VM (pytest-xdist workers: gw0, gw1, ...)")
+    p.add_argument("--all", action="store_true", help="status/stop: every reusable VM under the results dir")
+    p.add_argument("--ssh", action="store_true", help="start: with the SSH channel (docs/ssh.md); keys in its dir")
+    p.add_argument("--idle", type=float, default=None, metavar="SECONDS",
+                   help="start: power off after this long without a request (0: never) [env SMCCC_REUSE_VM_IDLE, "
+                        "default 1800]")
+    p.add_argument("--append", default="", help="start: extra kernel command line")
+    p.add_argument("--smp", type=int, default=1)
+    p.add_argument("--memory", type=int, default=1024)
+    p.set_defaults(func=cmd_vm)
 
     p = sub.add_parser("run-payload", help="run your payload ELF against the handler and print the trace")
     common(p)

@@ -3,6 +3,10 @@
 The fault tests (tests/system/test_faults.py) assert that none is left after a fault; the pytest plugin
 calls :func:`sweep_stale_sockets` at start-up, so even a harness killed with SIGKILL (QEMU dies with it,
 PR_SET_PDEATHSIG) leaves no socket behind for long.
+
+A reusable VM (``--reuse-vm``, harness/reuse.py) outlives its pytest on purpose: its directory
+(``reuse-vm-<name>``) is never swept while its QEMU runs; once that QEMU is gone its sockets are removed (its
+state file stays, so the next attach can say what happened).
 """
 
 from __future__ import annotations
@@ -148,6 +152,9 @@ def sweep_stale_sockets(root: Path) -> list[Path]:
     if not root.is_dir():
         return removed
     for d in root.iterdir():
+        if d.name.startswith("reuse-vm-"):
+            removed += _sweep_reusable(d)
+            continue
         pid = _pid_of_run_dir(d)
         if pid is None or pid == os.getpid() or _alive(pid) or not d.is_dir():
             continue
@@ -162,4 +169,27 @@ def sweep_stale_sockets(root: Path) -> list[Path]:
             if sd.name.startswith("smccc-sock-") and sd.is_dir() and not qemu_processes(sd):
                 shutil.rmtree(sd, ignore_errors=True)
                 removed.append(sd)
+    return removed
+
+
+def _sweep_reusable(d: Path) -> list[Path]:
+    """The sockets of a reusable VM whose QEMU is gone (never those of a live one)."""
+    from .reuse import read_state, socket_dir, stale_state
+    if not d.is_dir() or not stale_state(d):
+        return []
+    removed = []
+    with contextlib.suppress(Exception):
+        st = read_state(d)
+        socks = list(d.glob("*.sock"))
+        if st is not None:
+            socks += [Path(st.control_socket), Path(st.qmp_socket), Path(st.console_socket)]
+        for s in socks:
+            with contextlib.suppress(OSError):
+                if s.is_socket() and not qemu_processes(s):
+                    s.unlink()
+                    removed.append(s)
+        sd = socket_dir(d, create=False)
+        if sd != d.absolute() and sd.is_dir() and not any(sd.iterdir()):
+            sd.rmdir()
+            removed.append(sd)
     return removed

@@ -53,6 +53,14 @@ def pytest_addoption(parser):
     g.addoption("--ssh", action="store_true", default=os.environ.get("SMCCC_SSH", "") not in ("", "0"),
                 help="boot the pool's guests with the SSH channel (dropbear, virtio-net, hostfwd on 127.0.0.1; "
                      "cold boot, no snapshot; docs/ssh.md); session.ssh is a harness.ssh.SshChannel [env SMCCC_SSH=1]")
+    g.addoption("--reuse-vm", action="store_true",
+                default=os.environ.get("SMCCC_REUSE_VM", "") not in ("", "0"),
+                help="attach to the guest VM an earlier --reuse-vm run left running (push changed guest code, reload "
+                     "the agent) or boot one and leave it running; stop it with 'smccc-harness vm stop' "
+                     "(docs/reuse-vm.md) [env SMCCC_REUSE_VM=1]")
+    g.addoption("--reuse-vm-idle", type=float, default=None, metavar="SECONDS",
+                help="a reused VM powers itself off after this long without a request (0: never) "
+                     "[env SMCCC_REUSE_VM_IDLE, default 1800]")
 
 
 def pytest_configure(config):
@@ -65,6 +73,9 @@ def pytest_configure(config):
         sweep_stale_sockets(paths.results_root())
     except OSError:
         pass
+    # SMCCC_REUSE_VM is for this pytest only: pytest subprocesses that tests start (fault tests, bisect,
+    # matrix) boot guests of their own, which die with them (xdist workers get the option value, not the env).
+    os.environ.pop("SMCCC_REUSE_VM", None)
     if config.getoption("--kernel-pkg", None):
         config.option.kernel = "pkg:" + config.getoption("--kernel-pkg")
     config.addinivalue_line("markers", "system_suspend: needs KVM_CAP_ARM_SYSTEM_SUSPEND")
@@ -126,7 +137,7 @@ class GuestPool:
             self.assets = {"kernel": kernel, "initrd": initrd}
         return self.assets
 
-    def get(self):
+    def get(self, fresh: bool = False):
         from .session import GuestSession
         if self.session is not None and self.session.alive():
             return self.session
@@ -134,6 +145,8 @@ class GuestPool:
             raise self.boot_error
         if self.session is not None:
             self.session.close()
+        if self.config.getoption("--reuse-vm"):
+            return self._reused(fresh)
         try:
             a = self.resolve_assets()
             opt = self.config.getoption
@@ -153,11 +166,40 @@ class GuestPool:
                           f"{self.session.timings['snapshot_fallback']}", stacklevel=2)
         return self.session
 
+    def _reused(self, fresh: bool):
+        """--reuse-vm: attach to the reusable VM (or start it) instead of booting a guest of this run
+        (harness/reuse.py).  Another run attached to it: an ordinary guest of this run, with a warning."""
+        from . import reuse
+        from .kernel import resolve_kernel
+        from .sysdeps import check_qemu
+        opt = self.config.getoption
+        try:
+            check_qemu(opt("--qemu-bin"))
+            kernel = resolve_kernel(opt("--kernel"))
+            run_dir = paths.new_run_dir("guest")
+            self.session = reuse.open_vm(
+                kernel.image, run_dir, append=opt("--append"), accel=resolve_accel(opt("--accel")), smp=opt("--smp"),
+                memory_mb=opt("--memory"), qemu_bin=opt("--qemu-bin"), ssh=opt("--ssh"),
+                idle_s=opt("--reuse-vm-idle"), boot_deadline_s=opt("--boot-timeout"), fresh=fresh)
+        except reuse.ReuseBusy as e:
+            import warnings
+            warnings.warn(f"--reuse-vm: {e}; this run boots a guest of its own", stacklevel=3)
+            self.config.option.reuse_vm = False
+            return self.get()
+        except BaseException as e:
+            self.boot_error = e
+            raise
+        self.sessions.append(self.session)
+        self.assets = {"kernel": kernel, "initrd": self.session.config.initrd}
+        return self.session
+
     def fresh(self):
-        """A new guest with no state from earlier tests (a fresh restore): the current one is thrown away."""
+        """A new guest with no state from earlier tests (a fresh restore): the current one is thrown away.
+        With --reuse-vm the reusable VM is killed and a new one cold-booted (and left running)."""
         if self.session is not None:
+            self.session.keep_vm = False
             self.session.close()
-        return self.get()
+        return self.get(fresh=True)
 
     def spawn(self, snapshots: bool | None = None):
         """A started guest of the caller's own (not handed to other tests), with the pool's options;
@@ -327,6 +369,24 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def reuse_summary(info: dict) -> str:
+    """One line about the reusable VM of a --reuse-vm run: reused or started, how fast, how to stop it."""
+    name = info.get("name", "default")
+    stop = "smccc-harness vm stop" + ("" if name == "default" else f" --name {name}") + \
+        f" --results-dir {Path(info['vm_dir']).parent}"
+    if info.get("killed"):
+        return f"reusable VM pid {info['pid']} was killed at the end ({info['killed']}); the next run starts a new one"
+    if info["how"] == "attached":
+        pushed = info.get("pushed") or []
+        push = (f"; pushed {len(pushed)} guest module(s) + reload in {info.get('push_s', 0) + info.get('reload_s', 0):.2f} s"
+                if pushed else "")
+        return (f"reused VM pid {info['pid']} (up {info['uptime_s']:.0f} s, attached in {info['attach_s']:.2f} s{push}); "
+                f"still running, stop it with: {stop}")
+    why = f" ({info['replaced']})" if info.get("replaced") else ""
+    return (f"started reusable VM pid {info['pid']} in {info['boot_s']:.2f} s{why}; left running for the next "
+            f"--reuse-vm run (idle timeout {info.get('idle_s', 0):.0f} s), stop it with: {stop}")
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     rows = config.stash.get(_ROWS_KEY, [])
     if not rows:
@@ -340,6 +400,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             caps = s.caps or {}
             tr.write_line(f"guest kernel {caps.get('uname', '?')} ({caps.get('kvm_mode') or 'KVM mode unknown'}); "
                           f"boot {s.timings.get('ready_s', '?')} s; console log: {s.console_log}")
+            if getattr(s, "reuse", None):
+                tr.write_line(reuse_summary(s.reuse))
     else:
         root = paths.results_root()
         tr.write_line(f"console logs and traces: {root}")
