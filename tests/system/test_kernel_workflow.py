@@ -105,3 +105,21 @@ def test_minimal_kernel_from_debian_source_runs_the_forwarding_suite_via_its_vml
                        cwd=paths.REPO_ROOT, text=True, capture_output=True, timeout=900, check=False)
     assert t.returncode == 0, t.stdout[-4000:]
     assert "VHE+NV2" in t.stdout, t.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_ssh_into_a_self_built_kernel_with_virtio_net_built_in():
+    """``kernel build --ssh`` (images/kernel.config + images/kernel-ssh.config, its own O=: ~10 s when
+    unchanged, ~10 min cold on 2 cores), then the SSH system tests against that Image: no modules package
+    exists for it, virtio_net is built in (harness/sshimage.py ``has_builtin_virtio_net``)."""
+    r = _cli("kernel", "build", "--ssh", str(kbuild.source_tree()), timeout=3600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    image = Path(r.stdout.strip().splitlines()[-1])
+    assert image.parents[3].name.endswith("-ssh"), image
+    from harness.sshimage import has_builtin_virtio_net
+    assert has_builtin_virtio_net(image)
+    t = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "tests/system/test_ssh.py",
+                        "--kernel", str(image), "-k", "not default_guest_has_no_network"],
+                       cwd=paths.REPO_ROOT, text=True, capture_output=True, timeout=900, check=False)
+    assert t.returncode == 0, t.stdout[-4000:]
+    assert re.search(r"\b7 passed\b", t.stdout), t.stdout[-2000:]
