@@ -589,6 +589,16 @@ class _SocketChild(fdspawn):
             super().close()
 
 
+# Detached QEMUs this process started: kept referenced (a Popen that is garbage-collected while its process
+# runs warns "subprocess N is still running") and polled now and then, so that one that exited while this
+# process lives is reaped instead of staying a zombie.
+_DETACHED_CHILDREN: list[subprocess.Popen] = []
+
+
+def reap_detached_children() -> None:
+    _DETACHED_CHILDREN[:] = [p for p in _DETACHED_CHILDREN if p.poll() is None]
+
+
 class DetachedMachine(Machine):
     """A QEMU in its own session that this process may not outlive (``pytest --reuse-vm``, harness/reuse.py).
 
@@ -657,6 +667,8 @@ class DetachedMachine(Machine):
             except OSError as e:
                 raise SetupError(f"cannot run {argv[0]}: {e}",
                                  hint="install QEMU (smccc-harness setup) or pass --qemu-bin") from None
+        reap_detached_children()
+        _DETACHED_CHILDREN.append(self._proc)
         self._pid = self._proc.pid
         ident = proc_identity(self._pid)
         self.pid_start = ident[0] if ident else None

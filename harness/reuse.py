@@ -51,6 +51,7 @@ from .qemu import (
     kill_detached,
     proc_argv,
     proc_identity,
+    reap_detached_children,
 )
 
 STATE_FILE = "state.json"
@@ -228,6 +229,7 @@ def write_state(vmdir: Path, st: VmState) -> Path:
 
 def process_problem(st: VmState) -> str | None:
     """Why ``st.pid`` is not the VM's QEMU any more (None: it is, and it runs)."""
+    reap_detached_children()        # one this process started and that exited is reaped, not a zombie
     ident = proc_identity(st.pid)
     if ident is None or ident[1] in "ZX":
         return f"its QEMU (pid {st.pid}) is gone"

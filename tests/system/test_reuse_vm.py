@@ -21,6 +21,7 @@ import pytest
 
 from harness import leftovers, paths, reuse
 from harness.kernel import resolve_kernel
+from harness.qemu import reap_detached_children
 
 pytestmark = pytest.mark.infra  # the harness's own plumbing (harness/tiers.py)
 
@@ -36,12 +37,17 @@ def results(tmp_path_factory):
         for d in reuse.all_vm_dirs(root):
             reuse.kill(d)
         stop = time.monotonic() + 10
-        while (procs := leftovers.qemu_processes(root)) and time.monotonic() < stop:
+        while (procs := _live_qemus(root)) and time.monotonic() < stop:
             for p in procs:
-                if p.state != "Z":
-                    os.kill(p.pid, signal.SIGKILL)
+                os.kill(p.pid, signal.SIGKILL)
             time.sleep(0.1)
-        assert [p for p in leftovers.qemu_processes(root) if p.state != "Z"] == []
+        assert _live_qemus(root) == []
+
+
+def _live_qemus(root: Path) -> list:
+    """QEMUs of ``root`` that run (zombies are not: the ones this process started are reaped here)."""
+    reap_detached_children()
+    return [p for p in leftovers.qemu_processes(root) if p.state != "Z"]
 
 
 def _env() -> dict:
@@ -149,7 +155,7 @@ def test_vm_status_and_stop_leave_nothing_but_logs(results):
     assert p.returncode == 0 and f"pid            {st.pid}" in p.stdout and "console log" in p.stdout, p.stdout
     p = _cli(results, "stop")
     assert p.returncode == 0 and "QEMU killed" in p.stdout, p.stdout + p.stderr
-    assert [q for q in leftovers.qemu_processes(results) if q.state != "Z"] == []
+    assert _live_qemus(results) == []
     assert leftovers.sockets(results) == []
     d = reuse.vm_dir("default", results)
     assert not (d / reuse.STATE_FILE).exists() and (d / "console.log").stat().st_size > 0
