@@ -122,6 +122,8 @@ def test_default_guest_has_no_network_interface(guest, request):
     """Opt-in only: a guest booted without SSH has no NIC and no dropbear (only the loopback device)."""
     if request.config.getoption("--ssh"):
         pytest.skip("--ssh was given: the pool's guests have the SSH NIC on purpose")
+    if guest.reuse is not None and guest.config.ssh_port is not None:
+        pytest.skip("--reuse-vm attached to a VM started with --ssh: its NIC is there on purpose (docs/reuse-vm.md)")
     got = guest.request("exec", {"argv": ["/bin/ls", "/sys/class/net"]})
     assert got["stdout"].split() == ["lo"]
     assert not os.path.exists(guest.run_dir / "ssh")
