@@ -146,8 +146,9 @@ def _alive(pid: int) -> bool:
 
 
 def sweep_stale_sockets(root: Path) -> list[Path]:
-    """Remove the sockets of run directories whose harness process is gone (it was SIGKILLed)."""
-    removed = []
+    """Remove the sockets of run directories whose harness process is gone (it was SIGKILLed), and orphaned
+    private socket dirs (:func:`sweep_orphan_socket_dirs`)."""
+    removed = sweep_orphan_socket_dirs()
     root = Path(root)
     if not root.is_dir():
         return removed
@@ -169,6 +170,29 @@ def sweep_stale_sockets(root: Path) -> list[Path]:
             if sd.name.startswith("smccc-sock-") and sd.is_dir() and not qemu_processes(sd):
                 shutil.rmtree(sd, ignore_errors=True)
                 removed.append(sd)
+    return removed
+
+
+ORPHAN_AGE_S = 600.0     # a private socket dir this old with no QEMU using it belongs to a dead run
+
+
+def sweep_orphan_socket_dirs(tmp: Path | None = None, min_age_s: float = ORPHAN_AGE_S) -> list[Path]:
+    """Remove ``$TMPDIR/smccc-sock-*`` dirs (harness.session.sock_dir) of runs that died without cleaning up
+    and whose run directory is gone too (a deleted ``--results-dir``): ours, older than ``min_age_s``, and
+    named by no live QEMU's argv."""
+    removed = []
+    tmp = Path(tmp or tempfile.gettempdir())
+    live = " ".join(" ".join(p.argv) for p in processes() if is_qemu(p))
+    now = time.time()
+    for d in tmp.glob("smccc-sock-*"):
+        with contextlib.suppress(OSError):
+            st = d.lstat()
+            if not d.is_dir() or d.is_symlink() or st.st_uid != os.getuid() or now - st.st_mtime < min_age_s:
+                continue
+            if str(d) in live:
+                continue
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
     return removed
 
 
