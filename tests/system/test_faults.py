@@ -22,6 +22,7 @@ import pytest
 
 from harness import leftovers, paths
 from harness.errors import GuestError
+from harness.matrix import default_sigint
 from harness.payloads import get_payload
 from harness.scenarios import PSCI_FWD, scenario
 
@@ -210,7 +211,8 @@ def test_interrupted_pytest_leaves_no_qemu_and_keeps_the_console_log(tmp_path, s
     child = subprocess.Popen(
         [sys.executable, "-m", "pytest", "-c", str(paths.REPO_ROOT / "pytest.ini"), "--rootdir", str(tmp_path),
          "-p", "no:cacheprovider", "-q", "--results-dir", str(results), str(test_file)],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=default_sigint)  # noqa: PLW1509 - a background job (`cmd &`, bench/) has SIGINT ignored
     try:
         stop = time.monotonic() + 180
         while not started.exists():
