@@ -25,7 +25,8 @@ TESTS = {
 
 
 @pytest.fixture
-def project(pytester):
+def project(pytester, monkeypatch):
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")   # only harness.tiers: no xdist/benchmark/hypothesis
     pytester.makeini(INI)
     pytester.makepyfile(**{name[:-3]: text for name, text in TESTS.items()})
     return pytester
@@ -33,7 +34,7 @@ def project(pytester):
 
 def collect(project, *args: str) -> tuple[set[str], str]:
     """The test names pytest would run with ``args``, and its output."""
-    r = project.runpytest_inprocess("--co", "-q", "-p", "no:cacheprovider", "-p", "no:hypothesispytest", *args)
+    r = project.runpytest_inprocess("--co", "-q", "-p", "no:cacheprovider", *args)
     out = r.stdout.str()
     assert r.ret in (0, 5), out
     names = {ln.split("::")[-1] for ln in out.splitlines() if "::" in ln}
