@@ -593,12 +593,7 @@ def _attach(st: VmState, want: Wanted, vmdir: Path, run_dir: Path, idle_s: float
             s.ssh_keys = _load_ssh_keys(Path(st.ssh_dir))
             s.ssh = SshChannel(st.ssh_port, s.ssh_keys).connect(10.0, alive=m.alive)
     except BaseException:
-        if s.channel is not None:
-            s.channel.close()
-            s.channel = None
-        if s.ssh is not None:
-            s.ssh.close()
-            s.ssh = None
+        s.close_links()
         m.detach()
         raise
     m.on_release.append(_released(vmdir, m.pid))

@@ -282,13 +282,17 @@ class GuestSession:
                     return f"the guest kernel printed {found[0].name!r}: {found[0].line.strip()}"
         return None
 
-    def close(self) -> None:
+    def close_links(self) -> None:
+        """Close the SSH and control-channel connections (the machine itself is left as it is)."""
         if self.ssh is not None:
             self.ssh.close()
             self.ssh = None
         if self.channel is not None:
             self.channel.close()
             self.channel = None
+
+    def close(self) -> None:
+        self.close_links()
         if self.machine is not None and self.keep_vm and isinstance(self.machine, DetachedMachine):
             why = self.unusable()
             if why is None:

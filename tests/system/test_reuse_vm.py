@@ -149,6 +149,35 @@ def test_a_dead_or_killed_vm_is_replaced(results):
     assert m and int(m.group(2)) == pid and int(m.group(1)) != pid, out
 
 
+def test_changed_code_with_nested_vms_alive_replaces_the_vm_instead_of_reloading(results, tmp_path, monkeypatch):
+    """A nested (vEL2) scenario leaves its VM in the agent's graveyard (never destroyed); a reload would close
+    its fds, i.e. destroy it: changed guest code then gets a new VM, with the reason."""
+    from harness.payloads import get_payload
+    from harness.scenarios import scenario
+    s = _attach(results)
+    try:
+        if not s.caps.get("KVM_CAP_ARM_EL2"):
+            pytest.skip(f"kernel {s.caps.get('uname')}: KVM_CAP_ARM_EL2 is 0, no nested VM to keep")
+        p = get_payload("el2_hello")
+        r = s.run(scenario("reuse_el2_hello", p, el2=True), payload=p)
+        assert r.outcome == "done", r.describe()
+        assert s.request("stats")["graveyard_vms"] >= 1
+        pid = s.reuse["pid"]
+    finally:
+        s.close()
+    host = reuse.host_code()
+    target = "/opt/smccc/harness/guest/trace.py"
+    edited = tmp_path / "trace.py"
+    edited.write_bytes(host[target].read_bytes() + b"\n# changed while nested VMs are alive\n")
+    monkeypatch.setattr(reuse, "host_code", lambda: {**host, target: edited})
+    s = _attach(results)
+    try:
+        assert s.reuse["how"] == "started" and s.reuse["pid"] != pid, s.reuse
+        assert "nested VM(s) alive (a reload would destroy them)" in s.reuse["replaced"], s.reuse
+    finally:
+        s.close()
+
+
 def test_vm_status_and_stop_leave_nothing_but_logs(results):
     st = _state(results)
     p = _cli(results, "status")
