@@ -405,4 +405,25 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     else:
         root = paths.results_root()
         tr.write_line(f"console logs and traces: {root}")
+        if config.getoption("--reuse-vm", False) and _is_xdist_controller(config):
+            for line in _workers_reused_vms(root):
+                tr.write_line(line)
     _ = time
+
+
+def _workers_reused_vms(root: Path) -> list[str]:
+    """Under xdist the workers hold the reusable VMs: one line per worker VM still running (from its state
+    file), and how to stop them all."""
+    from . import reuse
+    out = []
+    for d in reuse.all_vm_dirs(root):
+        try:
+            st = reuse.read_state(d)
+        except HarnessError:
+            continue
+        if st is None or not st.name.startswith("gw") or reuse.process_problem(st) is not None:
+            continue
+        out.append(f"reusable VM {st.name}: pid {st.pid}, up {time.time() - st.created:.0f} s, console log {st.console_log}")
+    if out:
+        out.append(f"still running; stop them with: smccc-harness vm stop --all --results-dir {root}")
+    return out
