@@ -91,6 +91,7 @@ def cmd_test(args) -> int:
 
 # ---- boot / run-payload -----------------------------------------------------------------------------
 def _session(args, append: str = "", ssh: bool = False):
+    append = " ".join(a for a in (getattr(args, "append", "") or "", append) if a)   # --append, then ours
     from . import assets, initramfs
     from .kernel import resolve_kernel
     from .plugin import resolve_accel
@@ -290,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-cmd", action="store_true", help="print the exact QEMU command line and exit")
     p.add_argument("--shell", action="store_true", help="interactive shell on the serial console")
     p.add_argument("--ssh", action="store_true", help="also bring up the SSH channel (docs/ssh.md) and run uname -a")
+    p.add_argument("--append", default="", help="extra kernel command line, e.g. 'initcall_debug loglevel=8' "
+                                                "(a new snapshot key: the first boot is cold)")
     p.set_defaults(func=cmd_boot)
 
     p = sub.add_parser("vm", help="the reusable VM that pytest --reuse-vm attaches to: start, status, stop")
@@ -315,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vcpus", type=int, default=1)
     p.add_argument("--handler", default="psci", choices=("psci", "record"))
     p.add_argument("--deadline", type=float, default=10.0)
+    p.add_argument("--append", default="", help="extra kernel command line")
     p.set_defaults(func=cmd_run_payload)
 
     for name in ("assets", "cache"):
