@@ -46,3 +46,11 @@ def test_boot_print_cmd_is_a_runnable_qemu_command_line(tmp_path):
     assert argv[0].endswith("qemu-system-aarch64")
     assert "virt,virtualization=on,gic-version=3" in " ".join(argv)
     assert "-kernel" in argv and "-initrd" in argv and "kvm-arm.mode=nested" in " ".join(argv)
+
+
+def test_boot_append_reaches_the_kernel_command_line(tmp_path):
+    p = cli("boot", "--print-cmd", "--append", "initcall_debug dyndbg=+p", "--results-dir", str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    argv = shlex.split(p.stdout.strip().splitlines()[-1])
+    cmdline = argv[argv.index("-append") + 1]
+    assert cmdline.startswith("console=ttyAMA0") and cmdline.endswith(" initcall_debug dyndbg=+p"), cmdline
