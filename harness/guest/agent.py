@@ -13,15 +13,12 @@ started with; ``put`` also writes ``.py`` files under the guest code directory (
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
 import select
-import subprocess
 import sys
 import time
-import traceback
 
 from .. import protocol as P
 from . import kvm, smccc
@@ -31,22 +28,48 @@ from .vm import Vm, install_kick_handler
 
 def find_port(name: str = P.PORT_NAME, wait_s: float = 10.0) -> str:
     deadline = time.monotonic() + wait_s
+    base = "/sys/class/virtio-ports"
     while True:
-        for path in glob.glob("/sys/class/virtio-ports/*/name"):
-            with open(path) as f:
+        for port in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+            with open(f"{base}/{port}/name") as f:
                 if f.read().strip() == name:
-                    return "/dev/" + path.split("/")[-2]
+                    return "/dev/" + port
         if time.monotonic() > deadline:
             raise RuntimeError(f"no virtio-serial port named {name!r} (is QEMU started with the control channel?)")
         time.sleep(0.05)
 
 
-def kvm_mode_from_dmesg() -> str | None:
+def poweroff() -> None:
+    """``busybox poweroff -f`` in the background (PSCI SYSTEM_OFF: QEMU exits), without importing subprocess."""
+    os.posix_spawn("/bin/busybox", ["/bin/busybox", "poweroff", "-f"], dict(os.environ))
+
+
+def kernel_log() -> list[str]:
+    """The kernel log's messages, read from /dev/kmsg (no ``dmesg`` process: the agent's start-up, paid by
+    every cold boot and every reload, imports no subprocess).  Records are ``prio,seq,usec,flags;text``."""
+    out = []
     try:
-        out = subprocess.run(["/bin/busybox", "dmesg"], capture_output=True, text=True, timeout=5, check=False).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    for line in out.splitlines():
+        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return out
+    try:
+        while True:
+            try:
+                rec = os.read(fd, 8192)
+            except BlockingIOError:
+                break
+            except OSError:         # EPIPE: a record was overwritten while reading; go on with the next
+                continue
+            if not rec:
+                break
+            out.append(rec.decode(errors="replace").split(";", 1)[-1].split("\n", 1)[0])
+    finally:
+        os.close(fd)
+    return out
+
+
+def kvm_mode_from_dmesg(lines: list[str] | None = None) -> str | None:
+    for line in kernel_log() if lines is None else lines:
         if "kvm [" in line and "mode initialized" in line:
             return line.split("]: ", 1)[-1].strip()
     return None
@@ -139,6 +162,7 @@ def put_file(args: dict) -> dict:
     os.replace(tmp, path)
     if ok_code:
         d, name = os.path.split(path)
+        import glob
         for pyc in glob.glob(os.path.join(d, "__pycache__", name[:-3] + ".*.pyc")):
             os.unlink(pyc)
     return {"path": path, "size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
@@ -190,7 +214,7 @@ class Agent:
         """No request for ``idle_s``: power the guest off (PSCI SYSTEM_OFF; QEMU exits).  Nested VMs are not
         destroyed first (never done): ``poweroff -f`` does not wait for this process."""
         print(f"smccc-agent: no request for {self.idle_s:g} s ({IDLE_PARAM}): powering the guest off", flush=True)
-        subprocess.Popen(["/bin/busybox", "poweroff", "-f"])
+        poweroff()
         time.sleep(60)
         os._exit(0)
 
@@ -242,6 +266,7 @@ class Agent:
             argv = args.get("argv")
             if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
                 raise P.ProtocolError("exec needs argv: a non-empty list of strings")
+            import subprocess  # only here: the agent's start-up imports as little as it can
             p = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=float(args.get("timeout_s", 30)))
             return {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr}
         if op == "fault":      # test-only fault injection (tests/system/test_faults.py)
@@ -266,7 +291,7 @@ class Agent:
             self.reexec = True
             return {"pid": os.getpid()}
         if op == "shutdown":
-            subprocess.Popen(["/bin/busybox", "poweroff", "-f"])
+            poweroff()
             return {"bye": True}
         raise P.ProtocolError(f"unknown op {op!r}")
 
@@ -278,6 +303,7 @@ class Agent:
             try:
                 resp = {"type": "response", "id": rid, "ok": True, "result": self.handle(req)}
             except Exception as e:  # noqa: BLE001 - every failure goes back to the host with its traceback
+                import traceback
                 resp = {"type": "response", "id": rid, "ok": False,
                         "error": {"kind": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()}}
             self.send(resp)

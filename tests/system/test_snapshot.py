@@ -130,21 +130,35 @@ def test_pool_replaces_a_dead_guest_with_a_fresh_restore(guest_pool, request):
 
 @pytest.mark.slow     # one cold boot (~5 s, more on a busy host); the pool takes this path on every cache miss
 def test_a_cache_miss_boots_saves_and_keeps_the_guest_then_the_next_start_restores_it(guest_pool, tmp_path):
-    """Into an empty store: the session boots cold, is saved and goes on serving; the next one restores."""
+    """Into an empty store: the session boots cold, is saved and goes on serving; the next one restores.
+
+    About one new snapshot in three restores with a dead guest timer (QEMU 10.0 does not re-arm the L1
+    EL2 timer; harness/snapshot.py's timer probe discards it): then the whole cycle is tried again with an
+    empty store, at most 3 times."""
     a = guest_pool.resolve_assets()
-    store = snapshot.SnapshotStore(tmp_path / "snapshots")
-    sessions = [GuestSession.create(a["kernel"].image, a["initrd"], paths.new_run_dir("guest")) for _ in range(2)]
-    try:
-        first = snapshot.warm_start(sessions[0], store)
-        assert first.timings.get("snapshot_created") is True, first.timings
-        assert first.request("ping")["pong"] is True
-        key = first.timings["snapshot"]
-        assert store.lookup(key) is not None
-        assert {"state.ram", "meta.json", "boot-console.log", "stub-kernel"} <= {
-            p.name for p in store.lookup(key).path.iterdir()}
-        second = snapshot.warm_start(sessions[1], store)
-        assert (second.timings.get("snapshot"), second.timings.get("snapshot_created")) == (key, False)
-        assert second.request("stats")["pid"] == first.request("stats")["pid"]
-    finally:
-        for s in sessions:
-            s.close()
+    dead = []
+    for attempt in range(3):
+        store = snapshot.SnapshotStore(tmp_path / f"snapshots-{attempt}")
+        sessions = [GuestSession.create(a["kernel"].image, a["initrd"], paths.new_run_dir("guest")) for _ in range(2)]
+        try:
+            first = snapshot.warm_start(sessions[0], store)
+            assert first.timings.get("snapshot_created") is True, first.timings
+            assert first.request("ping")["pong"] is True
+            key = first.timings["snapshot"]
+            assert store.lookup(key) is not None
+            assert {"state.ram", "meta.json", "boot-console.log", "stub-kernel"} <= {
+                p.name for p in store.lookup(key).path.iterdir()}
+            second = snapshot.warm_start(sessions[1], store)
+            if "DeadTimerSnapshot" in str(second.timings.get("snapshot_fallback", "")):
+                assert store.lookup(key) is None, "a dead-timer snapshot must be discarded"
+                assert second.request("ping")["pong"] is True, "the fallback cold boot must serve"
+                dead.append(key)
+                continue
+            assert (second.timings.get("snapshot"), second.timings.get("snapshot_created")) == (key, False)
+            assert second.request("stats")["pid"] == first.request("stats")["pid"]
+            return
+        finally:
+            for s in sessions:
+                s.close()
+    pytest.fail(f"3 new snapshots in a row restored with a dead guest timer ({dead}): QEMU's restore of the "
+                "EL2 timer is broken on this host, not just flaky")
