@@ -297,3 +297,13 @@ def test_code_hashes(tmp_path):
     (tmp_path / "guest" / "a.py").write_bytes(b"x")
     (tmp_path / "guest" / "__pycache__" / "a.cpython-313.pyc").write_bytes(b"y")
     assert agent.code_hashes(str(tmp_path)) == {str(tmp_path / "guest" / "a.py"): hashlib.sha256(b"x").hexdigest()}
+
+
+def test_agent_reads_the_kvm_mode_from_kernel_log_records():
+    from harness.guest import agent
+    lines = ["Booting Linux on physical CPU 0x0000000000 [0x000f0510]",
+             "kvm [1]: VHE+NV2 mode initialized successfully", "kvm [1]: something else"]
+    assert agent.kvm_mode_from_dmesg(lines) == "VHE+NV2 mode initialized successfully"
+    assert agent.kvm_mode_from_dmesg(["kvm [1]: Hyp nVHE mode initialized successfully"]) == \
+        "Hyp nVHE mode initialized successfully"
+    assert agent.kvm_mode_from_dmesg([]) is None
