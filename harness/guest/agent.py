@@ -58,8 +58,10 @@ def kernel_log() -> list[str]:
                 rec = os.read(fd, 8192)
             except BlockingIOError:
                 break
-            except OSError:         # EPIPE: a record was overwritten while reading; go on with the next
+            except BrokenPipeError:  # EPIPE: a record was overwritten while reading; go on with the next
                 continue
+            except OSError:          # anything else would repeat on every read: stop, never spin
+                break
             if not rec:
                 break
             out.append(rec.decode(errors="replace").split(";", 1)[-1].split("\n", 1)[0])
