@@ -271,6 +271,8 @@ def build(source: Source, tests: tuple[str, ...] | list[str] = DEFAULT_TESTS, jo
     if unknown:
         raise SelftestError(f"{source.label} has no arm64 KVM selftest {', '.join(unknown)}",
                             hint="arm64 tests of this tree: " + " ".join(available_tests(source.tree)))
+    from .sysdeps import ensure_selftest_packages
+    ensure_selftest_packages(progress)   # before build_key: the key names the cross gcc's version
     key = build_key(source)
     bdir = paths.cache_dir() / "selftests" / key
     bdir.mkdir(parents=True, exist_ok=True)
@@ -281,8 +283,6 @@ def build(source: Source, tests: tuple[str, ...] | list[str] = DEFAULT_TESTS, jo
         missing = [t for t in targets if t not in have or not (bdir / "bin" / have[t]).is_file()]
         log_path = bdir / "build.log"
         if missing:
-            from .sysdeps import ensure_selftest_packages
-            ensure_selftest_packages(progress)
             obj = bdir / "obj"
             (obj / "tools").mkdir(parents=True, exist_ok=True)
             out = obj / "kvm"

@@ -36,6 +36,7 @@ REQUIREMENTS = (
     Requirement("binutils-aarch64-linux-gnu", "aarch64-linux-gnu-as"),
     Requirement("ca-certificates", "/etc/ssl/certs/ca-certificates.crt"),
     Requirement("debian-archive-keyring", "/usr/share/keyrings/debian-archive-keyring.gpg"),
+    Requirement("device-tree-compiler", "dtc"),  # cross-checks the guest's FDT writer (tests/unit/test_fdt.py)
 )
 
 
@@ -253,21 +254,55 @@ def missing_kbuild_requirements() -> list[Requirement]:
     return [r for r in KBUILD_REQUIREMENTS if not _present(r.probe)]
 
 
-def ensure_kbuild_packages(progress=print) -> list[str]:
-    """Install the cross compiler and kernel build tools that are missing; no network when none is."""
-    missing = missing_kbuild_requirements()
+def ensure_packages(requirements, what: str, progress=print) -> list[str]:
+    """Install the packages of ``requirements`` whose probe is missing; no network when none is.
+
+    Not root: a SetupError naming the ``apt-get install`` line to run.  Returns the packages installed."""
+    missing = [r for r in requirements if not _present(r.probe)]
     if not missing:
         return []
-    names = [r.package for r in missing]
+    names = list(dict.fromkeys(r.package for r in missing))
     if os.geteuid() != 0:
-        raise SetupError(f"missing kernel build tools: {', '.join(names)}",
+        raise SetupError(f"missing {what}: {', '.join(names)}",
                          hint="run as root, or: apt-get install --no-install-recommends " + " ".join(names))
+    progress(f"installing {what}: {' '.join(names)}")
     _apt(["update", "-q"], progress)
     _apt(["install", "-y", "-q", "--no-install-recommends", *names], progress)
-    still = missing_kbuild_requirements()
+    still = [r for r in requirements if not _present(r.probe)]
     if still:
         raise SetupError(f"installed {', '.join(names)} but still missing: {', '.join(r.probe for r in still)}")
     return names
+
+
+def ensure_kbuild_packages(progress=print, cross: bool = True) -> list[str]:
+    """Install the kernel build tools (and, with ``cross``, Debian's aarch64 cross gcc) that are missing."""
+    reqs = [r for r in KBUILD_REQUIREMENTS if cross or not r.package.endswith("-aarch64-linux-gnu")]
+    return ensure_packages(reqs, "kernel build tools", progress)
+
+
+# ---- LLVM (``kernel build`` with LLVM=1 or LLVM=-N) --------------------------------------------------------
+def llvm_requirements(suffix: str = "") -> tuple[Requirement, ...]:
+    """Debian's packages behind kbuild's ``LLVM=1`` (suffix "") or ``LLVM=-19`` (suffix "-19"): clang, lld
+    (ld.lld) and llvm (llvm-ar, llvm-nm, llvm-objcopy, llvm-strip...)."""
+    return (Requirement(f"clang{suffix}", f"clang{suffix}"), Requirement(f"lld{suffix}", f"ld.lld{suffix}"),
+            Requirement(f"llvm{suffix}", f"llvm-ar{suffix}"))
+
+
+def ensure_llvm_packages(suffix: str = "", progress=print) -> list[str]:
+    return ensure_packages(llvm_requirements(suffix), f"LLVM{suffix or '=1'} toolchain", progress)
+
+
+def apt_candidate(package: str) -> str | None:
+    """The version apt would install of ``package`` (None: unknown to apt)."""
+    r = subprocess.run(["apt-cache", "policy", package], check=False, capture_output=True, text=True)
+    m = re.search(r"Candidate:\s*(\S+)", r.stdout)
+    return None if not m or m.group(1) == "(none)" else m.group(1)
+
+
+def llvm_major_of_candidate(version: str) -> int | None:
+    """``1:14.0-55.7~deb12u1`` / ``1:19.1.7-3~deb12u1`` -> 14 / 19."""
+    m = re.match(r"(?:\d+:)?(\d+)", version or "")
+    return int(m.group(1)) if m else None
 
 
 # ---- upstream KVM selftests (installed on demand by `smccc-harness selftests build`) ---------------------
@@ -285,16 +320,4 @@ SELFTEST_REQUIREMENTS = (
 
 def ensure_selftest_packages(progress=print) -> list[str]:
     """Install what building the arm64 KVM selftests needs and is missing; no network when nothing is."""
-    missing = [r for r in SELFTEST_REQUIREMENTS if not _present(r.probe)]
-    if not missing:
-        return []
-    names = [r.package for r in missing]
-    if os.geteuid() != 0:
-        raise SetupError(f"missing selftest build tools: {', '.join(names)}",
-                         hint="run as root, or: apt-get install --no-install-recommends " + " ".join(names))
-    _apt(["update", "-q"], progress)
-    _apt(["install", "-y", "-q", "--no-install-recommends", *names], progress)
-    still = [r for r in SELFTEST_REQUIREMENTS if not _present(r.probe)]
-    if still:
-        raise SetupError(f"installed {', '.join(names)} but still missing: {', '.join(r.probe for r in still)}")
-    return names
+    return ensure_packages(SELFTEST_REQUIREMENTS, "selftest build tools", progress)
