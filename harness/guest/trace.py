@@ -1,6 +1,7 @@
 """A structured trace of one scenario: one JSON-serialisable record per exit or emulator action.
 
-Record kinds (every record has ``t`` = seconds since the scenario started, ``kind`` and, when it concerns
+Record kinds (every record has ``t`` = seconds since the scenario started, read under the trace lock so that
+times never go backwards in record order across vCPU threads, ``kind`` and, when it concerns
 one vCPU, ``vcpu``):
 
 * ``hypercall``: ``nr``, ``flags``, ``conduit`` ("hvc"|"smc"), ``pc``, ``pstate``, ``el``, ``args`` (x0..x17),
@@ -34,11 +35,13 @@ class Trace:
         self._file = open(path, "a", buffering=1) if path else None  # noqa: SIM115 - lives as long as the trace
 
     def add(self, kind: str, vcpu: int | None = None, **fields) -> dict:
-        rec = {"t": round(time.monotonic() - self.t0, 6), "kind": kind}
+        rec = {"t": 0.0, "kind": kind}
         if vcpu is not None:
             rec["vcpu"] = vcpu
         rec.update(fields)
         with self._lock:
+            # read the clock under the lock: records of concurrent vCPU threads are in time order
+            rec["t"] = round(time.monotonic() - self.t0, 6)
             if self.limit is not None and len(self.records) >= self.limit:
                 self.dropped += 1
                 self.tail.append(rec)
