@@ -356,7 +356,9 @@ class GuestSession:
                               f"powered the guest off\n{where}")
         if findings:
             f = findings[0]
-            return GuestError(f"guest kernel failure while running {err}: {f.name}\n{f.excerpt}\n{where}")
+            e = GuestError(f"guest kernel failure while running {err}: {f.name}\n{f.excerpt}\n{where}")
+            e.finding = f       # a kernel crash, not infrastructure: harness/plugin.py _error_kind, bisect "crash"
+            return e
         if not self.machine.alive():
             st = self.machine._reap()
             how = "" if st is None else (f" (killed by signal {-st})" if st < 0 else f" (exit status {st})")

@@ -1,8 +1,9 @@
-"""``smccc-harness bisect``: outcome -> exit code mapping for ``git bisect run`` (git-bisect(1): 0 good,
-1-127 except 125 bad, 125 skip, other codes abort; ../shared/docs/prior-art.md section 6)."""
+"""``smccc-harness bisect``: outcome -> exit code mapping for ``git bisect run`` (git-bisect(1), "Bisect run":
+0 good, 1-127 except 125 bad, 125 skip, other codes abort)."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -20,11 +21,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("rc,counts,outcome", [
     (0, B.Counts(passed=3), "good"),
+    (0, B.Counts(passed=2, xfailed=1), "good"),          # an xfail is known-bad behaviour gated to this version
     (1, B.Counts(passed=2, failed=1), "bad"),
     (1, B.Counts(failed=1, errors=2), "bad"),           # a real failure wins over later boot errors
     (1, B.Counts(errors=2), "boot"),                     # setup errors only: the guest did not come up
+    (1, B.Counts(passed=1, errors=1, crashes=1), "crash"),  # the kernel crashed in a fixture: bad, not 125
+    (1, B.Counts(passed=3, after_last_test="kernel WARNING: x"), "crash"),  # splat after the last test
+    (1, B.Counts(passed=3), "infra"),                    # pytest failed the session, no test case says why
     (0, B.Counts(skipped=4), "skipped"),                 # everything skipped: a missing capability
-    (0, B.Counts(passed=1, skipped=3), "good"),
+    (0, B.Counts(passed=1, skipped=3), "skipped"),       # a lost capability must not bisect as good
     (5, B.Counts(), "no_tests"),
     (2, None, "usage"), (3, None, "usage"), (4, None, "usage"),
     (1, None, "infra"),                                  # no JUnit file: pytest broke before reporting
@@ -35,16 +40,35 @@ def test_pytest_result_classifies_to_outcome(rc, counts, outcome):
     assert B.classify(rc, counts) == outcome
 
 
-@pytest.mark.parametrize("outcome,code", [("good", 0), ("bad", 1), ("build", 125), ("skipped", 125),
+@pytest.mark.parametrize("counts,outcome", [
+    (B.Counts(passed=1, skipped=3), "good"),             # --skips-ok: the expected skips are accepted ...
+    (B.Counts(skipped=3), "skipped"),                    # ... but nothing that ran is still not good
+    (B.Counts(passed=1, skipped=1, failed=1), "bad"),
+    (B.Counts(passed=1, skipped=1, errors=1, crashes=1), "crash"),
+])
+def test_skips_ok_accepts_skips_next_to_passes_only(counts, outcome):
+    assert B.classify(0 if outcome in ("good", "skipped") else 1, counts, skips_ok=True) == outcome
+
+
+@pytest.mark.parametrize("outcome,code", [("good", 0), ("bad", 1), ("crash", 1), ("build", 125), ("skipped", 125),
                                           ("boot", 125), ("infra", 125), ("no_tests", 128), ("usage", 128)])
 def test_outcome_maps_to_git_bisect_code(outcome, code):
     assert B.exit_code(outcome) == code
 
 
-def test_only_bad_lands_in_the_bad_range_and_nothing_exceeds_128():
+def test_only_kernel_evidence_lands_in_the_bad_range_and_nothing_exceeds_128():
     bad_range = {c for c in range(1, 128) if c != 125}
-    assert [o for o, c in B.OUTCOMES.items() if c in bad_range] == ["bad"]
+    assert [o for o, c in B.OUTCOMES.items() if c in bad_range] == ["bad", "crash"]
     assert max(B.OUTCOMES.values()) == 128
+
+
+def test_module_docstring_table_is_OUTCOMES():
+    rows = {}
+    for line in B.__doc__.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0] in B.OUTCOMES:
+            rows[cells[0]] = int(cells[2])
+    assert rows == B.OUTCOMES
 
 
 def _table_codes(text: str) -> dict[str, int]:
@@ -60,7 +84,8 @@ def _table_codes(text: str) -> dict[str, int]:
 def _expected_row(row: str) -> str:
     r = row.lower()
     for key, outcome in (("no test", "no_tests"), ("lacks a capability", "skipped"), ("did not boot", "boot"),
-                         ("infrastructure", "infra"), ("assertion fails", "bad"), ("assertions hold", "good")):
+                         ("infrastructure", "infra"), ("kernel crashed", "crash"), ("after the last test", "crash"),
+                         ("assertion fails", "bad"), ("assertions hold", "good")):
         if key in r:
             return outcome
     raise AssertionError(f"unknown outcome row {row!r}")
@@ -70,7 +95,7 @@ def _expected_row(row: str) -> str:
 def test_documented_outcome_tables_match_the_code(doc):
     text = plugin.__doc__ if doc == "plugin" else (REPO / "README.md").read_text().split("## Outcomes", 1)[1]
     rows = _table_codes(text.split("\n## ", 1)[0])
-    assert len(rows) >= 5, rows
+    assert len(rows) >= 7, rows
     for row, code in rows.items():
         assert code == B.OUTCOMES[_expected_row(row)], f"{doc}: {row!r} says {code}"
 
@@ -93,7 +118,71 @@ def test_junit_of_a_real_pytest_run_counts_each_kind(tmp_path):
     c = B.parse_junit(junit)
     assert (rc, c.passed, c.failed, c.errors, c.skipped) == (1, 1, 1, 1, 1)
     assert [n.rsplit("::", 1)[-1] for n in c.failed_names] == ["test_bad"]
+    assert [n.rsplit("::", 1)[-1] for n in c.skipped_names] == ["test_skip"]
     assert B.classify(rc, c) == "bad"
+
+
+def _run_with_plugin(tmp_path, body: str) -> tuple[int, B.Counts]:
+    """A real pytest run with harness.plugin loaded (its setup-error classification), as bisect runs it."""
+    (tmp_path / "test_x.py").write_text(textwrap.dedent(body))
+    junit = tmp_path / "j.xml"
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+                        "-p", "harness.plugin", "-c", "/dev/null", f"--junitxml={junit}", str(tmp_path / "test_x.py")],
+                       cwd=tmp_path, capture_output=True, text=True, check=False,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert junit.is_file(), p.stdout + p.stderr
+    return p.returncode, B.parse_junit(junit)
+
+
+def test_a_kernel_crash_in_a_module_fixture_bisects_bad(tmp_path):
+    """The fixture's scenario hit a panic (a GuestError carrying the console finding): 1, not 125."""
+    rc, c = _run_with_plugin(tmp_path, """
+        import pytest
+        from harness.console import scan_failures
+        from harness.errors import GuestError
+        @pytest.fixture(scope="module")
+        def run():
+            e = GuestError("guest kernel failure while running eof: kernel panic")
+            e.finding = scan_failures("Kernel panic - not syncing: Oops: Fatal exception\\n")[0]
+            raise e
+        def test_uses_it(run): pass
+        def test_other(): pass
+    """)
+    assert (rc, c.passed, c.errors, c.crashes) == (1, 1, 1, 1)
+    assert (B.classify(rc, c), B.exit_code(B.classify(rc, c))) == ("crash", 1)
+
+
+def test_a_guest_that_never_booted_bisects_skip(tmp_path):
+    """A boot failure (the pool tags it smccc_phase=boot), even one whose console shows a panic: 125."""
+    rc, c = _run_with_plugin(tmp_path, """
+        import pytest
+        from harness.console import ConsoleFailure, scan_failures
+        @pytest.fixture
+        def booted():
+            e = ConsoleFailure("kernel panic after 1.2 s", kind="failure",
+                               finding=scan_failures("Kernel panic - not syncing: VFS\\n")[0])
+            e.smccc_phase = "boot"
+            try:
+                raise e
+            except ConsoleFailure as err:
+                pytest.fail(f"guest did not come up: {err}", pytrace=False)
+        def test_needs_a_guest(booted): pass
+    """)
+    assert (rc, c.errors, c.crashes) == (1, 1, 0)
+    assert (B.classify(rc, c), B.exit_code(B.classify(rc, c))) == ("boot", 125)
+
+
+def test_passed_plus_skipped_is_125_unless_skips_ok(tmp_path):
+    rc, c = _run_with_plugin(tmp_path, """
+        import pytest
+        def test_ok(): pass
+        def test_el2(): pytest.skip("kernel 7.3: KVM_CAP_ARM_EL2 is 0")
+        @pytest.mark.xfail(strict=True, reason="known bad")
+        def test_known(): assert 0
+    """)
+    assert (rc, c.passed, c.skipped, c.xfailed) == (0, 1, 1, 1)
+    assert B.classify(rc, c) == "skipped"
+    assert B.classify(rc, c, skips_ok=True) == "good"
 
 
 def test_selection_without_a_path_runs_tests_system(tmp_path):
