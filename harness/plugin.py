@@ -6,8 +6,10 @@ Outcome table (one place; the bisect command maps the same outcomes to exit code
 |-------------------------------------------------|--------------|--------------------|
 | assertions hold, console clean                  | passed       | 0 (good)           |
 | assertion fails, or Oops/WARNING/BUG/panic/lockdep printed while the test ran | failed | 1 (bad) |
-| kernel lacks a capability (/dev/kvm, KVM_CAP_ARM_EL2, filter) | skipped (reason names it) | 125 (skip) |
-| guest did not boot (panic at boot, no agent banner in time) | error | 125 (skip) |
+| the kernel crashed (a splat or panic on the console) in a fixture, a teardown or between tests | failed or error, naming where | 1 (bad) |
+| the kernel printed a splat after the last test  | the session fails (exit 1) with the excerpt | 1 (bad) |
+| kernel lacks a capability (/dev/kvm, KVM_CAP_ARM_EL2, filter) | skipped (reason names it) | 125 (skip; 0 with ``--skips-ok`` when the rest passed) |
+| guest did not boot at all (panic at boot, no agent banner in time) | error | 125 (skip) |
 | harness/infrastructure failure (QEMU missing, asset download) | error | 125 (skip) |
 | no tests selected                                | exit 5       | 128 (abort)        |
 """
@@ -158,6 +160,7 @@ class GuestPool:
             self.sessions.append(self.session)
             self.session.start()
         except BaseException as e:
+            e.smccc_phase = "boot"      # a guest that never came up: bisect 125, never bad (_error_kind)
             self.boot_error = e
             raise
         if self.session.timings.get("snapshot_fallback"):
@@ -187,6 +190,7 @@ class GuestPool:
             self.config.option.reuse_vm = False
             return self.get()
         except BaseException as e:
+            e.smccc_phase = "boot"
             self.boot_error = e
             raise
         self.sessions.append(self.session)
@@ -265,6 +269,33 @@ def pytest_runtest_call(item):
         outcome.force_exception(pytest.fail.Exception(
             f"the guest kernel printed {f.name!r} while this test ran:\n{f.excerpt}\nconsole log: {g.console_log}"
             + _symbolized(item.config, f.excerpt), pytrace=False))
+
+
+def _error_kind(exc: BaseException | None) -> str:
+    """What a setup/teardown error is evidence of, for ``git bisect run`` (harness/bisect.py ``OUTCOMES``):
+    ``boot`` (the guest never came up: GuestPool tags its boot errors), ``kernel_crash`` (the error carries
+    a console finding: a splat, panic or Oops after the guest was up) or ``error`` (anything else)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if getattr(exc, "smccc_phase", None) == "boot":
+            return "boot"
+        if getattr(exc, "finding", None) is not None and getattr(exc.finding, "name", "") != "agent exited":
+            return "kernel_crash"
+        exc = exc.__cause__ or exc.__context__
+    return "error"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed setup or teardown gets a ``smccc_error`` property (JUnit) saying what it is evidence of."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when in ("setup", "teardown") and rep.failed:
+        kind = _error_kind(call.excinfo.value if call.excinfo is not None else None)
+        for props in (item.user_properties, rep.user_properties):  # JUnit writes the teardown report's
+            if not any(k == "smccc_error" for k, _ in props):
+                props.append(("smccc_error", kind))
 
 
 def _symbolized(config, excerpt: str) -> str:
