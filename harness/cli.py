@@ -67,16 +67,30 @@ def _common_pytest_args(args) -> list[str]:
     return out
 
 
+def _cache_args() -> list[str]:
+    """pytest's cache (``--lf``, ``--ff``) stays on: it lives in the checkout's ``.pytest_cache``, or, when the
+    checkout is read-only, in ``<cache_dir()>/pytest-cache`` (pass ``-o cache_dir=...`` to a later pytest)."""
+    local = paths.REPO_ROOT / ".pytest_cache"
+    if os.access(local if local.exists() else paths.REPO_ROOT, os.W_OK):
+        return []
+    return ["-o", f"cache_dir={paths.cache_dir() / 'pytest-cache'}"]
+
+
+def run_argv(args) -> list[str]:
+    """The pytest argv of ``smccc-harness run`` (the cache provider stays on, so ``pytest --lf`` works after it)."""
+    argv = ["tests/system", "-m", args.markers, "-q", *_cache_args()] + _common_pytest_args(args)
+    if args.k:
+        argv += ["-k", args.k]
+    return argv + list(args.pytest_args)
+
+
 def cmd_run(args) -> int:
     """The main job: set up, then the PSCI/SMC suite on one kernel, ending with the results table."""
     if not args.no_setup:
         rc = cmd_setup(args)
         if rc:
             return rc
-    argv = ["tests/system", "-m", args.markers, "-q", "-p", "no:cacheprovider"] + _common_pytest_args(args)
-    if args.k:
-        argv += ["-k", args.k]
-    return _pytest(argv + list(args.pytest_args))
+    return _pytest(run_argv(args))
 
 
 def cmd_test(args) -> int:
@@ -85,11 +99,20 @@ def cmd_test(args) -> int:
         rc = cmd_setup(args)
         if rc:
             return rc
+        if not args.no_system:   # the upstream tier builds KVM selftests with the cross gcc: install it now
+            from . import sysdeps
+            sysdeps.ensure_selftest_packages(progress=_progress)
     argv = ["tests/unit", "tests/system", "-m", args.markers] + _common_pytest_args(args)
     return _pytest(argv + list(args.pytest_args))
 
 
 # ---- boot / run-payload -----------------------------------------------------------------------------
+def _results_root(args) -> Path | None:
+    """``--results-dir`` as an absolute path (None: the default, :func:`harness.paths.results_root`)."""
+    rd = getattr(args, "results_dir", None)
+    return Path(rd).resolve() if rd else None
+
+
 def _session(args, append: str = "", ssh: bool = False):
     append = " ".join(a for a in (getattr(args, "append", "") or "", append) if a)   # --append, then ours
     from . import assets, initramfs
@@ -100,7 +123,7 @@ def _session(args, append: str = "", ssh: bool = False):
     check_qemu(args.qemu_bin)       # missing or too old: say so (and how to fix it) before anything else
     k = resolve_kernel(args.kernel)
     cpio = initramfs.build_initramfs(assets.ensure_rootfs(progress=_progress), progress=_progress)
-    run_dir = paths.new_run_dir(args.command.replace("-", "_"))
+    run_dir = paths.new_run_dir(args.command.replace("-", "_"), _results_root(args))
     from .snapshot import disabled_by_env
     warm = not (getattr(args, "no_snapshot", False) or disabled_by_env() or getattr(args, "shell", False))
     return GuestSession.create(k.image, cpio, run_dir, accel=resolve_accel(args.accel), append=append,
@@ -162,7 +185,7 @@ def cmd_run_payload(args) -> int:
 # ---- the reusable VM (--reuse-vm, docs/reuse-vm.md) ------------------------------------------------------
 def _vm_dirs(args) -> list[Path]:
     from . import reuse
-    root = Path(args.results_dir).resolve() if args.results_dir else None
+    root = _results_root(args)
     if getattr(args, "all", False):
         return reuse.all_vm_dirs(root)
     return [reuse.vm_dir(args.name, root)]
@@ -192,7 +215,7 @@ def cmd_vm(args) -> int:
         from .sysdeps import check_qemu
         check_qemu(args.qemu_bin)
         k = resolve_kernel(args.kernel)
-        root = Path(args.results_dir).resolve() if args.results_dir else None
+        root = _results_root(args)
         s = reuse.open_vm(k.image, paths.new_run_dir("vm_start", root), name=args.name, root=root,
                           append=args.append, accel=resolve_accel(args.accel), smp=args.smp, memory_mb=args.memory,
                           qemu_bin=args.qemu_bin, ssh=args.ssh, idle_s=args.idle, boot_deadline_s=args.boot_timeout,
@@ -212,7 +235,7 @@ def cmd_vm(args) -> int:
     if args.action == "status":
         if not dirs or not any((d / reuse.STATE_FILE).exists() for d in dirs):
             print("no reusable VM" + ("" if getattr(args, "all", False) else f" {args.name!r}") +
-                  f" under {paths.results_root() if not args.results_dir else Path(args.results_dir).resolve()}")
+                  f" under {_results_root(args) or paths.results_root()}")
             return 1
         infos = [reuse.status(d) for d in dirs if (d / reuse.STATE_FILE).exists()]
         for info in infos:
@@ -349,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
+        excerpt = getattr(e, "excerpt", "")     # a console failure: what the kernel printed, cause included
+        if excerpt:
+            print("console excerpt:\n" + "\n".join("  " + ln for ln in excerpt.splitlines()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -356,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:     # a file system the harness writes to refused: say which and what to do
         import errno
         print(f"error: {e}", file=sys.stderr)
-        where = f"the cache ({paths.cache_dir()}) and the run directories ({paths.results_root()})"
+        where = f"the cache ({paths.cache_dir()}) and the run directories ({_results_root(args) or paths.results_root()})"
         if e.errno == errno.ENOSPC:
             print(f"  hint: free space for {where}, or set SMCCC_HARNESS_CACHE / --results-dir elsewhere",
                   file=sys.stderr)

@@ -69,6 +69,10 @@ _CUT_HERE = re.compile(r"-+\[ cut here \]-+\s*$")
 _SEPARATOR = re.compile(r"(?:={10,}|-{10,})\s*$")
 _END = re.compile(r"---\[ end (?:trace|Kernel panic)")
 EXCERPT_LINES = 40      # lines after the matched line kept in a finding's excerpt
+# Lines before a "Kernel panic - not syncing" line kept in its excerpt: the panic line names the symptom
+# ("VFS: Unable to mount root fs"), the cause comes before it ("check access for rdinit=/x failed: -2" is
+# 10 lines earlier, above the list of filesystems).
+PANIC_CONTEXT_LINES = 20
 MAX_INCIDENT_LINES = 200  # how far to look for the end-trace line of a splat
 TAIL_LINES = 30         # lines of console tail in a timeout / EOF excerpt
 FAILURE_GRACE_S = 3.0   # after a failure line, keep reading this long (at most) to complete the excerpt
@@ -105,7 +109,9 @@ class Finding:
     ``name`` is the most severe pattern matched inside the incident (see :data:`FAILURE_PATTERNS`),
     ``line`` the console line that matched it, ``lineno`` that line's 1-based number in the scanned text,
     ``excerpt`` the incident: from the ``cut here`` / separator line before the first matched line through
-    the ``---[ end trace`` line, or at most :data:`EXCERPT_LINES` lines after the first matched line.
+    the ``---[ end trace`` line, or at most :data:`EXCERPT_LINES` lines after the first matched line.  A kernel
+    panic's excerpt also has the :data:`PANIC_CONTEXT_LINES` lines before the panic line (fewer when the scanned
+    text or the previous incident ends closer), where the kernel printed the cause.
     """
 
     name: str
@@ -145,6 +151,9 @@ def scan_failures(text: str) -> list[Finding]:
         start = i
         while start > 0 and i - start < 2 and (_is(_CUT_HERE, lines[start - 1]) or _is(_SEPARATOR, lines[start - 1])):
             start -= 1
+        if hit[0] == "kernel panic":     # the cause is printed before the panic line, never after it
+            floor = findings[-1].end_lineno if findings else 0     # not into the previous incident
+            start = max(floor, i - PANIC_CONTEXT_LINES)
         # The incident runs to its end-trace line if there is one before the next incident begins ...
         end: int | None = i if _is(_END, lines[i]) else None
         if end is None:

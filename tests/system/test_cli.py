@@ -30,6 +30,8 @@ def test_run_payload_prints_the_handler_trace(tmp_path):
     assert "conduit=hvc" in lines[0] and "pc=hvc_insn+0x4" in lines[0] and "name=PSCI_VERSION" in lines[0]
     assert "conduit=smc" in lines[1] and "pc=smc_insn+0x4" in lines[1]
     assert "outcome=done" in p.stdout and "trace:" in p.stderr + p.stdout
+    (log,) = tmp_path.glob("run_payload-*/console.log")       # --results-dir is where the run goes
+    assert f"console log: {log}" in p.stdout and "trace: " + str(log.parent) in p.stdout
 
 
 @pytest.mark.bad_input
@@ -54,3 +56,25 @@ def test_boot_append_reaches_the_kernel_command_line(tmp_path):
     argv = shlex.split(p.stdout.strip().splitlines()[-1])
     cmdline = argv[argv.index("-append") + 1]
     assert cmdline.startswith("console=ttyAMA0") and cmdline.endswith(" initcall_debug dyndbg=+p"), cmdline
+
+
+def test_boot_results_dir_gets_the_run_directory(tmp_path):
+    p = cli("boot", "--results-dir", str(tmp_path / "results"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    logs = list((tmp_path / "results").glob("boot-*/console.log"))
+    assert len(logs) == 1 and logs[0].stat().st_size > 0, p.stdout + p.stderr
+    assert f"console log: {logs[0]}" in p.stdout + p.stderr
+
+
+@pytest.mark.bad_input
+def test_boot_panic_shows_its_cause_and_logs_under_results_dir(tmp_path):
+    """A kernel that cannot start its rdinit panics with 'VFS: Unable to mount root fs'; the cause is printed
+    lines before the panic line, and the excerpt shown must reach back to it."""
+    p = cli("boot", "--no-snapshot", "--append", "rdinit=/nonexistent", "--results-dir", str(tmp_path))
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "Kernel panic - not syncing: VFS: Unable to mount root fs" in p.stderr, p.stderr
+    excerpt = p.stderr.split("console excerpt:", 1)[-1]
+    assert "check access for rdinit=/nonexistent failed" in excerpt, p.stderr
+    (log,) = tmp_path.glob("boot-*/console.log")
+    assert "check access for rdinit=/nonexistent failed" in log.read_text()
+    assert f"full console log: {log}" in p.stderr

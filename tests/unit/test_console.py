@@ -15,6 +15,7 @@ import pytest
 from harness.console import (
     FAILURE_GRACE_S,
     FAILURE_PATTERNS,
+    PANIC_CONTEXT_LINES,
     Console,
     ConsoleFailure,
     match_line,
@@ -34,6 +35,7 @@ def log(name: str) -> str:
 @pytest.mark.parametrize(("name", "expected"), [
     ("clean_boot.log", []),
     ("panic.log", ["kernel panic"]),
+    ("rdinit_panic.log", ["kernel panic"]),
     ("oops.log", ["kernel oops", "agent exited"]),
     ("warning.log", ["kernel WARNING"]),
     ("lockdep.log", ["lockdep"]),
@@ -50,11 +52,34 @@ def test_clean_boot_log_is_crlf() -> None:
 def test_panic_excerpt() -> None:
     (f,) = scan_failures(log("panic.log"))
     lines = f.excerpt.splitlines()
-    assert lines[0].endswith("Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100")
+    whole = log("panic.log").splitlines()
+    assert lines[:PANIC_CONTEXT_LINES] == whole[f.lineno - 1 - PANIC_CONTEXT_LINES:f.lineno - 1]   # the lead-up
+    assert lines[PANIC_CONTEXT_LINES - 1] == "/init: line 15: /usr/bin/python3: not found"       # the cause
+    assert lines[PANIC_CONTEXT_LINES].endswith("Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100")
     assert lines[-1].endswith("---[ end Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100 ]---")
     assert any("do_exit+" in ln for ln in lines)
-    assert f.line == lines[0]
-    assert log("panic.log").splitlines()[f.lineno - 1] == f.line
+    assert f.line == lines[PANIC_CONTEXT_LINES]
+    assert whole[f.lineno - 1] == f.line
+
+
+def test_panic_excerpt_has_the_cause_printed_before_it() -> None:
+    """rdinit=/nonexistent (recorded from a real boot): the panic line says 'Unable to mount root fs', the
+    cause is ten lines earlier, above the list of filesystems; QEMU exits (panic=-1) before any end line."""
+    (f,) = scan_failures(log("rdinit_panic.log"))
+    assert f.line.endswith("Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)")
+    lines = f.excerpt.splitlines()
+    cause = [i for i, ln in enumerate(lines) if "check access for rdinit=/nonexistent failed: -2" in ln]
+    assert cause and cause[0] < lines.index(f.line)
+    assert lines.index(f.line) == min(PANIC_CONTEXT_LINES, f.lineno - 1) and lines[-1].endswith("Memory Limit: none")
+
+
+def test_panic_context_stops_at_the_start_of_the_text_and_at_the_previous_incident() -> None:
+    assert scan_failures("cause\nKernel panic - not syncing: boom\n")[0].excerpt.splitlines()[0] == "cause"
+    text = ("[ 1.0] WARNING: CPU: 0 PID: 1 at x.c:1 f+0x0/0x4\n[ 1.1] ---[ end trace 0000000000000000 ]---\n"
+            "[ 1.2] after the warning\n[ 1.3] Kernel panic - not syncing: boom\n")
+    warning, panic = scan_failures(text)
+    assert warning.name == "kernel WARNING" and panic.name == "kernel panic"
+    assert panic.excerpt.splitlines() == ["[ 1.2] after the warning", "[ 1.3] Kernel panic - not syncing: boom"]
 
 
 def test_oops_excerpt_is_one_incident() -> None:
@@ -216,7 +241,9 @@ def test_expect_ready_panic(spawn) -> None:
     assert e.kind == "failure" and e.finding is not None and e.finding.name == "kernel panic"
     assert str(e).startswith("kernel panic after ")
     assert "Attempted to kill init" in str(e)
-    assert e.excerpt.splitlines()[0].endswith("Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100")
+    assert e.excerpt.splitlines()[PANIC_CONTEXT_LINES].endswith(
+        "Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100")
+    assert "/init: line 15: /usr/bin/python3: not found" in e.excerpt      # the cause, before the panic line
     assert e.excerpt.splitlines()[-1].startswith("[    4.203590] ---[ end Kernel panic")
     assert e.log_path == c.log_path and e.hint.endswith("console.log")
 
