@@ -1,4 +1,4 @@
-"""smccc-harness benchmark: where the time of an edit-test loop goes, cold and warm (issue #6).
+"""smccc-harness benchmark: where the time of an edit-test loop goes, cold and warm.
 
     python3 -m bench.run                 # everything (~10-15 min on a 2-core TCG host)
     python3 -m bench.run --quick         # fewer repetitions, no suite runs (~2 min)
@@ -136,6 +136,18 @@ def section_cold(a: Assets, n: int, results: dict) -> None:
 
 
 # ---- warm start ----------------------------------------------------------------------------------------
+def warm_figures(t: dict, agent_ready: float, first_result: float) -> dict:
+    """One warm start's figures from its session timings.  ``qmp``/``loaded`` are None when nothing was
+    restored: the snapshot was built by this start (``created``: a cold boot + save, as on a new machine), or
+    the restore failed and the session booted cold (``fallback``: the reason, from ``snapshot_fallback``)."""
+    restored = "qemu_to_qmp_s" in t and "load_s" in t and not t.get("snapshot_fallback")
+    fallback = t.get("snapshot_fallback") or None
+    return {"qmp": t["qemu_to_qmp_s"] if restored else None,
+            "loaded": t["qemu_to_qmp_s"] + t["load_s"] if restored else None,
+            "agent_ready": agent_ready, "first_result": first_result,
+            "created": bool(t.get("snapshot_created")) and not fallback, "fallback": fallback}
+
+
 def warm_phases(a: Assets) -> dict:
     s = a.session("bench-warm", snapshots=True)
     _, _, spec, payload = scenarios()[0]
@@ -148,11 +160,16 @@ def warm_phases(a: Assets) -> dict:
         assert r.outcome == "done", r.describe()
     finally:
         s.close()
-    t = s.timings
-    if t.get("snapshot_fallback"):
-        raise SystemExit(f"warm start fell back to a cold boot: {t['snapshot_fallback']}")
-    return {"qmp": t["qemu_to_qmp_s"], "loaded": t["qemu_to_qmp_s"] + t["load_s"],
-            "agent_ready": t_ready - t0, "first_result": t_result - t0, "created": t.get("snapshot_created")}
+    return warm_figures(s.timings, t_ready - t0, t_result - t0)
+
+
+def not_restored(r: dict) -> str:
+    """Why a warm start restored nothing ('' when it did)."""
+    if r["qmp"] is not None:
+        return ""
+    if r["created"]:
+        return "no snapshot yet: cold boot + save"
+    return f"no snapshot, fell back to cold boot ({r['fallback'] or 'no reason given'})"
 
 
 def section_warm(a: Assets, n: int, results: dict) -> None:
@@ -160,13 +177,22 @@ def section_warm(a: Assets, n: int, results: dict) -> None:
     first = warm_phases(a)            # builds the snapshot if this initramfs/kernel has none yet
     if first["created"]:
         out(f"  (snapshot built first: cold boot + save; that start took {first['agent_ready']:.2f} s)")
+    elif first["qmp"] is None:
+        out(f"  warm: {not_restored(first)}; that start took {first['agent_ready']:.2f} s")
     runs = [warm_phases(a) for _ in range(n)]
     results["warm"] = runs
     keys = ("qmp", "loaded", "agent_ready", "first_result")
     out("  run  " + "  ".join(f"{k:>13}" for k in keys))
     for i, r in enumerate(runs):
-        out(f"  {i:>3}  " + "  ".join(f"{r[k]:13.3f}" for k in keys))
-    out("  median " + "  ".join(f"{statistics.median(r[k] for r in runs):12.3f}" for k in keys))
+        why = not_restored(r)
+        out(f"  {i:>3}  " + ("  ".join(f"{r[k]:13.3f}" for k in keys) if not why else
+                             f"warm: {why}; agent ready {r['agent_ready']:.3f}, first result {r['first_result']:.3f}"))
+    restored = [r for r in runs if r["qmp"] is not None]
+    if not restored:
+        out(f"  warm: no snapshot restored in {n} runs (each fell back to a cold boot); no warm figures")
+        return
+    out("  median " + "  ".join(f"{statistics.median(r[k] for r in restored):12.3f}" for k in keys)
+        + (f"   ({len(restored)} of {n} runs restored)" if len(restored) < n else ""))
     out("  (qmp = QEMU up, QMP answering; loaded = migrate-incoming completed; agent_ready = cont + new "
         "control socket + ping answered)")
 
@@ -330,8 +356,13 @@ def section_experiments(a: Assets, n: int, results: dict) -> None:
         full = [warm_phases(a) for _ in range(n)]
     finally:
         del os.environ[snapshot.FULL_ARGV_ENV]
-    out(f"  restore with the real -kernel/-initrd (SMCCC_SNAPSHOT_FULL_ARGV=1): QMP up median "
-        f"{statistics.median(r['qmp'] for r in full):.3f} s, agent ready {statistics.median(r['agent_ready'] for r in full):.3f} s")
+    restored = [r for r in full if r["qmp"] is not None]
+    if restored:
+        out(f"  restore with the real -kernel/-initrd (SMCCC_SNAPSHOT_FULL_ARGV=1): QMP up median "
+            f"{statistics.median(r['qmp'] for r in restored):.3f} s, agent ready "
+            f"{statistics.median(r['agent_ready'] for r in restored):.3f} s ({len(restored)} of {n} restored)")
+    else:
+        out(f"  restore with the real -kernel/-initrd: warm: {not_restored(full[0]) if full else 'no runs'}")
     results["experiments"] = {"smp2_cold": smp2, "warm_full_argv": full}
 
 
