@@ -65,6 +65,13 @@ next_entry:
     b.hi bad_params
 call_again:
     add x28, x28, #1
+    // x4..x15 carry a known pattern into every call: SMCCC (DEN0028, "Register use in AArch64 SMC and HVC
+    // calls") has the callee preserve x4-x17, so the VMM's state after the call must still show it
+    // (tests/system/test_psci_el1.py, CPU_SUSPEND).
+    .irp n, 4,5,6,7,8,9,10,11,12,13,14,15
+    movz x\n, #0x5eed, lsl #16
+    movk x\n, #\n
+    .endr
     ldp x0, x1, [x24, #0x08]
     ldp x2, x3, [x24, #0x18]
     tst x19, #1

@@ -451,6 +451,14 @@ def test_cpu_on_in_kernel_and_forwarded_agree(guest, nested, e2h0):
     repeated CPU_ON (ALREADY_ON), the secondary's x0, EL, PC, MPIDR, HCR_EL2 and SCTLR_EL2 — is the same."""
     rk = ok(nested.get(guest, "cpu_on_kernel", e2h0))
     ru = ok(nested.get(guest, "cpu_on_fwd", e2h0))
+    # both sides are what they claim: no filter and no exit in-kernel; forwarded: filter installed, and the
+    # PSCI calls the program makes (CPU_ON64, AFFINITY_INFO64, CPU_ON64 again) each exited to the emulator
+    assert rk.filters == [] and rk.hypercalls == [], rk.describe()
+    assert ru.filters and all(f["errno"] is None for f in ru.filters), ru.describe()
+    psci_exits = [h for h in ru.hypercalls if (h["nr"] & 0xBFFF_FFE0) == 0x8400_0000]
+    assert all(h["by"] == "psci" for h in psci_exits), ru.describe()
+    assert [h["nr"] for h in psci_exits if h["vcpu"] == 0] == [psci.CPU_ON64, psci.AFFINITY_INFO64, psci.CPU_ON64], \
+        ru.describe()
     dk, du = _cpu_on(rk), _cpu_on(ru)
     diff = {k: (dk[k], du[k]) for k in dk if dk[k] != du[k]}
     assert not diff, (f"in-kernel vs forwarded differ: {diff}\n--- in-kernel ---\n{rk.describe()}"

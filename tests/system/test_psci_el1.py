@@ -25,7 +25,11 @@ def smp():
 
 
 def run_both(guest, payload, steps, *, secondary=pp.SEC_PARK, conduit="hvc", vcpus=2, name="psci"):
-    """Run ``steps`` in-kernel and forwarded; return (kernel_view, user_view, kernel_result, user_result)."""
+    """Run ``steps`` in-kernel and forwarded; return (kernel_view, user_view, kernel_result, user_result).
+
+    Before any comparison it proves that the two runs are what they claim (:func:`assert_forwarded`): two
+    in-kernel runs, or two forwarded ones, would compare equal and prove nothing.
+    """
     minor = guest.caps["psci_version_raw"] & 0xFFFF
     params = pp.encode(steps, secondary, conduit)
     out = []
@@ -33,8 +37,41 @@ def run_both(guest, payload, steps, *, secondary=pp.SEC_PARK, conduit="hvc", vcp
         r = guest.run(scenario(f"{name}_{conduit}_{mode}", payload, filters=filters, vcpus=vcpus, params=params,
                                psci_minor=minor, deadline_s=30), payload=payload)
         out.append(r)
+    assert_forwarded(out[0], out[1], steps)
     kv, uv = pp.guest_view(out[0], steps), pp.guest_view(out[1], steps)
     return kv, uv, out[0], out[1]
+
+
+def boot_cpu_calls(result, steps) -> list[tuple[int, str]]:
+    """The (function id, conduit) of every PSCI call the boot vCPU made, from its own records: a call step
+    once, a poll step as many times as it called (record +0x20), and the step it was in when the run ended
+    (a call that never returns: SYSTEM_OFF, SYSTEM_RESET...)."""
+    recs = pp.decode(result.result_block, steps)["records"]
+    out = []
+    for i, s in enumerate(steps[:len(recs) + 1]):
+        if s.op not in (pp.OP_HVC, pp.OP_SMC, pp.OP_POLL_HVC, pp.OP_POLL_SMC):
+            continue
+        conduit = "smc" if s.op in (pp.OP_SMC, pp.OP_POLL_SMC) else "hvc"
+        out += [(s.x[0], conduit)] * (recs[i]["iters"] if i < len(recs) else 1)
+    return out
+
+
+def assert_forwarded(rk, ru, steps) -> None:
+    """Both sides of a differential are what they claim.
+
+    userspace run: every filter range installed (errno None), every PSCI call the boot vCPU made produced a
+    KVM_EXIT_HYPERCALL on vCPU 0 (same function id and conduit, in order), and every exit, on any vCPU, was
+    answered by the PSCI emulator (``by == "psci"``).  In-kernel run: no filter, no exit at all.
+    """
+    why = "\n--- in-kernel run ---\n" + rk.describe() + "\n--- userspace run ---\n" + ru.describe()
+    assert rk.filters == [] and rk.hypercalls == [], "the in-kernel run exited to userspace:" + why
+    assert len(ru.filters) == len(PSCI_FWD) and all(f["errno"] is None for f in ru.filters), \
+        f"the userspace run's filter was not installed: {ru.filters}" + why
+    assert all(h["by"] == "psci" for h in ru.hypercalls), "an exit not answered by the PSCI emulator:" + why
+    made = boot_cpu_calls(ru, steps)
+    assert made, "the program made no PSCI call: nothing to compare" + why
+    exits = [(h["nr"], h["conduit"]) for h in ru.hypercalls if h["vcpu"] == 0]
+    assert exits == made, f"boot vCPU calls {made} but exits {exits}:" + why
 
 
 def assert_same(kv, uv, rk, ru):
@@ -120,7 +157,9 @@ def test_psci_features_table_matches_kvm(guest, smp, conduit, width):
     steps = [pp.call(conduit, psci.PSCI_FEATURES, f, label=f"FEATURES({psci.name(f)})") for f in fids]
     kv, uv, rk, ru = run_both(guest, smp, steps, conduit=conduit, vcpus=1)
     assert_same(kv, uv, rk, ru)
-    assert all(r["x0"] != 0 for r in uv["records"] if "MIGRATE(" in r["step"])
+    # KVM does not implement MIGRATE (psci.c kvm_psci_1_x_call: not in the PSCI_FEATURES switch): NOT_SUPPORTED
+    migrate = [r for s, r in zip(steps, uv["records"], strict=True) if s.x[1] in (psci.MIGRATE, psci.MIGRATE64)]
+    assert [r["x0"] for r in migrate] == [psci.NOT_SUPPORTED & U64], pp.side_by_side(kv, uv)
 
 
 @pytest.mark.parametrize("conduit", CONDUITS)
@@ -166,19 +205,37 @@ def test_psci_0_1_vcpu_still_forwards_0_2_ids(guest, smp):
     rk = guest.run(scenario("psci01_kernel", smp, vcpus=1, params=params, psci_0_2=False), payload=smp)
     ru = guest.run(scenario("psci01_fwd", smp, vcpus=1, params=params, psci_0_2=False, filters=PSCI_FWD,
                             psci_minor=guest.caps["psci_version_raw"] & 0xFFFF), payload=smp)
+    assert_forwarded(rk, ru, steps)
     assert x0s(pp.guest_view(rk, steps)) == [psci.NOT_SUPPORTED & U64], rk.describe()
-    assert [h["nr"] for h in ru.hypercalls] == [psci.PSCI_VERSION], ru.describe()
     assert x0s(pp.guest_view(ru, steps)) == [guest.caps["psci_version_raw"]], ru.describe()
 
 
+SEED = [0x5EED_0000 | n for n in range(4, 16)]   # what firmware/psci_smp.S puts in x4..x15 before every call
+
+
 def test_cpu_suspend_returns_success_with_registers_preserved(guest, smp):
-    """Forwarded CPU_SUSPEND: SUCCESS, x4.. untouched.  (Not differential: in-kernel CPU_SUSPEND is a WFI
-    that waits for an interrupt this payload never arms — psci.c kvm_psci_vcpu_suspend.)"""
-    steps = [pp.call("hvc", psci.CPU_SUSPEND64, 0, 0, 0, "CPU_SUSPEND64")]
+    """Forwarded CPU_SUSPEND (standby): SUCCESS in x0, x1..x3 as the handler wrote them, x4..x15 preserved.
+
+    (Not differential: in-kernel CPU_SUSPEND is a WFI that waits for an interrupt this payload never arms,
+    psci.c kvm_psci_vcpu_suspend.)  The payload seeds x4..x15 before the call (SEED); after the call it only
+    stores x0..x3 and writes DONE (which clobbers x16/x17), so the vCPU's final x4..x15 are what KVM and the
+    emulator left there: SMCCC (DEN0028, "Register use in AArch64 SMC and HVC calls") makes them callee-saved.
+    """
+    steps = [pp.call("hvc", psci.CPU_SUSPEND64, 0, 0x1234, 0x5678, "CPU_SUSPEND64")]
     r = guest.run(scenario("cpu_suspend_fwd", smp, vcpus=1, params=pp.encode(steps), filters=PSCI_FWD),
                   payload=smp)
-    assert x0s(pp.guest_view(r, steps)) == [psci.SUCCESS], r.describe()
-    assert [e["effect"] for e in r.events if e["kind"] == "psci"] == ["suspend"]
+    assert r.outcome == "done", r.describe()
+    assert [e["effect"] for e in r.events if e["kind"] == "psci"] == ["suspend"], r.describe()
+    (h,) = r.hypercalls
+    assert (h["nr"], h["by"], h["args"][1:4]) == (psci.CPU_SUSPEND64, "psci", [0, 0x1234, 0x5678]), r.describe()
+    assert h["args"][4:16] == SEED, f"the guest did not pass the seed in x4..x15: {r.describe()}"
+    rec = pp.decode(r.result_block, steps)["records"][0]
+    assert rec["x0"] == psci.SUCCESS, r.describe()
+    assert [rec["x0"], rec["x1"], rec["x2"], rec["x3"]] == h["reply"], "x0..x3 are not what the handler wrote"
+    final = r.raw["vcpus"][0]["x"]
+    assert final[4:16] == SEED, ("x4..x15 changed across the forwarded CPU_SUSPEND:\n"
+                                 + "\n".join(f"x{n}: {SEED[n - 4]:#x} -> {final[n]:#x}" for n in range(4, 16)
+                                             if final[n] != SEED[n - 4]))
 
 
 @pytest.mark.parametrize("conduit", CONDUITS)
@@ -197,6 +254,11 @@ def test_racing_cpu_on_gives_exactly_one_success(guest, smp, conduit, mode):
                            filters=PSCI_FWD if mode == "user" else [], deadline_s=30), payload=smp)
     v = pp.guest_view(r, steps)
     assert r.outcome == "done", r.describe()
+    if mode == "kernel":
+        assert r.filters == [] and r.hypercalls == [], r.describe()
+    else:
+        assert r.filters and all(f["errno"] is None for f in r.filters), r.describe()
+        assert r.hypercalls and all(h["by"] == "psci" for h in r.hypercalls), r.describe()
     boot_x0 = v["records"][2]["x0"]
     cpu2_x0 = v["secondaries"][2]["cpu_off_returned"]
     assert sorted([boot_x0, cpu2_x0]) == sorted([psci.SUCCESS, psci.ALREADY_ON & U64]), r.describe()
