@@ -264,16 +264,16 @@ def package_kernel(spec: str, progress=print) -> KernelAsset:
                        sha256=sha256_file(image))
 
 
-def resolve_kernel(spec: str | os.PathLike) -> KernelAsset:
+def resolve_kernel(spec: str | os.PathLike, progress=print) -> KernelAsset:
     """A path (contains '/' or exists) → that file, checked; ``pkg:NAME[/SUITE]`` → that package; anything
     else → a Debian kernel spec ('default', '7.2', '6.12', a package name)."""
     s = str(spec)
     if s.startswith("pkg:"):
-        return package_kernel(s[4:])
+        return package_kernel(s[4:], progress)
     if "/" in s or os.path.exists(s):
         return _file_kernel(Path(s))
     from .assets import ensure_kernel
-    return ensure_kernel(s)
+    return ensure_kernel(s, progress)
 
 
 def vmlinux_of(kernel: KernelAsset) -> Path | None:

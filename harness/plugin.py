@@ -101,6 +101,29 @@ def _install_sigterm_handler() -> None:
         signal.signal(signal.SIGTERM, _sigterm)
 
 
+PREP_REPORT_S = 1.0  # a preparation step that took this long is reported on the terminal
+
+
+def say_uncaptured(config, msg: str) -> None:
+    """Write ``[smccc-harness] msg`` to the terminal even while pytest captures output (fixtures, tests)."""
+    line = f"[smccc-harness] {msg}"
+    if hasattr(config, "workerinput"):       # xdist worker: no terminal of its own
+        import logging
+        logging.getLogger("smccc-harness").warning(line)
+        return
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    capman = config.pluginmanager.get_plugin("capturemanager")
+    if tr is None:
+        print(line, flush=True)
+        return
+    import contextlib
+    ctx = capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
+    with ctx:
+        tr.ensure_newline()
+        tr.write_line(line)
+        tr.flush()
+
+
 def resolve_accel(accel: str) -> str:
     """tcg as asked; kvm/auto probe the host's KVM for nested virt (harness/accel.py): an impossible
     ``--accel kvm`` raises SetupError naming what is missing instead of falling back to TCG."""
@@ -128,16 +151,43 @@ class GuestPool:
         self.sessions: list = []
         self.assets: dict | None = None
 
+    def say(self, msg: str) -> None:
+        """A progress line on the terminal, past pytest's capture (a first run fetches, builds and boots for
+        minutes: the user sees what and how long).  xdist workers have no terminal: their log gets it."""
+        say_uncaptured(self.config, msg)
+
+    def _step(self, what: str, fn):
+        """Run one preparation step; say how long it took when it took long enough to be noticed (a first
+        run), stay quiet when everything came from the cache."""
+        t0 = time.monotonic()
+        out = fn()
+        dt = time.monotonic() - t0
+        if dt >= PREP_REPORT_S:
+            self.say(f"{what}: {dt:.1f} s")
+        return out
+
     def resolve_assets(self) -> dict:
         if self.assets is None:
             from . import assets, initramfs
             from .kernel import resolve_kernel
             from .sysdeps import check_qemu
             check_qemu(self.config.getoption("--qemu-bin"))     # missing / too old: one clear error
-            kernel = resolve_kernel(self.config.getoption("--kernel"))
-            initrd = initramfs.build_initramfs(assets.ensure_rootfs())
+            kernel = self._step("kernel", lambda: resolve_kernel(self.config.getoption("--kernel"), progress=self.say))
+            rootfs = self._step("rootfs packages", lambda: assets.ensure_rootfs(progress=self.say))
+            initrd = self._step("initramfs", lambda: initramfs.build_initramfs(rootfs, progress=self.say))
             self.assets = {"kernel": kernel, "initrd": initrd}
         return self.assets
+
+    def _announce_start(self, session) -> None:
+        """After the pool's first guest: say how it came up when that was not a quick snapshot restore."""
+        t = session.timings
+        if t.get("snapshot_created"):
+            self.say(f"first boot of {session.config.kernel.name} saved as a snapshot for later runs: "
+                     f"{t.get('ready_s', '?')} s")
+        elif t.get("snapshot_fallback"):
+            self.say(f"snapshot unusable, cold boot instead: {t['snapshot_fallback']}")
+        elif (t.get("warm_start_s") or t.get("ready_s") or 0) >= PREP_REPORT_S:
+            self.say(f"guest ready: {t.get('warm_start_s') or t.get('ready_s')} s")
 
     def get(self, fresh: bool = False):
         from .session import GuestSession
@@ -158,7 +208,11 @@ class GuestPool:
                 memory_mb=opt("--memory"), append=opt("--append"), boot_deadline_s=opt("--boot-timeout"),
                 qemu_bin=opt("--qemu-bin"), snapshots=not opt("--no-snapshot"), ssh=opt("--ssh"))
             self.sessions.append(self.session)
+            if not self.sessions[:-1]:
+                self.say(f"booting the first guest ({a['kernel'].version}) ...")
             self.session.start()
+            if len(self.sessions) == 1:
+                self._announce_start(self.session)
         except BaseException as e:
             e.smccc_phase = "boot"      # a guest that never came up: bisect 125, never bad (_error_kind)
             self.boot_error = e
