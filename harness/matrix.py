@@ -5,7 +5,10 @@
 Per kernel ``K`` (a Debian spec, a package via ``pkg:NAME[/SUITE]``, or an Image path) it runs
 ``python3 -m pytest tests/system -m 'not slow and not infra' --kernel K --junitxml OUT/K/junit.xml --results-dir OUT/K/runs``;
 the run directories keep each guest's console log, a per-test console slice (``tests/*.console.log``) and the
-handler traces.  Then it writes ``OUT/report.html`` and prints the same scenario x kernel table.  Exit code:
+handler traces.  On stdout, as it goes: ``kernel 1/3 6.12: started``, then ``kernel 1/3 6.12: finished: 120
+passed, 1 failed, 0 errors, 3 skipped, 0 xfailed (pytest exit 1, 95.2 s)``.  Then it writes ``OUT/report.html``
+(links relative to OUT: the directory can be copied, e.g. as a CI artifact) and prints the same scenario x
+kernel table.  Exit code:
 0 when every kernel ran and nothing failed, 1 when a test failed or errored, 2 when a kernel's run broke
 (pytest usage/internal error or no JUnit file).
 """
@@ -23,7 +26,7 @@ import time
 from pathlib import Path
 
 from . import paths
-from .report import KernelRun, format_matrix, read_junit, render_html
+from .report import KernelRun, format_matrix, read_junit, write_html
 
 DEFAULT_KERNELS = ("6.12", "7.2", "default")
 # per kernel: the KVM behaviour suite and upstream's selftests; the harness's own plumbing (infra) is tested
@@ -60,11 +63,30 @@ def pytest_argv(kernel: str, out: Path, markers: str, k: str | None, workers: in
     return argv + list(extra)
 
 
+COUNT_WORDS = (("passed", "passed"), ("failed", "failed"), ("error", "errors"), ("skipped", "skipped"),
+               ("xfailed", "xfailed"))
+
+
+def kernel_started_line(i: int, n: int, spec: str) -> str:
+    """The progress line printed when kernel ``i`` (1-based) of ``n`` starts."""
+    return f"kernel {i}/{n} {spec}: started"
+
+
+def kernel_finished_line(i: int, n: int, spec: str, run: KernelRun, rc: int, seconds: float) -> str:
+    """The progress line printed when kernel ``i`` of ``n`` finished: its counts, pytest's exit, its time."""
+    if run.junit is None:
+        return f"kernel {i}/{n} {spec}: finished without results (pytest exit {rc}, {seconds:.1f} s)"
+    c = run.counts()
+    counts = ", ".join(f"{c.get(k, 0)} {word}" for k, word in COUNT_WORDS)
+    return f"kernel {i}/{n} {spec}: finished: {counts} (pytest exit {rc}, {seconds:.1f} s)"
+
+
 def run_matrix(kernels: list[str], out: Path, *, markers: str = KERNEL_MARKERS, k: str | None = None, workers: int = 1,
                accel: str = "auto", extra: list[str] = (), progress=print) -> list[KernelRun]:
     out.mkdir(parents=True, exist_ok=True)
     runs: list[KernelRun] = []
-    for spec in kernels:
+    for i, spec in enumerate(kernels, 1):
+        progress(kernel_started_line(i, len(kernels), spec))
         d = out / label_dir(spec)
         d.mkdir(parents=True, exist_ok=True)
         junit = d / "junit.xml"
@@ -83,9 +105,7 @@ def run_matrix(kernels: list[str], out: Path, *, markers: str = KERNEL_MARKERS, 
         else:
             run = KernelRun(label=spec)
         run.note = f"pytest exit {rc} in {dt:.0f} s; log {d / 'pytest.log'}"
-        c = run.counts()
-        progress(f"[{spec}] {c['passed']} passed, {c['failed']} failed, {c['error']} errors, {c['skipped']} skipped "
-                 f"(exit {rc}, {dt:.1f} s)")
+        progress(kernel_finished_line(i, len(kernels), spec, run, rc, dt))
         runs.append(run)
     return runs
 
@@ -113,7 +133,7 @@ def main(args) -> int:
                           accel=args.accel, extra=list(args.pytest_args), progress=say)
     table = format_matrix(runs)
     (out / "report.txt").write_text(table + "\n")
-    (out / "report.html").write_text(render_html(runs))
+    write_html(runs, out)     # links relative to out (logs from elsewhere copied under out/logs)
     print(format_matrix(runs, brief=True) if args.brief else table)
     say(f"report: {out / 'report.html'} (text: {out / 'report.txt'})")
     return exit_status(runs)

@@ -4,14 +4,19 @@
   version and image sha256, QEMU version, accel, initramfs and rootfs package hashes, harness commit).
 * ``read_junit()`` — one kernel's results (per test: outcome, message, console log) and its properties.
 * ``format_matrix()`` / ``render_html()`` — the same scenario x kernel table for the terminal and as
-  ``report.html``.
+  ``report.html``; ``write_html()`` writes it with links relative to the report's directory, copying the console
+  logs that live elsewhere into ``<report dir>/logs/``, so that the directory works anywhere it is copied to
+  (a CI artifact).
 """
 
 from __future__ import annotations
 
+import filecmp
 import html
 import re
+import shutil
 import subprocess
+import urllib.parse
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,8 +179,73 @@ td,th{border:1px solid #bbb;padding:3px 8px;font-size:13px;vertical-align:top}th
 td.s{font-family:monospace}small{color:#555}"""
 
 
-def render_html(runs: list[KernelRun], title: str = "smccc-harness kernel matrix") -> str:
+LOGS_DIR = "logs"   # console logs that live outside the report's directory are copied here
+
+
+def test_log(t: TestResult) -> str:
+    """The console log a report links for one test: its own slice, else the guest's whole console log."""
+    return t.properties.get("test_console_log") or t.properties.get("console_log") or ""
+
+
+def _find_log(path: str, run: KernelRun) -> Path | None:
+    """``path`` as written into the JUnit file, or, when that is gone (the matrix directory was moved or
+    copied), the same ``runs/...`` tail next to the JUnit file."""
+    p = Path(path)
+    if p.is_absolute() and p.is_file():
+        return p
+    if run.junit is not None:
+        base = Path(run.junit).parent
+        if not p.is_absolute() and (base / p).is_file():
+            return base / p
+        parts = p.parts
+        for i in range(len(parts) - 1, -1, -1):
+            if parts[i] == "runs" and (base / Path(*parts[i:])).is_file():
+                return base / Path(*parts[i:])
+    return None
+
+
+def link_logs(runs: list[KernelRun], report_dir: Path) -> dict[str, str]:
+    """Console log (as in the JUnit file) -> its href relative to ``report_dir``.  A log under ``report_dir``
+    is linked where it is; one elsewhere is copied to ``report_dir/logs/<kernel>/``.  Logs that no longer
+    exist get no link."""
+    report_dir = Path(report_dir).resolve()
+    links: dict[str, str] = {}
+    for r in runs:
+        for t in r.results.values():
+            log = test_log(t)
+            if not log or log in links:
+                continue
+            src = _find_log(log, r)
+            if src is None:
+                continue
+            src = src.resolve()
+            if not src.is_relative_to(report_dir):
+                d = report_dir / LOGS_DIR / safe_name(r.label)
+                d.mkdir(parents=True, exist_ok=True)
+                dst, n = d / src.name, 1
+                while dst.exists() and not filecmp.cmp(src, dst, shallow=False):
+                    dst, n = d / f"{src.stem}.{n}{src.suffix}", n + 1
+                if not dst.exists():
+                    shutil.copyfile(src, dst)
+                src = dst
+            links[log] = urllib.parse.quote(src.relative_to(report_dir).as_posix())
+    return links
+
+
+def write_html(runs: list[KernelRun], report_dir: Path, title: str = "smccc-harness kernel matrix") -> Path:
+    """``report_dir/report.html`` with relative links only (see :func:`link_logs`)."""
+    report_dir = Path(report_dir)
+    path = report_dir / "report.html"
+    path.write_text(render_html(runs, title, links=link_logs(runs, report_dir), base=report_dir))
+    return path
+
+
+def render_html(runs: list[KernelRun], title: str = "smccc-harness kernel matrix", *,
+                links: dict[str, str] | None = None, base: Path | None = None) -> str:
+    """The report as HTML.  ``links``: console log -> href (:func:`link_logs`; none without it).  ``base``:
+    the report's directory (JUnit paths under it are shown relative to it)."""
     e = html.escape
+    links = links or {}
     scen = _scenarios(runs)
     parts = [f"<!doctype html><meta charset=utf-8><title>{e(title)}</title><style>{_CSS}</style>",
              f"<h1>{e(title)}</h1><table><tr><th>scenario</th>"]
@@ -188,8 +258,8 @@ def render_html(runs: list[KernelRun], title: str = "smccc-harness kernel matrix
             if t is None:
                 parts.append("<td>-</td>")
                 continue
-            log = t.properties.get("test_console_log") or t.properties.get("console_log")
-            link = f' <a href="{e(Path(log).as_uri())}">log</a>' if log and Path(log).is_absolute() else ""
+            href = links.get(test_log(t))
+            link = f' <a href="{e(href)}">log</a>' if href else ""
             tip = f' title="{e(t.message[:500])}"' if t.message else ""
             parts.append(f"<td class={t.outcome}{tip}>{SYMBOL[t.outcome]} <small>{t.time:.2f}s</small>{link}</td>")
         parts.append("</tr>")
@@ -202,7 +272,12 @@ def render_html(runs: list[KernelRun], title: str = "smccc-harness kernel matrix
         if r.note:
             parts.append(f"<tr><th>note</th><td>{e(r.note)}</td></tr>")
         if r.junit:
-            parts.append(f"<tr><th>junit</th><td>{e(str(r.junit))}</td></tr>")
+            junit = Path(r.junit).resolve()
+            if base is not None and junit.is_relative_to(Path(base).resolve()):
+                rel = junit.relative_to(Path(base).resolve()).as_posix()
+                parts.append(f'<tr><th>junit</th><td><a href="{e(urllib.parse.quote(rel))}">{e(rel)}</a></td></tr>')
+            else:
+                parts.append(f"<tr><th>junit</th><td>{e(str(r.junit))}</td></tr>")
         parts += [f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in r.properties.items()]
         parts.append("</table>")
     failures = [(r.label, s, t) for r in runs for s, t in r.results.items() if t.outcome in ("failed", "error")]

@@ -70,7 +70,7 @@ def test_html_report_colours_cells_and_lists_failures(runs):
     html = R.render_html(runs)
     assert html.count("<td class=failed") == 1 and html.count("<td class=skipped") == 1
     assert "<h2>Failures</h2>" in html and "KVM_HYPERCALL_EXIT_SMC" in html
-    assert 'href="file:///runs/x/tests/psci.console.log"' in html
+    assert "file:" not in html and "/runs/x/tests/psci.console.log" not in html   # a log that does not exist: no link
 
 
 def test_exit_status_is_1_on_a_failure_and_2_when_a_kernel_run_broke(runs):
@@ -94,3 +94,89 @@ def test_per_kernel_pytest_command(tmp_path):
 def test_kernel_labels_become_short_safe_directory_names(label, safe):
     assert re.fullmatch(safe, M.label_dir(label))
     assert len(M.label_dir("/" + "x" * 300 + "/Image")) < 20
+
+
+# ---- report.html: relative links that survive a copy of the report directory ----------------------------
+RECORDED = Path(__file__).parent / "data" / "junit" / "matrix_default.xml"    # a real matrix run, 4 tests
+
+
+def _recorded_kernel(kernel_dir: Path, junit_dir: Path) -> Path:
+    """The recorded JUnit file in ``junit_dir``, its console logs (created) under ``kernel_dir``."""
+    junit_dir.mkdir(parents=True, exist_ok=True)
+    text = RECORDED.read_text().replace("@KERNEL_DIR@", str(kernel_dir))
+    (junit_dir / "junit.xml").write_text(text)
+    for log in set(re.findall(r'name="(?:test_)?console_log" value="([^"]+)"', text)):
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+        Path(log).write_text(f"console of {Path(log).name}\n")
+    return junit_dir / "junit.xml"
+
+
+def _hrefs(html: str) -> list[str]:
+    import html as h
+    return [h.unescape(x) for x in re.findall(r'href="([^"]*)"', html)]
+
+
+def test_report_links_are_relative_and_survive_copying_the_report_dir(tmp_path):
+    import shutil
+    import urllib.parse
+    out = tmp_path / "matrix"
+    elsewhere = tmp_path / "elsewhere"
+    runs = [R.read_junit(_recorded_kernel(out / "default", out / "default"), "default"),        # logs under out
+            R.read_junit(_recorded_kernel(elsewhere / "7.2", out / "7.2"), "7.2")]              # logs elsewhere
+    R.write_html(runs, out)
+    copy = tmp_path / "artifact" / "report"
+    shutil.copytree(out, copy)
+    shutil.rmtree(out)
+    shutil.rmtree(elsewhere)
+    html = (copy / "report.html").read_text()
+    hrefs = _hrefs(html)
+    logs = [h for h in hrefs if h.endswith(".console.log")]
+    assert len(logs) == 8, hrefs                                    # 4 tests x 2 kernels, each with its slice
+    for href in hrefs:
+        assert "file:" not in href and not href.startswith("/") and "://" not in href, href
+        target = (copy / urllib.parse.unquote(href)).resolve()
+        assert target.is_file() and target.is_relative_to(copy.resolve()), href
+    assert sum(h.startswith(f"{R.LOGS_DIR}/7.2/") for h in logs) == 4     # copied in: they lived elsewhere
+    assert sum(h.startswith("default/runs/guest-") for h in logs) == 4    # linked where they are
+    assert str(tmp_path) not in "".join(hrefs)
+
+
+def test_report_only_on_a_moved_matrix_dir_finds_the_logs_next_to_the_junit_file(tmp_path):
+    import shutil
+    old = tmp_path / "old"
+    _recorded_kernel(old / "default", old / "default")
+    new = tmp_path / "new"
+    shutil.move(old, new)
+    run = R.read_junit(new / "default" / "junit.xml", "default")
+    R.write_html([run], new)
+    logs = [h for h in _hrefs((new / "report.html").read_text()) if h.endswith(".console.log")]
+    assert len(logs) == 4 and all((new / h).is_file() and h.startswith("default/runs/") for h in logs), logs
+
+
+# ---- progress on stdout ------------------------------------------------------------------------------------
+def test_kernel_progress_lines(runs):
+    assert M.kernel_started_line(2, 3, "6.12") == "kernel 2/3 6.12: started"
+    line = M.kernel_finished_line(2, 3, "6.12", runs[0], 1, 12.34)
+    assert line == "kernel 2/3 6.12: finished: 2 passed, 1 failed, 0 errors, 1 skipped, 0 xfailed (pytest exit 1, 12.3 s)"
+    broken = M.kernel_finished_line(3, 3, "7.2", R.KernelRun(label="7.2"), 4, 1.0)
+    assert broken == "kernel 3/3 7.2: finished without results (pytest exit 4, 1.0 s)"
+
+
+def test_run_matrix_prints_each_kernel_starting_and_finishing_as_it_goes(tmp_path, monkeypatch, capsys):
+    printed = []                            # stdout so far, read each time a kernel's pytest starts
+
+    def fake_pytest(argv, **kw):            # one kernel's pytest: writes the recorded JUnit file
+        printed.append(capsys.readouterr().out)
+        junit = Path(next(a for a in argv if a.startswith("--junitxml=")).split("=", 1)[1])
+        _recorded_kernel(junit.parent, junit.parent)
+        return subprocess.CompletedProcess(argv, 0)
+
+    monkeypatch.setattr(M.subprocess, "run", fake_pytest)
+    M.run_matrix(["default", "7.2"], tmp_path, progress=lambda m: print(f"[smccc-harness matrix] {m}", flush=True))
+    printed.append(capsys.readouterr().out)
+    status = [[ln.split("] ", 1)[1] for ln in chunk.splitlines() if ": started" in ln or ": finished" in ln]
+              for chunk in printed]
+    assert status[0] == ["kernel 1/2 default: started"]     # before its pytest ran
+    assert status[1][0].startswith("kernel 1/2 default: finished: 4 passed, 0 failed, 0 errors, 0 skipped, 0 xfailed")
+    assert status[1][1:] == ["kernel 2/2 7.2: started"]
+    assert status[2][0].startswith("kernel 2/2 7.2: finished: 4 passed,") and len(status[2]) == 1
