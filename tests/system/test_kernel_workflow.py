@@ -123,3 +123,54 @@ def test_ssh_into_a_self_built_kernel_with_virtio_net_built_in():
                        cwd=paths.REPO_ROOT, text=True, capture_output=True, timeout=900, check=False)
     assert t.returncode == 0, t.stdout[-4000:]
     assert re.search(r"\b7 passed\b", t.stdout), t.stdout[-2000:]
+
+
+def test_fragment_option_the_base_config_rules_out_fails_and_leaves_o_as_it_was(tmp_path):
+    """Real Kconfig on Debian's linux-source-7.3: a configured O=, then ``kernel build --config BASE`` whose
+    BASE turns VIRTUALIZATION off under a fragment asking for KVM.  The build stops naming CONFIG_KVM, exits 2,
+    and O=/.config is the one from before (harness/kbuild.py ``configure``)."""
+    src = kbuild.source_tree()
+    out = tmp_path / "o"
+    out.mkdir()
+    frag = tmp_path / "frag.config"
+    frag.write_text("CONFIG_VIRTUALIZATION=y\nCONFIG_KVM=y\n")
+    tc = kbuild.resolve_toolchain(env={}, install=True, progress=lambda m: None)
+    assert kbuild.configure(src, out, fragment_text=frag.read_text(), fragment_path=frag, config=None, toolchain=tc,
+                            env=kbuild.make_env(), log=out / "build.log", jobs=2, ccache=False,
+                            progress=lambda m: None)
+    before = (out / ".config").read_text()
+    assert "CONFIG_KVM=y" in before
+    base = tmp_path / "base.config"
+    base.write_text("CONFIG_ARM64=y\n# CONFIG_VIRTUALIZATION is not set\n")
+    only_kvm = tmp_path / "kvm.config"
+    only_kvm.write_text("CONFIG_KVM=y\n")
+    r = _cli("kernel", "build", str(src), "--out", str(out), "--config", str(base), "--fragment", str(only_kvm),
+             "--no-ccache", timeout=900)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "did not stick" in r.stderr and "CONFIG_KVM=y (got n)" in r.stderr, r.stderr[-2000:]
+    assert "toolchain: CROSS_COMPILE=aarch64-linux-gnu-" in r.stdout, r.stdout[-2000:]
+    assert (out / ".config").read_text() == before
+
+
+@pytest.mark.slow
+def test_minimal_kernel_built_with_llvm_passes_the_psci_suite():
+    """``kernel build --llvm`` of linux-source-7.3 with Debian's clang (LLVM=1 where the release's clang is new
+    enough for the tree's scripts/min-tool-version.sh, else the newest versioned clang-N, e.g. LLVM=-19 on
+    bookworm whose clang 14 is too old for 7.x), installed through harness/sysdeps.py; then the PSCI suite
+    with ``--kernel <O>/vmlinux``.  Cold: ~10-15 min on 2 cores."""
+    src = kbuild.source_tree()
+    llvm = kbuild.debian_llvm_for(src)
+    if llvm is None:
+        pytest.skip(f"apt offers no clang new enough for {src.name} (scripts/min-tool-version.sh llvm)")
+    r = _cli("kernel", "build", str(src), "--llvm", llvm, "--install-toolchain", timeout=3600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert f"toolchain: LLVM={llvm} (clang" in r.stdout, r.stdout[-2000:]
+    image = Path(r.stdout.strip().splitlines()[-1])
+    out = image.parents[3]
+    cfg = kbuild.parse_fragment((out / ".config").read_text())
+    assert cfg.get("CONFIG_CC_IS_CLANG") == "y" and cfg.get("CONFIG_LD_IS_LLD") == "y", out
+    t = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--no-snapshot",
+                        "tests/system/test_psci_el1.py", "--kernel", str(out / "vmlinux")],
+                       cwd=paths.REPO_ROOT, text=True, capture_output=True, timeout=1800, check=False)
+    assert t.returncode == 0, t.stdout[-4000:]
+    assert re.search(r"\b\d+ passed\b", t.stdout) and " failed" not in t.stdout, t.stdout[-2000:]
