@@ -12,6 +12,8 @@ from pathlib import Path
 import pexpect
 import pytest
 
+import harness.console as console_mod
+
 from harness.console import (
     FAILURE_GRACE_S,
     FAILURE_PATTERNS,
@@ -230,12 +232,16 @@ def test_expect_ready_clean(spawn) -> None:
     assert c.log_path is not None and READY_BANNER in c.log_path.read_text()
 
 
-def test_expect_ready_panic(spawn) -> None:
-    c = spawn("cat panic.log; sleep 30")
+def test_expect_ready_panic(spawn, monkeypatch) -> None:
+    # The end-of-panic line completes the excerpt: no grace wait.  With the grace stretched to an hour, a
+    # grace wait would end only at the child's exit (sleep 300); the bound (60 s) is two orders of magnitude
+    # above the ~0.1 s this takes, so host load cannot break it, yet far below a wait that happened.
+    monkeypatch.setattr(console_mod, "FAILURE_GRACE_S", 3600.0)
+    c = spawn("cat panic.log; sleep 300")
     t0 = time.monotonic()
     with pytest.raises(ConsoleFailure) as ei:
         c.expect_ready(READY_BANNER, 20)
-    assert time.monotonic() - t0 < 5       # the end-of-panic line completes the excerpt: no grace wait
+    assert time.monotonic() - t0 < 60
     e = ei.value
     assert isinstance(e, BootError)
     assert e.kind == "failure" and e.finding is not None and e.finding.name == "kernel panic"
@@ -269,7 +275,9 @@ def test_expect_ready_timeout(spawn) -> None:
     t0 = time.monotonic()
     with pytest.raises(ConsoleFailure) as ei:
         c.expect_ready(READY_BANNER, 0.5)
-    assert 0.45 < time.monotonic() - t0 < 3
+    # never before the deadline (monotonic: exact); the upper bound only catches "waited for the child's
+    # 30 s sleep", 50x the expected 0.5 s so that a loaded host cannot break it
+    assert 0.5 <= time.monotonic() - t0 < 25
     e = ei.value
     assert e.kind == "timeout"
     assert str(e).startswith("no 'SMCCC-AGENT READY' within 0.5 s")
@@ -293,12 +301,13 @@ def test_eof_after_unterminated_failure(spawn) -> None:
     assert ei.value.kind == "eof" and ei.value.finding is not None
 
 
-def test_agent_exit_is_a_failure(spawn) -> None:
-    c = spawn("echo 'Traceback (most recent call last):'; echo 'SMCCC-AGENT EXITED rc=1'; sleep 30")
+def test_agent_exit_is_a_failure(spawn, monkeypatch) -> None:
+    monkeypatch.setattr(console_mod, "FAILURE_GRACE_S", 3600.0)   # as in test_expect_ready_panic
+    c = spawn("echo 'Traceback (most recent call last):'; echo 'SMCCC-AGENT EXITED rc=1'; sleep 300")
     t0 = time.monotonic()
     with pytest.raises(ConsoleFailure, match=r"^agent exited after"):
         c.expect_ready(READY_BANNER, 20)
-    assert time.monotonic() - t0 < FAILURE_GRACE_S      # its line ends the incident: no grace wait
+    assert time.monotonic() - t0 < 60      # its line ends the incident: no grace wait (else: 300 s)
 
 
 def test_wait_needs_a_deadline(spawn) -> None:
