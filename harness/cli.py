@@ -165,6 +165,14 @@ def _parse_filter(text: str) -> list[dict]:
                            hint="use 'psci', or BASE[+NR][:fwd|deny|handle], e.g. 0xC2000000+0x100:fwd") from None
 
 
+def payload_params(args) -> list[int]:
+    """The parameter block (u64 words at PARAM_BASE) from ``--params FILE`` with each ``--param OFFSET=VALUE``
+    written over it, in order."""
+    from .payloads import param_words, parse_param, read_params_file
+    base = read_params_file(args.params) if getattr(args, "params", None) else b""
+    return param_words(base, [parse_param(t) for t in getattr(args, "param", None) or []])
+
+
 def cmd_run_payload(args) -> int:
     from .payloads import load_elf
     from .scenarios import scenario
@@ -172,8 +180,9 @@ def cmd_run_payload(args) -> int:
     filters = [f for text in args.forward for f in _parse_filter(text)]
     from .filter_model import check_filters
     check_filters(filters, what="--forward range")      # before anything boots: KVM would refuse it
+    params = payload_params(args)                        # bad input: an error before anything boots
     spec = scenario(Path(args.elf).stem, p, filters=filters, el2=args.el2, vcpus=args.vcpus,
-                    handler=args.handler, deadline_s=args.deadline)
+                    handler=args.handler, deadline_s=args.deadline, params=params)
     s, _ = _session(args)
     with s:
         r = s.run(spec, payload=p)
@@ -342,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--handler", default="psci", choices=("psci", "record"))
     p.add_argument("--deadline", type=float, default=10.0)
     p.add_argument("--append", default="", help="extra kernel command line")
+    p.add_argument("--param", action="append", default=[], metavar="OFFSET=VALUE",
+                   help="write the u64 VALUE (little-endian) at byte OFFSET of the payload's parameter block at "
+                        "PARAM_BASE (0x40100000), e.g. 0x8=0xC4000003; repeatable, applied after --params")
+    p.add_argument("--params", default=None, metavar="FILE",
+                   help="the parameter block's initial contents: raw bytes, or for FILE.json a list of u64 words "
+                        "or an object {\"OFFSET\": VALUE}")
     p.set_defaults(func=cmd_run_payload)
 
     for name in ("assets", "cache"):

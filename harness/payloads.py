@@ -586,6 +586,92 @@ def encode_cpu_on_params(target: int = CO_DEFAULT_TARGET, context_id: int = CO_D
     return [target, context_id]
 
 
+# ---- a user payload's parameter block (run-payload --param / --params) ----------------------------------
+# The scenario's ``params`` (u64 words) are written at PARAM_BASE before the first vCPU runs; the block runs up
+# to the result block.  ``smccc-harness run-payload`` builds it from a file and OFFSET=VALUE assignments.
+PARAM_BLOCK_SIZE = protocol.RESULT_BASE - protocol.PARAM_BASE      # 0x8000 bytes
+_PARAM_HINT = ("use --param OFFSET=VALUE with a byte offset into the parameter block at PARAM_BASE (0x40100000) and a "
+               f"u64 value, both decimal or 0x-hex, e.g. --param 0x8=0xC4000003; OFFSET + 8 <= {PARAM_BLOCK_SIZE:#x}")
+_PARAMS_FILE_HINT = (f"--params FILE: raw bytes (at most {PARAM_BLOCK_SIZE:#x}), written at PARAM_BASE as they are; or, "
+                     "for a FILE ending in .json, a list of u64 words ([1, \"0x84000000\"]) or an object of byte "
+                     "offsets to u64 values ({\"0x8\": \"0xC4000003\"})")
+
+
+def _param_int(text, what: str, hint: str) -> int:
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    if isinstance(text, str):
+        try:
+            return int(text.strip().replace("_", ""), 0)
+        except ValueError:
+            pass
+    raise PayloadError(f"{what}: {text!r} is not a number", hint=hint)
+
+
+def _check_param(offset: int, value: int, what: str, hint: str) -> tuple[int, int]:
+    if not 0 <= offset <= PARAM_BLOCK_SIZE - 8:
+        raise PayloadError(f"{what}: offset {offset:#x} is outside the parameter block (a u64 at 0.."
+                           f"{PARAM_BLOCK_SIZE - 8:#x})", hint=hint)
+    if not -(1 << 63) <= value < (1 << 64):
+        raise PayloadError(f"{what}: value {value:#x} does not fit in 64 bits", hint=hint)
+    return offset, value & 0xFFFF_FFFF_FFFF_FFFF
+
+
+def parse_param(text: str) -> tuple[int, int]:
+    """``OFFSET=VALUE`` (``--param``) -> (byte offset, u64 value); :class:`PayloadError` with a hint if bad."""
+    what = f"--param {text!r}"
+    off, eq, val = str(text).partition("=")
+    if not eq or not off.strip() or not val.strip():
+        raise PayloadError(f"{what}: not OFFSET=VALUE", hint=_PARAM_HINT)
+    return _check_param(_param_int(off, what, _PARAM_HINT), _param_int(val, what, _PARAM_HINT), what, _PARAM_HINT)
+
+
+def read_params_file(path: Path | str) -> bytes:
+    """The bytes of a ``--params`` file: raw, or built from JSON (a ``.json`` file, see ``_PARAMS_FILE_HINT``)."""
+    path = Path(path)
+    what = f"--params {path}"
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise PayloadError(f"{what}: cannot read it: {e.strerror}", hint=_PARAMS_FILE_HINT) from None
+    if path.suffix.lower() != ".json":
+        if len(raw) > PARAM_BLOCK_SIZE:
+            raise PayloadError(f"{what}: {len(raw)} bytes, more than the parameter block's {PARAM_BLOCK_SIZE:#x}",
+                               hint=_PARAMS_FILE_HINT)
+        return raw
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:
+        raise PayloadError(f"{what}: not JSON: {e}", hint=_PARAMS_FILE_HINT) from None
+    if isinstance(doc, list):
+        items = [(8 * i, _param_int(v, f"{what} word {i}", _PARAMS_FILE_HINT)) for i, v in enumerate(doc)]
+    elif isinstance(doc, dict):
+        items = [(_param_int(k, f"{what} key", _PARAMS_FILE_HINT), _param_int(v, f"{what} [{k!r}]", _PARAMS_FILE_HINT))
+                 for k, v in doc.items()]
+    else:
+        raise PayloadError(f"{what}: JSON must be a list of u64 words or an object of offset: value",
+                           hint=_PARAMS_FILE_HINT)
+    return param_block_bytes(b"", [_check_param(o, v, what, _PARAMS_FILE_HINT) for o, v in items])
+
+
+def param_block_bytes(base: bytes = b"", assignments: Iterable[tuple[int, int]] = ()) -> bytes:
+    """``base`` with each (offset, value) written over it as a little-endian u64, zero-extended as needed."""
+    block = bytearray(base)
+    for off, val in assignments:
+        off, val = _check_param(off, val, f"parameter at {off:#x}", _PARAM_HINT)
+        if len(block) < off + 8:
+            block.extend(bytes(off + 8 - len(block)))
+        block[off:off + 8] = struct.pack("<Q", val)
+    return bytes(block)
+
+
+def param_words(base: bytes = b"", assignments: Iterable[tuple[int, int]] = ()) -> list[int]:
+    """The scenario's ``params`` (u64 words at PARAM_BASE) for ``base`` bytes with ``assignments`` over them."""
+    block = param_block_bytes(base, assignments)
+    block += bytes(-len(block) % 8)
+    return list(struct.unpack(f"<{len(block) // 8}Q", block))
+
+
 # ---- firmware/common.inc constants (for the unit test that keeps both sides in sync) -------------------
 def common_inc_constants(path: Path | None = None) -> dict[str, int]:
     """The ``.equ NAME, value`` lines with plain integer values in a firmware file (default common.inc)."""

@@ -78,3 +78,23 @@ def test_boot_panic_shows_its_cause_and_logs_under_results_dir(tmp_path):
     (log,) = tmp_path.glob("boot-*/console.log")
     assert "check access for rdinit=/nonexistent failed" in log.read_text()
     assert f"full console log: {log}" in p.stderr
+
+
+@pytest.mark.el1
+@pytest.mark.psci
+@pytest.mark.hvc
+def test_run_payload_param_changes_what_the_payload_calls(tmp_path):
+    """One ELF, two parameter blocks: smccc_calls makes the call its table describes ([count, conduit, x0..]),
+    so x0 at offset 0x10 is the function id the handler sees."""
+    elf = build_payloads()["smccc_calls"]
+    seen = {}
+    for fid in (0x8400_0000, 0x8400_000A):      # PSCI_VERSION, PSCI_FEATURES(PSCI_VERSION)
+        p = cli("run-payload", str(elf), "--forward", "psci", "--results-dir", str(tmp_path),
+                "--param", "0x0=1", "--param", f"0x10={fid:#x}", "--param", "0x18=0x84000000")
+        assert p.returncode == 0, p.stdout + p.stderr
+        lines = [ln for ln in p.stdout.splitlines() if " hypercall " in ln]
+        assert len(lines) == 1 and "conduit=hvc" in lines[0], p.stdout
+        seen[fid] = lines[0]
+    assert "name=PSCI_VERSION nr=0x84000000 " in seen[0x8400_0000], seen
+    assert "nr=0x8400000a " in seen[0x8400_000A] and "x0..x3=0x8400000a 0x84000000 " in seen[0x8400_000A], seen
+    assert "reply=0x10003 " in seen[0x8400_0000] and "reply=0x0 " in seen[0x8400_000A], seen   # v1.3; supported
