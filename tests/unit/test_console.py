@@ -13,9 +13,7 @@ import pexpect
 import pytest
 
 import harness.console as console_mod
-
 from harness.console import (
-    FAILURE_GRACE_S,
     FAILURE_PATTERNS,
     PANIC_CONTEXT_LINES,
     Console,
