@@ -429,6 +429,28 @@ def pytest_runtest_logreport(report):
         rows.append(r)
 
 
+def _selects_system_tests(config) -> bool:
+    args = [a for a in config.args if not a.startswith("-")] or list(config.getini("testpaths")) or ["."]
+    root = paths.REPO_ROOT / "tests" / "system"
+    for a in args:
+        p = (Path(config.invocation_params.dir) / a.split("::")[0]).resolve()
+        if p == root or root in p.parents or p in root.parents:
+            return True
+    return False
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_setupnodes(config, specs):
+    """-n N: the controller fetches and builds the guest's assets before the workers start, saying so on the
+    terminal (workers have none), so N workers do not each sit silent through the same first-run downloads."""
+    if config.getoption("--reuse-vm") or not _selects_system_tests(config):
+        return
+    try:
+        GuestPool(config).resolve_assets()
+    except HarnessError as e:     # each worker reports it again where it matters: on its tests
+        say_uncaptured(config, f"preparing the guest's assets failed: {e}")
+
+
 _SETUP_S: dict[str, float] = {}
 
 
