@@ -284,6 +284,16 @@ def cmd_assets(args) -> int:
 
 
 # ---- main -------------------------------------------------------------------------------------------
+def _keep_runs(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count of run directories (0 keeps all)")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="smccc-harness", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -297,7 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--accel", default=os.environ.get("SMCCC_ACCEL", "auto"), choices=("auto", "tcg", "kvm"))
         p.add_argument("--qemu-bin", default=os.environ.get("QEMU", "qemu-system-aarch64"))
         p.add_argument("--boot-timeout", type=float, default=120.0)
-        p.add_argument("--results-dir", default=None)
+        p.add_argument("--results-dir", default=None, help="where run directories go [env SMCCC_HARNESS_RESULTS, ./runs]")
+        p.add_argument("--keep-runs", type=_keep_runs, default=None, metavar="N",
+                       help="keep the newest N run directories under the results dir, never a live run's "
+                            "(0: keep all) [env SMCCC_KEEP_RUNS, default 50]")
         p.add_argument("--no-snapshot", action="store_true",
                        help="cold-boot the guest instead of restoring the cached snapshot [env SMCCC_NO_SNAPSHOT=1]")
 
@@ -383,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
         args.kernel = "pkg:" + args.kernel_pkg
     if hasattr(args, "pytest_args"):
         args.pytest_args = list(args.pytest_args) + extra
+    if getattr(args, "keep_runs", None) is not None:     # for this process and the pytest runs it starts
+        from .leftovers import KEEP_RUNS_ENV
+        os.environ[KEEP_RUNS_ENV] = str(args.keep_runs)
     try:
         return int(args.func(args) or 0)
     except HarnessError as e:

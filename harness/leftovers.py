@@ -7,18 +7,30 @@ PR_SET_PDEATHSIG) leaves no socket behind for long.
 A reusable VM (``--reuse-vm``, harness/reuse.py) outlives its pytest on purpose: its directory
 (``reuse-vm-<name>``) is never swept while its QEMU runs; once that QEMU is gone its sockets are removed (its
 state file stays, so the next attach can say what happened).
+
+Retention (:func:`prune_runs`): the results root keeps the newest :func:`keep_runs` run directories
+(``$SMCCC_KEEP_RUNS``, default :data:`DEFAULT_KEEP_RUNS`; 0 keeps all).  :func:`harness.paths.new_run_dir`
+prunes once per process and root, before it creates the first run directory there.  Older run directories are
+deleted unless the run is still going (:func:`run_is_live`: the process named in the directory's name runs, a
+QEMU's command line names the directory or its private socket dir, a lock file in it is held, or a ``*.pid``
+file in it names a live process).  Only directories named like ``new_run_dir`` makes them
+(``<prefix>-<YYYYmmdd>-<HHMMSS>-<pid>-<n>``) are candidates: a reusable VM's ``reuse-vm-<name>`` and a matrix's
+``matrix-<time>`` never are.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import re
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import HarnessError
 from .paths import cache_dir
 
 # Temporary names the harness creates (tempfile prefixes in assets.py, payloads.py, initramfs.py).
@@ -216,4 +228,117 @@ def _sweep_reusable(d: Path) -> list[Path]:
         if sd != d.absolute() and sd.is_dir() and not any(sd.iterdir()):
             sd.rmdir()
             removed.append(sd)
+    return removed
+
+
+# ==== retention of run directories ===================================================================
+KEEP_RUNS_ENV = "SMCCC_KEEP_RUNS"
+DEFAULT_KEEP_RUNS = 50
+RUN_DIR_RE = re.compile(r"^(?P<prefix>.+)-(?P<stamp>\d{8}-\d{6})-(?P<pid>\d+)-(?P<n>\d+)$")   # paths.new_run_dir
+
+
+def keep_runs() -> int:
+    """How many run directories a results root keeps (``$SMCCC_KEEP_RUNS``; 0: all)."""
+    text = os.environ.get(KEEP_RUNS_ENV, "").strip()
+    if not text:
+        return DEFAULT_KEEP_RUNS
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise HarnessError(f"{KEEP_RUNS_ENV}={text!r} is not a number of run directories to keep",
+                           hint=f"set {KEEP_RUNS_ENV} to 0 (keep all) or a positive count, default {DEFAULT_KEEP_RUNS}")
+    return n
+
+
+def run_dirs(root: Path) -> list[Path]:
+    """The run directories (``paths.new_run_dir`` names) directly under ``root``, newest first."""
+    out = []
+    with contextlib.suppress(OSError):
+        for d in Path(root).iterdir():
+            m = RUN_DIR_RE.match(d.name)
+            if m is None or d.name.startswith("reuse-vm-") or d.is_symlink() or not d.is_dir():
+                continue
+            with contextlib.suppress(OSError):
+                out.append(((m["stamp"], d.stat().st_mtime, int(m["n"])), d))
+    return [d for _, d in sorted(out, key=lambda x: x[0], reverse=True)]
+
+
+def _held(lock: Path) -> bool:
+    """Someone holds an flock on ``lock`` (fcntl.flock, as harness.reuse does)."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def run_is_live(d: Path, qemu_argvs: list[str] | None = None) -> str:
+    """Why run directory ``d`` belongs to a run that is still going ('' if none): its process, a QEMU naming it
+    (or its private socket dir), a held lock file, a pid file of a live process.  ``qemu_argvs``: the command
+    lines of the running QEMUs (default: read from /proc now)."""
+    d = Path(d)
+    m = RUN_DIR_RE.match(d.name)
+    if m is not None and (int(m["pid"]) == os.getpid() or _alive(int(m["pid"]))):
+        return f"its process (pid {m['pid']}) runs"
+    if qemu_argvs is None:
+        qemu_argvs = [" ".join(p.argv) for p in processes() if is_qemu(p)]
+    if qemu_argvs:
+        names = _markers(d) + [str(d.resolve())]
+        if any(name in argv for argv in qemu_argvs for name in names):
+            return "a QEMU uses it"
+    for f in _files(d, ("lock", "*.lock")):
+        if _held(f):
+            return f"{f.name} is held"
+    for f in _files(d, ("*.pid", "pid")):
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(f.read_text().split()[0])
+            if pid > 0 and _alive(pid):
+                return f"{f.name} names a live process (pid {pid})"
+    return ""
+
+
+def _files(d: Path, patterns: tuple[str, ...]) -> list[Path]:
+    out: list[Path] = []
+    for pat in patterns:
+        with contextlib.suppress(OSError):
+            out += [f for f in d.glob(pat) if f.is_file()]
+            out += [f for f in d.glob(f"*/{pat}") if f.is_file()]
+    return out
+
+
+def prune_runs(root: Path, keep: int | None = None) -> list[Path]:
+    """Delete the run directories under ``root`` beyond the newest ``keep`` (default :func:`keep_runs`; 0: keep
+    all) whose run is over (:func:`run_is_live`), with their private socket dirs.  Returns what was deleted."""
+    keep = keep_runs() if keep is None else keep
+    if keep <= 0:
+        return []
+    old = run_dirs(root)[keep:]
+    if not old:
+        return []
+    qemu_argvs = [" ".join(p.argv) for p in processes() if is_qemu(p)]
+    removed = []
+    for d in old:
+        if run_is_live(d, qemu_argvs):
+            continue
+        socks = []
+        with contextlib.suppress(OSError, ValueError):
+            sd = Path((d / "sockets").read_text().strip())
+            if sd.name.startswith("smccc-sock-") and sd.is_dir():
+                socks.append(sd)
+        shutil.rmtree(d, ignore_errors=True)
+        for sd in socks:
+            shutil.rmtree(sd, ignore_errors=True)
+        if not d.exists():
+            removed.append(d)
     return removed
