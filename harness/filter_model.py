@@ -1,6 +1,6 @@
 """A model of KVM's SMCCC filter: which errno ``KVM_SET_DEVICE_ATTR(KVM_ARM_VM_SMCCC_FILTER)`` returns.
 
-kvm-smccc-abi.md §1.1 (``kvm_smccc_set_filter()``), checks in this order, for each range
+docs/kvm-smccc-abi.md §1.1 (``kvm_smccc_set_filter()``), checks in this order, for each range
 ``[base, base + nr_functions)`` userspace adds, one per call:
 
 1. any ``pad`` byte is not zero                                        -> EINVAL

@@ -2,7 +2,7 @@
 ``--kernel-pkg NAME[/SUITE]``), plus what the harness learns from it.
 
 An arm64 ``Image`` carries the magic ``ARM\\x64`` at offset 0x38 (Documentation/arch/arm64/booting.rst,
-"Call the kernel image"); Debian's vmlinuz files are such Images with a PE/EFI stub (platform.md).  A gzip'd
+"Call the kernel image"); Debian's vmlinuz files are such Images with a PE/EFI stub (docs/platform.md).  A gzip'd
 ``Image.gz`` is unpacked into the cache, keyed by its sha256.  A ``vmlinux`` (an EM_AARCH64 ELF) is accepted
 when its Image sits next to it (``arch/arm64/boot/Image`` of the same O= tree, or ``Image`` in the same
 directory) with the same ``linux_banner``; an Image inside an O= tree finds its vmlinux the same way.  The

@@ -21,7 +21,7 @@ def handle(base: int, nr: int = 1) -> dict:
     return {"base": base, "nr": nr, "action": "handle"}
 
 
-# The ranges kvmtool's --psci installs (kvm-smccc-abi.md §3.5), minus the legacy 0.1 DENY.
+# The ranges kvmtool's --psci installs (docs/kvm-smccc-abi.md §3.5), minus the legacy 0.1 DENY.
 PSCI_FWD = (fwd(PSCI_BASE32, PSCI_NR), fwd(PSCI_BASE64, PSCI_NR))
 
 

@@ -3,7 +3,7 @@
 ``GuestSession`` is what the pytest plugin and the CLI hold.  It boots once, then serves many scenarios;
 everything it produces (console.log, qemu-cmd.sh, scenario traces) lands in its run directory, which is kept.
 A guest is thrown away, not torn down: ``close()`` kills QEMU (nested VMs inside it are never destroyed,
-platform.md).  A reusable VM (``detached``, ``keep_vm``: ``pytest --reuse-vm``, harness/reuse.py) is only
+docs/platform.md).  A reusable VM (``detached``, ``keep_vm``: ``pytest --reuse-vm``, harness/reuse.py) is only
 detached by ``close()`` while it is healthy, and killed like any other guest once it is not.
 """
 

@@ -1,4 +1,4 @@
-"""Warm start: a snapshot of a booted, idle guest, restored in a fraction of a second (platform.md, last sections).
+"""Warm start: a snapshot of a booted, idle guest, restored in a fraction of a second (docs/platform.md, last sections).
 
 Save (once per key, on a cache miss): cold-boot the session's own guest, wait for the agent's hello (agent
 idle in ``recv``, host channel connected), then over QMP ``stop`` -> ``migrate-set-capabilities mapped-ram``
@@ -36,7 +36,7 @@ QEMU ever disagreed, the restore would fail and the session would cold-boot, wit
 ``SMCCC_SNAPSHOT_FULL_ARGV=1`` restores with the real files (the bench compares both).
 
 Restored guests are thrown away, never torn down: destroying a nested VM after a restore locks the guest
-up (platform.md), and the agent never destroys nested VMs (``GRAVEYARD``).
+up (docs/platform.md), and the agent never destroys nested VMs (``GRAVEYARD``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """KVM UAPI for arm64: constants, structures and ioctls, straight from the kernel headers.
 
-Sources (see ../shared/docs/kvm-smccc-abi.md §1.5 and docs/platform.md "Constants"):
+Sources (see docs/kvm-smccc-abi.md §1.5 and docs/platform.md "Constants"):
 ``include/uapi/linux/kvm.h`` and ``arch/arm64/include/uapi/asm/kvm.h``.  Values were checked against
 linux-libc-dev 7.3.4 by compiling small C programs; ``tests/unit/test_guest_kvm.py`` re-derives the ioctl
 numbers from the ``_IOC`` encoding and checks the structure sizes.
@@ -75,7 +75,7 @@ class MpState(ctypes.Structure):
     _fields_ = [("mp_state", ctypes.c_uint32)]
 
 
-# ---- ioctl numbers (kvm-smccc-abi.md §1.5) ---------------------------------------------------------
+# ---- ioctl numbers (docs/kvm-smccc-abi.md §1.5) ---------------------------------------------------------
 KVM_GET_API_VERSION = _IO(0x00)
 KVM_CREATE_VM = _IO(0x01)
 KVM_CHECK_EXTENSION = _IO(0x03)

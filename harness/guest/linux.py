@@ -11,10 +11,10 @@ The VM (Documentation/arch/arm64/booting.rst for the boot protocol):
 
 The generated device tree (:func:`device_tree`) has ``cpus`` with ``enable-method = "psci"`` and a ``psci``
 node (``arm,psci-1.0``, ``arm,psci-0.2``) whose ``method`` is ``hvc`` or ``smc``.  With ``psci = "fwd"`` the
-PSCI function ranges are forwarded to userspace (KVM_ARM_VM_SMCCC_FILTER, FWD_TO_USER; kvm-smccc-abi.md §1.1)
+PSCI function ranges are forwarded to userspace (KVM_ARM_VM_SMCCC_FILTER, FWD_TO_USER; docs/kvm-smccc-abi.md §1.1)
 and answered by :mod:`harness.guest.psci`; with ``psci = "kernel"`` no filter is installed and KVM's own PSCI
 answers (the differential baseline).  Power management of the secondaries is the runner's (kvmtool's
-userspace PSCI, kvm-smccc-abi.md §3.5): this class reuses :class:`harness.guest.runner.ScenarioRun`'s vCPU
+userspace PSCI, docs/kvm-smccc-abi.md §3.5): this class reuses :class:`harness.guest.runner.ScenarioRun`'s vCPU
 loop, hypercall dispatch and effect handling, and only replaces the setup, the MMIO handling and the result.
 """
 

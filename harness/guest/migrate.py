@@ -2,7 +2,7 @@
 
 KVM keeps no readable copy of the SMCCC filter: the attribute is write-only (arm.c handles only
 KVM_HAS_DEVICE_ATTR/KVM_SET_DEVICE_ATTR on the VM fd) and it is frozen once any vCPU has run (EBUSY,
-hypercalls.c kvm_smccc_set_filter).  So a VMM that migrates or snapshots a guest must (kvm-smccc-abi.md §5):
+hypercalls.c kvm_smccc_set_filter).  So a VMM that migrates or snapshots a guest must (docs/kvm-smccc-abi.md §5):
 
 1. remember the ranges it installed (:class:`harness.guest.smccc.Filter`),
 2. on the destination, create the VM and REPLAY the ranges before the first KVM_RUN of any vCPU,

@@ -6,7 +6,7 @@ out). The vCPU threads in :mod:`harness.guest.runner` apply the effects; a targe
 own thread, out of KVM_RUN.
 
 Where DEN0022 leaves a choice, this follows KVM's in-kernel implementation (``arch/arm64/kvm/psci.c``,
-kvm-smccc-abi.md §2.3) so that the differential tests compare like with like; each such place says so.
+docs/kvm-smccc-abi.md §2.3) so that the differential tests compare like with like; each such place says so.
 """
 
 from __future__ import annotations

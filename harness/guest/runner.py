@@ -8,7 +8,7 @@ Exit dispatch (api.rst §5 "kvm_run"):
 * ``KVM_EXIT_MMIO`` in the report page — the payload's reports and its DONE (docs/design.md).
 * ``KVM_EXIT_SYSTEM_EVENT`` — in-kernel PSCI SYSTEM_OFF/RESET...: the VM ends.
 
-Power management of secondaries follows kvmtool's userspace PSCI (kvm-smccc-abi.md §3.5): every secondary
+Power management of secondaries follows kvmtool's userspace PSCI (docs/kvm-smccc-abi.md §3.5): every secondary
 starts with mp_state STOPPED.  When CPU_ON is handled in the kernel, its thread waits inside KVM_RUN for the
 kernel to wake it; when CPU_ON is forwarded, its thread waits in userspace and, on CPU_ON, re-runs
 KVM_ARM_VCPU_INIT (warm reset) and sets PC/x0 itself — a vCPU is only ever touched by its own thread.
@@ -32,7 +32,7 @@ RESULT_BLOCK_SIZE = 0x4000
 MAX_EXITS_DEFAULT = 100_000     # per scenario: more KVM_RUN exits than this end the run as "exit_storm"
 TRACE_LIMIT_DEFAULT = 4096      # trace records sent back per scenario; later ones are counted, the last kept
 # VMs whose vCPUs had EL2: never destroyed (destroying a nested VM costs 6-8 s under TCG and can lock up a
-# restored guest, platform.md).  They live until the guest is thrown away.
+# restored guest, docs/platform.md).  They live until the guest is thrown away.
 GRAVEYARD: list[Vm] = []
 
 REG_NAMES = {"pc": kvm.REG_PC, "pstate": kvm.REG_PSTATE, "sp": kvm.REG_SP, "sp_el1": kvm.REG_SP_EL1,

@@ -1,7 +1,7 @@
 """SMCCC function ids, conduits and the KVM SMCCC filter.
 
-References: Arm DEN0028 (SMCCC) and ``include/linux/arm-smccc.h`` (kvm-smccc-abi.md §4.1);
-the filter ABI in ``Documentation/virt/kvm/devices/vm.rst`` §6 (kvm-smccc-abi.md §1.1).
+References: Arm DEN0028 (SMCCC) and ``include/linux/arm-smccc.h`` (docs/kvm-smccc-abi.md §4.1);
+the filter ABI in ``Documentation/virt/kvm/devices/vm.rst`` §6 (docs/kvm-smccc-abi.md §1.1).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def set_filter(vm_fd: int, base: int, nr: int, action: int, pad=None) -> None:
 
 
 def has_filter(vm_fd: int, group: int = kvm.KVM_ARM_VM_SMCCC_CTRL, attr: int = kvm.KVM_ARM_VM_SMCCC_FILTER) -> None:
-    """KVM_HAS_DEVICE_ATTR probe: there is no capability bit for the filter (kvm-smccc-abi.md §1.1)."""
+    """KVM_HAS_DEVICE_ATTR probe: there is no capability bit for the filter (docs/kvm-smccc-abi.md §1.1)."""
     a = kvm.DeviceAttr(flags=0, group=group, attr=attr, addr=0)
     kvm.ioctl(vm_fd, kvm.KVM_HAS_DEVICE_ATTR, a)
 

@@ -192,7 +192,7 @@ class Vm:
         return vcpu
 
     def create_vgic_v3(self, dist: int, redist: int) -> None:
-        """In-kernel vGICv3; a nested (HAS_EL2) vCPU refuses to run without one (platform.md: EAGAIN)."""
+        """In-kernel vGICv3; a nested (HAS_EL2) vCPU refuses to run without one (docs/platform.md: EAGAIN)."""
         dev = kvm.CreateDevice(type=kvm.KVM_DEV_TYPE_ARM_VGIC_V3, fd=0, flags=0)
         kvm.ioctl(self.fd, kvm.KVM_CREATE_DEVICE, dev)
         self.gic_fd = dev.fd

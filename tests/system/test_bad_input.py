@@ -2,7 +2,7 @@
 ``smccc-harness`` command line, and nothing lost or left behind (no QEMU, no half-written cache entry).
 
 Most of these are refused before QEMU starts.  The payload rules are harness.protocol.validate_scenario's
-memory map (docs/design.md); the filter rules are kvm-smccc-abi.md §1.1 (harness.filter_model).  The cache
+memory map (docs/design.md); the filter rules are docs/kvm-smccc-abi.md §1.1 (harness.filter_model).  The cache
 tests use a private cache (SMCCC_HARNESS_CACHE) and fetch small Debian packages from the mirror.
 """
 

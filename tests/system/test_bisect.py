@@ -1,5 +1,5 @@
 """A real ``git bisect run smccc-harness bisect`` over a real kernel history finds the commit that breaks
-forwarding (kvm-smccc-abi.md, "KVM_EXIT_HYPERCALL": ``flags`` bit 0, KVM_HYPERCALL_EXIT_SMC, says the
+forwarding (docs/kvm-smccc-abi.md, "KVM_EXIT_HYPERCALL": ``flags`` bit 0, KVM_HYPERCALL_EXIT_SMC, says the
 guest used SMC).
 
 The history: Debian's linux-source-7.3 (7.3.4) committed as-is (GOOD), then seven commits, one of which

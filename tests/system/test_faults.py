@@ -4,7 +4,7 @@ and the trace, leaves no QEMU process, socket or temp dir behind, and the next u
 These tests break guests on purpose, so they take the guest from ``guest_pool`` directly: the ``guest``
 fixture's console scan would (rightly) fail a test during which the kernel panicked.
 Payload contract (firmware/common.inc): REPORT/DONE through the MMIO report page; the SMCCC forwarding under
-test is kvm-smccc-abi.md §1.1-§1.2 (KVM_EXIT_HYPERCALL), the deadline is the runner's (vm.py immediate_exit).
+test is docs/kvm-smccc-abi.md §1.1-§1.2 (KVM_EXIT_HYPERCALL), the deadline is the runner's (vm.py immediate_exit).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The KVM_ARM_VM_SMCCC_FILTER contract, one behaviour per test.
 
-ABI: Documentation/virt/kvm/devices/vm.rst §6 and arch/arm64/kvm/hypercalls.c (kvm-smccc-abi.md §1.1, §1.2,
+ABI: Documentation/virt/kvm/devices/vm.rst §6 and arch/arm64/kvm/hypercalls.c (docs/kvm-smccc-abi.md §1.1, §1.2,
 §1.4, §2.1, §2.2; behaviours §6 items 1–16).  EL1 payloads: firmware/smccc_calls.S (a call table) and
 firmware/psci_version.S.  Errnos come straight from the kernel: each filter's result is in
 ``result.filters[i]["errno"]``.
@@ -203,7 +203,7 @@ def test_unimplemented_ids_are_not_supported_in_kernel_and_forwarded_with_fwd(gu
 
 
 def test_legacy_psci_0_1_ids_can_be_denied(guest, calls):
-    """kvmtool installs {0x95c1ba5e, 4, DENY} for PSCI 0.1 (kvm-smccc-abi.md §3.5)."""
+    """kvmtool installs {0x95c1ba5e, 4, DENY} for PSCI 0.1 (docs/kvm-smccc-abi.md §3.5)."""
     assert install(guest, calls, [deny(0x95C1_BA5E, 4)], "psci01_deny") == [None]
 
 

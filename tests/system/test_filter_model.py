@@ -1,6 +1,6 @@
 """harness.filter_model against the real kernel: the harness's own filter validation must agree with KVM.
 
-kvm-smccc-abi.md §1.1: KVM_SET_DEVICE_ATTR(KVM_ARM_VM_SMCCC_CTRL, KVM_ARM_VM_SMCCC_FILTER) checks pad -> EINVAL,
+docs/kvm-smccc-abi.md §1.1: KVM_SET_DEVICE_ATTR(KVM_ARM_VM_SMCCC_CTRL, KVM_ARM_VM_SMCCC_FILTER) checks pad -> EINVAL,
 nr == 0 / wrap / action >= 3 -> EINVAL, a vCPU already ran -> EBUSY, overlap (with earlier ranges or the
 reserved Arm Architecture Calls ranges) -> EEXIST.  Hypothesis generates lists of ranges biased toward the
 PSCI/SMCCC bases, the reserved ranges and their edges, and overlaps with earlier ranges; each list goes to the
@@ -77,7 +77,7 @@ def test_zero_zero_edge_matches_the_measured_table(guest):
 @pytest.mark.bad_input
 def test_filter_model_predicts_every_kernel_errno(guest, kernel_runs, capsys):
     """Property: for any list of ranges, model errno == kernel errno, before (EINVAL/EEXIST) and after the
-    run (EBUSY) — kvm-smccc-abi.md §1.1.  Bounded: MAX_EXAMPLES generated lists plus the explicit examples."""
+    run (EBUSY) — docs/kvm-smccc-abi.md §1.1.  Bounded: MAX_EXAMPLES generated lists plus the explicit examples."""
     # the model's answer to the (0, 0) edge comes from the version table, never from this kernel
     zero_zero = zero_zero_errno(guest.caps["uname"])
     assert zero_zero is not None, f"kernel {guest.caps['uname']}: no SMCCC filter before 6.4"

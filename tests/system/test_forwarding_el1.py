@@ -1,6 +1,6 @@
 """Walking skeleton: PSCI_VERSION from an EL1 payload, forwarded to the Python handler over HVC and SMC.
 
-ABI (kvm-smccc-abi.md §1.2): KVM_EXIT_HYPERCALL with nr = the function id, flags bit 0 set iff SMC,
+ABI (docs/kvm-smccc-abi.md §1.2): KVM_EXIT_HYPERCALL with nr = the function id, flags bit 0 set iff SMC,
 PC already past the HVC/SMC; the x0 the VMM writes with KVM_SET_ONE_REG is what the guest sees.
 """
 

@@ -2,7 +2,7 @@
 parallel workers, and (slow) a kernel built from Debian's source with its vmlinux.
 
 Each test runs the real command in a subprocess (its own pytest, its own QEMU) on the default Debian kernel
-(kvm-smccc-abi.md, "KVM_EXIT_HYPERCALL": the selection checks the SMC flag of a forwarded PSCI_VERSION).
+(docs/kvm-smccc-abi.md, "KVM_EXIT_HYPERCALL": the selection checks the SMC flag of a forwarded PSCI_VERSION).
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ The L1 guest (the kernel under test, with KVM) runs the agent; the agent boots t
 with a generated device tree (``psci`` node, ``method = "hvc"`` or ``"smc"``), an emulated PL011 console and
 a tiny busybox initramfs whose /init reports the CPUs, offlines and onlines cpu1 through sysfs and powers off
 or reboots (harness/l2.py).  The PSCI function ranges are forwarded to userspace with
-KVM_ARM_VM_SMCCC_FILTER FWD_TO_USER (kvm-smccc-abi.md §1.1, §1.2) and answered by harness/guest/psci.py
+KVM_ARM_VM_SMCCC_FILTER FWD_TO_USER (docs/kvm-smccc-abi.md §1.1, §1.2) and answered by harness/guest/psci.py
 (DEN0022: CPU_ON §5.6, CPU_OFF §5.5, AFFINITY_INFO §5.7, SYSTEM_OFF §5.10, SYSTEM_RESET §5.11); the
-secondaries are powered the way kvmtool's userspace PSCI does it (kvm-smccc-abi.md §3.5).  The differential
+secondaries are powered the way kvmtool's userspace PSCI does it (docs/kvm-smccc-abi.md §3.5).  The differential
 run boots the same guest with KVM's in-kernel PSCI (no filter).
 
 Cost: one extra L1 boot (its initramfs carries the 42 MB L2 Image) and ~40-60 s of TCG time per L2 boot
@@ -159,7 +159,7 @@ def test_all_vcpus_come_online(fwd_run):
 
 @pytest.mark.el1
 def test_one_cpu_on_per_secondary_with_the_entry_point_linux_gave(fwd_run):
-    """kvm-smccc-abi.md §3.5: each forwarded CPU_ON powers its target from userspace at the entry Linux passed."""
+    """docs/kvm-smccc-abi.md §3.5: each forwarded CPU_ON powers its target from userspace at the entry Linux passed."""
     r, n, _ = fwd_run
     boot_ons = [h for h in _psci_calls(r, CPU_ON_IDS) if h["t"] < _first_cpu_off_t(r)]
     targets = sorted(h["args"][1] for h in boot_ons)
@@ -178,7 +178,7 @@ def test_one_cpu_on_per_secondary_with_the_entry_point_linux_gave(fwd_run):
 
 @pytest.mark.el1
 def test_forwarded_calls_name_the_conduit_of_the_psci_node(fwd_run):
-    """kvm-smccc-abi.md §1.2: hypercall.flags bit 0 is set iff the guest used SMC, as its DT "method" says."""
+    """docs/kvm-smccc-abi.md §1.2: hypercall.flags bit 0 is set iff the guest used SMC, as its DT "method" says."""
     r, _, method = fwd_run
     calls = _psci_calls(r)
     assert calls, r.describe()
@@ -301,7 +301,7 @@ def test_cpus_and_hotplug_work_with_idle_states(idle_run):
 @pytest.mark.el1
 @pytest.mark.hvc
 def test_in_kernel_psci_brings_up_the_same_cpus(hvc_run, kernel_run):
-    """kvm-smccc-abi.md §2.3: with no filter KVM's own PSCI answers; Linux ends up with the same CPUs and the
+    """docs/kvm-smccc-abi.md §2.3: with no filter KVM's own PSCI answers; Linux ends up with the same CPUs and the
     same hotplug results as on the userspace emulator, and nothing is forwarded."""
     k, u = kernel_run, hvc_run
     assert k.hypercalls == [], k.describe()
@@ -315,7 +315,7 @@ def test_in_kernel_psci_brings_up_the_same_cpus(hvc_run, kernel_run):
 @pytest.mark.el1
 @pytest.mark.hvc
 def test_in_kernel_psci_gives_linux_the_same_view_of_the_firmware(hvc_run, kernel_run):
-    """kvm-smccc-abi.md §2.3: Linux's own conclusions from probing PSCI (version, function ids, Trusted OS
+    """docs/kvm-smccc-abi.md §2.3: Linux's own conclusions from probing PSCI (version, function ids, Trusted OS
     migration, SMCCC version) and from bringing up the secondaries are the same with the emulator as with KVM."""
     u = [m["text"] for m in l2.DMESG_RE.finditer(_console(hvc_run))]
     k = [m["text"] for m in l2.DMESG_RE.finditer(_console(kernel_run))]

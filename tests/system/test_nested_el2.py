@@ -1,10 +1,10 @@
 """Nested EL2 guests (KVM_ARM_VCPU_HAS_EL2): SMCCC routing from a guest hypervisor at vEL2 and from its own
 EL1 guest, on the VHE (E2H=1) vCPU and on the nVHE variant (KVM_ARM_VCPU_HAS_EL2_E2H0).
 
-ABI: kvm-smccc-abi.md §1.3 (HAS_EL2, E2H0, reset PSTATE EL2h), §2.2 (handle_hvc()/handle_smc() under NV:
+ABI: docs/kvm-smccc-abi.md §1.3 (HAS_EL2, E2H0, reset PSTATE EL2h), §2.2 (handle_hvc()/handle_smc() under NV:
 HVC never reaches the filter, an inner SMC with the guest's HCR_EL2.TSC goes to vEL2 before the PC
 increment, every other SMC #0 goes through the filter), §2.3 (in-kernel PSCI CPU_ON), §6 items 23-27;
-measured cases in ../shared/docs/platform.md "Nested routing, measured"; routing table and surprises in
+measured cases in docs/platform.md "Nested routing, measured"; routing table and surprises in
 docs/nested-routing.md.
 
 Every scenario runs once per guest and variant (a ~20-90 ms nested VM, never destroyed: runner GRAVEYARD);
@@ -219,7 +219,7 @@ def test_vel2_hvc_lands_on_the_guest_el2_vector_as_hvc64(guest, nested, e2h0):
 @pytest.mark.hvc
 @pytest.mark.parametrize("e2h0", VARIANTS)
 def test_hcd_is_res0_at_vel2_while_kvm_advertises_el3(guest, nested, e2h0):
-    """platform.md "Nested routing": with ID_AA64PFR0_EL1.EL3 != 0 HCR_EL2.HCD is RES0: the HVC still lands
+    """docs/platform.md "Nested routing": with ID_AA64PFR0_EL1.EL3 != 0 HCR_EL2.HCD is RES0: the HVC still lands
     on the vEL2 vector as HVC64 although the guest set HCD."""
     hello = ok(nested.get(guest, "hello", e2h0))
     assert hello.reports[2] & ID_AA64PFR0_EL3, f"guest ID_AA64PFR0_EL1 = {hello.reports[2]:#x}: no EL3 advertised"
@@ -232,7 +232,7 @@ def test_hcd_is_res0_at_vel2_while_kvm_advertises_el3(guest, nested, e2h0):
 
 @pytest.mark.parametrize("e2h0", VARIANTS)
 def test_vmm_can_hide_el3_from_the_nested_guest(guest, nested, e2h0):
-    """platform.md "Nested routing": KVM_SET_ONE_REG(ID_AA64PFR0_EL1) with EL3 = 0 before the first run is
+    """docs/platform.md "Nested routing": KVM_SET_ONE_REG(ID_AA64PFR0_EL1) with EL3 = 0 before the first run is
     accepted, and the vEL2 guest then reads EL3 = 0 (the precondition of the HCD tests below)."""
     r = ok(nested.get(guest, "hello_no_el3", e2h0))
     _el3_hidden(r)
@@ -249,7 +249,7 @@ def _el3_hidden(r):
 @pytest.mark.hvc
 @pytest.mark.parametrize("e2h0", VARIANTS)
 def test_hcd_makes_vel2_hvc_undef_once_the_vmm_hides_el3(guest, nested, e2h0):
-    """platform.md "Nested routing": after KVM_SET_ONE_REG(ID_AA64PFR0_EL1, EL3 = 0) before the first run, HCD
+    """docs/platform.md "Nested routing": after KVM_SET_ONE_REG(ID_AA64PFR0_EL1, EL3 = 0) before the first run, HCD
     is effective: the HVC is an UNDEF (EC 0) on the guest's VBAR_EL2+0x200; no exit."""
     r = ok(nested.get(guest, "vectors_hcd_no_el3", e2h0))
     _el3_hidden(r)
@@ -336,7 +336,7 @@ def test_inner_smc_reply_reaches_the_inner_guest(guest, nested, e2h0):
 @pytest.mark.hvc
 @pytest.mark.parametrize("e2h0", VARIANTS)
 def test_hcd_is_res0_for_the_inner_hvc_while_kvm_advertises_el3(guest, nested, e2h0):
-    """platform.md "Nested routing": L1 sets HCR_EL2.HCD, but with EL3 advertised the inner HVC still goes to L1."""
+    """docs/platform.md "Nested routing": L1 sets HCR_EL2.HCD, but with EL3 advertised the inner HVC still goes to L1."""
     r = ok(nested.get(guest, "ghyp_hcd", e2h0))
     g = _ghyp(r)
     # L1 asked for HCD; its read-back is not asserted: HCD is RES0 here and was seen to read back both as set
@@ -348,7 +348,7 @@ def test_hcd_is_res0_for_the_inner_hvc_while_kvm_advertises_el3(guest, nested, e
 @pytest.mark.hvc
 @pytest.mark.parametrize("e2h0", VARIANTS)
 def test_hcd_makes_the_inner_hvc_undef_once_the_vmm_hides_el3(guest, nested, e2h0):
-    """platform.md "Nested routing": with EL3 hidden, HCD works: the inner HVC is an UNDEF taken to the inner
+    """docs/platform.md "Nested routing": with EL3 hidden, HCD works: the inner HVC is an UNDEF taken to the inner
     EL1 vector (ESR_EL1.EC 0, ELR_EL1 = the HVC itself); L1 sees nothing, userspace sees nothing."""
     r = ok(nested.get(guest, "ghyp_hcd_no_el3", e2h0))
     _el3_hidden(r)

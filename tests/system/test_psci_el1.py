@@ -1,9 +1,9 @@
 """PSCI for multi-vCPU EL1 guests: the userspace emulator, checked against KVM's own PSCI.
 
 Every program runs twice on the same kernel: once with no filter (KVM's in-kernel PSCI, psci.c,
-kvm-smccc-abi.md §2.3) and once with the PSCI ranges FWD_TO_USER (harness/guest/psci.py).  The guest's view
+docs/kvm-smccc-abi.md §2.3) and once with the PSCI ranges FWD_TO_USER (harness/guest/psci.py).  The guest's view
 (return values x0..x3, which secondaries came up, with which x0 and at which EL, system events) must be
-identical; a difference fails with both views side by side.  Behaviours: kvm-smccc-abi.md §6 items 17–22.
+identical; a difference fails with both views side by side.  Behaviours: docs/kvm-smccc-abi.md §6 items 17–22.
 """
 
 import pytest

@@ -1,6 +1,6 @@
 """Guests restored from the cached snapshot of a booted guest (harness.snapshot) are real, working guests.
 
-ABI under test, through a restored guest: kvm-smccc-abi.md §1.2 (KVM_EXIT_HYPERCALL: nr = function id,
+ABI under test, through a restored guest: docs/kvm-smccc-abi.md §1.2 (KVM_EXIT_HYPERCALL: nr = function id,
 flags bit 0 = SMC, the x0 the VMM writes is what the guest sees) at EL1, and §1.3/§2.2 at vEL2 (a HAS_EL2
 vCPU's SMC #0 goes through the filter and exits with PSTATE EL2h).  The snapshot itself: a restored guest
 answers on a new host socket (the agent's hello was consumed before the save), and each restore starts from

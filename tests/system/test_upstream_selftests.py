@@ -8,7 +8,7 @@ becomes one pytest result per upstream case: these programs report one case each
 their own), so a case is a program run, in a variant:
 
 * ``el2``: upstream's default.  Its library gives every vCPU ``KVM_ARM_VCPU_HAS_EL2`` when the kernel has
-  ``KVM_CAP_ARM_EL2`` (lib/arm64/processor.c ``vm_supports_el2()``; ../shared/docs/kvm-smccc-abi.md §1.3),
+  ``KVM_CAP_ARM_EL2`` (lib/arm64/processor.c ``vm_supports_el2()``; docs/kvm-smccc-abi.md §1.3),
   so the guest code runs at vEL2: smccc_filter's guest calls with SMC only (``test_runs_at_el2()``), and
   ``do_smccc()`` (psci_test, hypercalls, kvm-uuid) picks SMC at EL2, HVC at EL1.
   Every nested VM costs seconds of set-up and teardown under TCG, hence ``slow`` for the programs that
@@ -32,12 +32,12 @@ from harness import selftests
 
 # program -> its variants, and the variants kept out of the default run for their TCG cost (docs/selftests.md)
 PROGRAMS = {
-    "smccc_filter": ("el2", "el1"),  # the filter ABI and FWD_TO_USER exits: kvm-smccc-abi.md §1.1, §1.2, §3.1
-    "psci_test": ("el2", "el1"),  # KVM's PSCI: CPU_ON, SYSTEM_SUSPEND, SYSTEM_OFF2: kvm-smccc-abi.md §2.3, §3.2
+    "smccc_filter": ("el2", "el1"),  # the filter ABI and FWD_TO_USER exits: docs/kvm-smccc-abi.md §1.1, §1.2, §3.1
+    "psci_test": ("el2", "el1"),  # KVM's PSCI: CPU_ON, SYSTEM_SUSPEND, SYSTEM_OFF2: docs/kvm-smccc-abi.md §2.3, §3.2
     "hypercalls": ("el2", "el1"),  # firmware pseudo-register bitmaps hide SMCCC services: §1.4, §3.3
-    "hello_el2": ("el2",),  # a HAS_EL2 vCPU enters at vEL2 with E2H set: kvm-smccc-abi.md §1.3, §3.3
+    "hello_el2": ("el2",),  # a HAS_EL2 vCPU enters at vEL2 with E2H set: docs/kvm-smccc-abi.md §1.3, §3.3
     "kvm-uuid": ("el2", "el1"),  # VENDOR_HYP CALL_UID through do_smccc (SMC at vEL2, HVC at EL1): §3.3
-    "set_id_regs": ("el1",),  # prints KTAP: one pytest item per ID register field (kvm-smccc-abi.md §1.3)
+    "set_id_regs": ("el1",),  # prints KTAP: one pytest item per ID register field (docs/kvm-smccc-abi.md §1.3)
 }
 SLOW = {("smccc_filter", "el2"), ("psci_test", "el2"), ("hypercalls", "el2")}
 _RUNS: dict[tuple[str, str, str], selftests.SelftestRun] = {}  # (guest run dir, program, variant) -> its run

@@ -1,7 +1,7 @@
 """VMM-side save/restore of a paused guest, SMCCC filter included (docs/vmm-save-restore.md).
 
 The seed thread's question "how do we migrate VMs that have these forwarding requirements": the filter is
-write-only and frozen after the first KVM_RUN (kvm-smccc-abi.md §1.1, §5), so the VMM replays the ranges it
+write-only and frozen after the first KVM_RUN (docs/kvm-smccc-abi.md §1.1, §5), so the VMM replays the ranges it
 remembers into the fresh VM before its first run.  The handler stops every vCPU after the N-th forwarded
 call, saves registers (KVM_GET_REG_LIST), memory, mp_state, PSCI power state and the filter, restores all of
 it into a new VM and continues there.

@@ -1,4 +1,4 @@
-"""UAPI constants and layouts of harness.guest.kvm against the values in platform.md / kvm-smccc-abi.md §1.5."""
+"""UAPI constants and layouts of harness.guest.kvm against the values in docs/platform.md / docs/kvm-smccc-abi.md §1.5."""
 
 import ctypes
 
