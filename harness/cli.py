@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--all", action="store_true", help="clean: remove everything, downloads included")
         p.set_defaults(func=cmd_assets)
 
-    from . import bisect, kbuild, matrix, selftests  # kernel build/source/info, bisect, matrix (issue 5); selftests (9)
+    from . import bisect, kbuild, matrix, selftests  # kernel build/source/info, bisect, matrix; selftests
     for mod in (kbuild, bisect, matrix, selftests):
         mod.add_cli(sub)
     return ap

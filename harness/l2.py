@@ -1,4 +1,4 @@
-"""Host side of the Linux-in-the-handler guest (issue 8): the L2 kernel choice, its tiny initramfs, and how
+"""Host side of the Linux-in-the-handler guest: the L2 kernel choice, its tiny initramfs, and how
 both reach the L1 guest.
 
 Transport: the Linux kernel unpacks *concatenated* cpio archives into its rootfs

@@ -387,7 +387,7 @@ class DeadTimerSnapshot(SnapshotError):
 
     Seen on QEMU 10.0.2 TCG: whether a saved state restores with a live tick depends on the moment it was
     saved; a bad one is bad on every restore (sleeps never end, a spinning vCPU thread is never preempted).
-    Measured in session 2: 21 of 30 fresh snapshots were dead, each dead on 3 of 3 restores; a good one
+    Measured on 2026-11-25: 21 of 30 fresh snapshots were dead, each dead on 3 of 3 restores; a good one
     restored 8 of 8 times.  Likely cause: QEMU's ``vmstate_arm_cpu`` migrates the QEMUTimers of
     ``gt_timer[GTIMER_PHYS]`` and ``[GTIMER_VIRT]`` only; the EL2 timers (CNTHP, CNTHV: a VHE kernel ticks on
     CNTHV) come back unarmed, and a kernel whose next event was due before the save never reprograms them.

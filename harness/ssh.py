@@ -1,4 +1,4 @@
-"""The host end of the opt-in SSH channel into the guest (issue 5, "SSH channel"; guest side: harness/sshimage.py).
+"""The host end of the opt-in SSH channel into the guest (guest side: harness/sshimage.py).
 
 * :class:`SshKeys`: a fresh ed25519 client key and a fresh ed25519 host key per run (``cryptography``),
   the client's ``authorized_keys`` line and the host key in OpenSSH format for the guest.

@@ -1,4 +1,4 @@
-"""The guest side of the opt-in SSH channel (issue 5, "SSH channel"): what ``--ssh`` adds to the initramfs.
+"""The guest side of the opt-in SSH channel: what ``--ssh`` adds to the initramfs.
 
 Only a session that asks for SSH (``GuestSession.create(..., ssh=True)``, pytest ``--ssh``, ``smccc-harness
 boot --ssh``) uses any of this; the default initramfs, its /init and its snapshot key are untouched.

@@ -1,4 +1,4 @@
-"""Bad input (issue #7): each gives an error that says what is wrong and what to do, a non-zero exit of the
+"""Bad input: each gives an error that says what is wrong and what to do, a non-zero exit of the
 ``smccc-harness`` command line, and nothing lost or left behind (no QEMU, no half-written cache entry).
 
 Most of these are refused before QEMU starts.  The payload rules are harness.protocol.validate_scenario's

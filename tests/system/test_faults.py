@@ -1,4 +1,4 @@
-"""Faults the harness must survive (issue #7): each gives a failure that names its cause, keeps the console log
+"""Faults the harness must survive: each gives a failure that names its cause, keeps the console log
 and the trace, leaves no QEMU process, socket or temp dir behind, and the next user gets a fresh healthy guest.
 
 These tests break guests on purpose, so they take the guest from ``guest_pool`` directly: the ``guest``

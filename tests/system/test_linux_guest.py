@@ -1,4 +1,4 @@
-"""An unmodified arm64 Linux (L2) whose CPUs are powered by the Python handler's PSCI emulator (issue 8).
+"""An unmodified arm64 Linux (L2) whose CPUs are powered by the Python handler's PSCI emulator.
 
 The L1 guest (the kernel under test, with KVM) runs the agent; the agent boots the L2 kernel as a KVM guest
 with a generated device tree (``psci`` node, ``method = "hvc"`` or ``"smc"``), an emulated PL011 console and

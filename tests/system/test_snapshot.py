@@ -132,7 +132,7 @@ def test_pool_replaces_a_dead_guest_with_a_fresh_restore(guest_pool, request):
 def test_a_cache_miss_boots_saves_and_keeps_the_guest_then_the_next_start_restores_it(guest_pool, tmp_path):
     """Into an empty store: the session boots cold, is saved and goes on serving; the next one restores.
 
-    Most new snapshots restore with a dead guest timer (21 of 30 in session 2: QEMU 10.0 does
+    Most new snapshots restore with a dead guest timer (21 of 30 on 2026-11-25: QEMU 10.0 does
     not migrate the EL2 timers; harness/snapshot.py's timer probe discards such a snapshot): then the
     discard and the cold-boot fallback are checked, and the whole cycle is tried again with an empty store,
     at most 5 times (all 5 dead, which happened once in 2 runs: an xfail naming the QEMU bug)."""

@@ -1,4 +1,4 @@
-"""The opt-in SSH channel into a real guest (issue 5, "SSH channel"; docs/ssh.md): dropbear from Debian arm64
+"""The opt-in SSH channel into a real guest (docs/ssh.md): dropbear from Debian arm64
 and the kernel's own virtio_net module in an appended cpio, QEMU user networking with one forward bound to
 127.0.0.1, a fresh ed25519 client and host key per run; then pushing changed guest code and re-exec'ing the
 agent (the ``reload`` op) without a new initramfs.
