@@ -133,6 +133,34 @@ def resolve_accel(accel: str) -> str:
     return resolve(accel).accel
 
 
+def _guest_death(dead) -> BaseException | None:
+    """The error for a pool guest found dead when a test asks for one (None: its failure was already raised
+    to the test whose request broke it, ``broken``; the pool then boots a new guest, with a warning).
+    Never a silent replacement: the error names what the console showed since the last scan."""
+    from .errors import GuestError
+    if dead.broken is not None:
+        import warnings
+        warnings.warn(f"the previous guest broke during a request ({dead.broken.splitlines()[0]}); "
+                      f"a new guest is booted; console log: {dead.console_log}", stacklevel=3)
+        return None
+    con = getattr(getattr(dead, "machine", None), "console", None)
+    text = con.text if con is not None else ""
+    findings = scan_failures(text[getattr(dead, "_smccc_scan_pos", 0):]) or scan_failures(text)
+    dead._smccc_scan_pos = len(text)
+    if findings:
+        f = findings[0]
+        err = GuestError(f"the guest died between tests: the kernel printed {f.name!r}\n{f.excerpt}\n"
+                         f"console log: {dead.console_log}", hint="a new guest is booted for the next test")
+        err.finding = f
+    else:
+        tail = "\n".join(text.rstrip("\n").splitlines()[-20:])
+        err = GuestError(f"the guest died between tests (QEMU is gone, no kernel splat on the console); last "
+                         f"console lines:\n{tail}\nconsole log: {dead.console_log}",
+                         hint="a new guest is booted for the next test")
+    err.guest_died = True
+    return err
+
+
 class GuestPool:
     """Hands each test a healthy booted guest; boots a new one when the previous guest died.
 
@@ -195,8 +223,12 @@ class GuestPool:
             return self.session
         if self.boot_error is not None:
             raise self.boot_error
-        if self.session is not None:
-            self.session.close()
+        if self.session is not None:      # never replaced silently: the death is this caller's error
+            dead, self.session = self.session, None
+            dead.close()
+            died = _guest_death(dead)
+            if died is not None:
+                raise died
         if self.config.getoption("--reuse-vm"):
             return self._reused(fresh)
         try:
@@ -257,6 +289,7 @@ class GuestPool:
         if self.session is not None:
             self.session.keep_vm = False
             self.session.close()
+            self.session = None       # thrown away on purpose: not a death
         return self.get(fresh=True)
 
     def spawn(self, snapshots: bool | None = None):
@@ -292,7 +325,7 @@ def guest(guest_pool, request):
     try:
         g = guest_pool.get()
     except HarnessError as e:
-        pytest.fail(f"guest did not come up: {e}", pytrace=False)
+        pytest.fail(str(e) if getattr(e, "guest_died", False) else f"guest did not come up: {e}", pytrace=False)
     from .kernel import skip_reason  # the capability -> skip-reason table (unit-tested in tests/unit/test_kernel.py)
     reason = skip_reason(g.caps, {m.name for m in request.node.iter_markers()})
     if reason:
@@ -305,24 +338,123 @@ def guest(guest_pool, request):
 _MARK_KEY = pytest.StashKey[tuple]()
 
 
+# ---- console scanning: every byte of every pool guest's console scanned once, attributed -------------------
+# Each pool guest keeps ``_smccc_scan_pos``: its console text before that offset has been scanned and
+# attributed.  Only tests that use a pool guest (``guest_pool`` in their fixture closure) move it; output read
+# while any other test runs is carried to the next guest test.  Windows, in order, for one guest test:
+#   before   [pos, start of setup)   printed between tests: fails this test, "before this test began"
+#   setup    during its setup         fails it (and every later test using a module/class/session fixture set
+#                                     up then), naming the fixtures
+#   call     during the test          fails it, even if it raised, skipped or was an xfail
+#   teardown during its teardown      a teardown error; for the last test, "after the last test": the session
+#                                     fails (exit 1, excerpt in the summary, JUnit property smccc_after_last_test)
+# Tests marked ``fault`` break guests on purpose: their windows are consumed, never blamed on anyone.
+_FINDINGS_KEY = pytest.StashKey[list]()
+_SETUP_FIXTURES_KEY = pytest.StashKey[list]()
+_AFTER_LAST: list[str] = []
+
+
+def _uses_guest(item) -> bool:
+    return "guest_pool" in getattr(item, "fixturenames", ())
+
+
+def _scan_new(item, where: str) -> list[tuple[str, object, object]]:
+    """Scan what every pool guest printed since its scan position; advance it.  [(where, finding, session)]"""
+    pool = item.config.stash.get(_POOL_KEY, None)
+    if pool is None:
+        return []
+    out = []
+    for g in list(pool.sessions):
+        con = getattr(getattr(g, "machine", None), "console", None)
+        if con is None:
+            continue
+        try:
+            end = con.mark()
+        except Exception:  # noqa: BLE001 - a closed console keeps its text
+            end = len(con.text)
+        pos = getattr(g, "_smccc_scan_pos", 0)
+        g._smccc_scan_pos = end
+        if "fault" in item.keywords:
+            continue
+        out += [(where, f, g) for f in scan_failures(con.text[pos:end])]
+    return out
+
+
+def _describe_findings(item, found) -> str:
+    where, f, g = found[0]
+    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    return (f"the guest kernel printed {f.name!r} {where}{more}:\n{f.excerpt}\nconsole log: {g.console_log}"
+            + _symbolized(item.config, f.excerpt))
+
+
+class ConsoleSplat(pytest.fail.Exception):
+    """A test failed because the console showed a splat in one of its windows (``finding``: the first)."""
+
+
+def _splat(item, found) -> ConsoleSplat:
+    e = ConsoleSplat(_describe_findings(item, found), pytrace=False)
+    e.finding = found[0][1]
+    return e
+
+
+def _fixtures_of(item):
+    for name in getattr(item, "fixturenames", ()):
+        defs = item._fixtureinfo.name2fixturedefs.get(name) if hasattr(item, "_fixtureinfo") else None
+        if defs:
+            yield name, defs[-1]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    yield
+    lst = request.node.stash.get(_SETUP_FIXTURES_KEY, None) if hasattr(request.node, "stash") else None
+    if lst is not None and fixturedef.scope != "function":
+        lst.append(fixturedef)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    if not _uses_guest(item):
+        yield
+        return
+    found = [(w.replace("@", "before this test began (printed between tests)"), f, g)
+             for w, f, g in _scan_new(item, "@")]
+    item.stash[_SETUP_FIXTURES_KEY] = []
+    outcome = yield
+    fixtures = item.stash[_SETUP_FIXTURES_KEY]
+    names = ", ".join(f"{d.argname!r} ({d.scope})" for d in fixtures)
+    during = _scan_new(item, "during this test's setup" + (f", while fixture {names} was set up" if names else ""))
+    for d in fixtures:                           # later tests that use these fixtures fail too
+        if during:
+            d._smccc_findings = during
+    item.stash[_FINDINGS_KEY] = found + during
+    if outcome.excinfo is not None and (found or during):
+        exc = outcome.excinfo[1]
+        if not isinstance(exc, (pytest.skip.Exception, ConsoleSplat)):
+            e = _splat(item, found + during)
+            e.args = (f"{e.args[0]}\n(setup also raised: {exc})",)
+            outcome.force_exception(e)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item):
-    """Fail a test whose run printed a kernel Oops/WARNING/BUG/panic/lockdep splat, even if it asserted fine."""
+    """Fail a test whose windows (before it, its setup and fixtures, its call) show a kernel splat, whatever the
+    test itself did (passed, failed, skipped or xfailed: see pytest_runtest_makereport)."""
     outcome = yield
-    mark = item.stash.get(_MARK_KEY, None)
-    if mark is None or outcome.excinfo is not None:
+    if not _uses_guest(item):
         return
-    g, pos = mark
-    try:
-        text = g.machine.console.since(pos)
-    except Exception:  # noqa: BLE001 - a dead console is reported by the next request
-        return
-    findings = scan_failures(text)
-    if findings:
-        f = findings[0]
-        outcome.force_exception(pytest.fail.Exception(
-            f"the guest kernel printed {f.name!r} while this test ran:\n{f.excerpt}\nconsole log: {g.console_log}"
-            + _symbolized(item.config, f.excerpt), pytrace=False))
+    found = list(item.stash.get(_FINDINGS_KEY, []))
+    for name, d in _fixtures_of(item):
+        for w, f, g in getattr(d, "_smccc_findings", ()):
+            if (w, f, g) not in found:
+                found.append((w.replace("this test's setup", "the setup of an earlier test"), f, g))
+    found += _scan_new(item, "while this test ran")
+    item.stash[_FINDINGS_KEY] = found
+    if found:
+        e = _splat(item, found)
+        if outcome.excinfo is not None and not isinstance(outcome.excinfo[1], pytest.skip.Exception):
+            e.args = (f"{e.args[0]}\n(the test itself also raised: {outcome.excinfo[1]!r})",)
+        outcome.force_exception(e)
 
 
 def _error_kind(exc: BaseException | None) -> str:
@@ -345,6 +477,10 @@ def pytest_runtest_makereport(item, call):
     """A failed setup or teardown gets a ``smccc_error`` property (JUnit) saying what it is evidence of."""
     outcome = yield
     rep = outcome.get_result()
+    if call.excinfo is not None and isinstance(call.excinfo.value, ConsoleSplat) and hasattr(rep, "wasxfail"):
+        del rep.wasxfail                    # an xfail marker must not swallow a kernel splat
+        rep.outcome = "failed"
+        rep.longrepr = str(call.excinfo.value)
     if rep.when in ("setup", "teardown") and rep.failed:
         kind = _error_kind(call.excinfo.value if call.excinfo is not None else None)
         for props in (item.user_properties, rep.user_properties):  # JUnit writes the teardown report's
@@ -361,8 +497,27 @@ def _symbolized(config, excerpt: str) -> str:
     return f"\n{text}" if text else ""
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_teardown(item):
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Scan what the guests printed during teardown (fixture finalizers): a teardown error naming it, or
+    for the last test, a failure of the whole session ("after the last test")."""
+    _save_test_console(item)
+    outcome = yield
+    if not _uses_guest(item):
+        return
+    last = nextitem is None
+    found = _scan_new(item, "after the last test" if last else "during this test's teardown")
+    if found and last:
+        _AFTER_LAST.append(_describe_findings(item, found))
+        item.config.stash[_AFTER_LAST_KEY] = _AFTER_LAST
+    elif found and outcome.excinfo is None:
+        outcome.force_exception(_splat(item, found))
+
+
+_AFTER_LAST_KEY = pytest.StashKey[list]()
+
+
+def _save_test_console(item):
     """Keep the console output printed while this test ran as its own file (JUnit property test_console_log)."""
     mark = item.stash.get(_MARK_KEY, None)
     if mark is None:
@@ -378,9 +533,20 @@ def pytest_runtest_teardown(item):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session):
-    """JUnit suite properties (kernel version, QEMU version, accel, asset hashes) for --junitxml reports."""
+    """JUnit suite properties (kernel version, QEMU version, accel, asset hashes) for --junitxml reports;
+    a splat printed after the last test fails the session (exit 1) with its excerpt."""
     from _pytest.junitxml import xml_key
     xml = session.config.stash.get(xml_key, None)
+    after = session.config.stash.get(_AFTER_LAST_KEY, [])
+    if after:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        if xml is not None:
+            xml.add_global_property("smccc_after_last_test", after[0].split("\n", 1)[0])
+        tr = session.config.pluginmanager.get_plugin("terminalreporter")
+        if tr is not None:
+            tr.section("smccc-harness: the guest kernel printed a splat after the last test", red=True)
+            for text in after:
+                tr.write_line(text)
     pool = session.config.stash.get(_POOL_KEY, None)
     opt = session.config.getoption
     from .report import suite_properties

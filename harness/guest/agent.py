@@ -131,6 +131,34 @@ def inject_fault(args: dict) -> dict:
     raise P.ProtocolError(f"fault kind must be one of {FAULT_KINDS}, got {kind!r}")
 
 
+def write_kmsg(args: dict) -> dict:
+    """The ``kmsg`` op: ``{"lines": ["<4>WARNING: ...", ...], "delay_s": 0}``: write each line as one kernel log
+    record through /dev/kmsg (``<N>`` sets its level), so real kernel log lines reach the serial console.
+    With ``delay_s`` > 0 the records are written by a thread that many seconds after the answer."""
+    lines, delay = args.get("lines"), args.get("delay_s", 0)
+    if not (isinstance(lines, list) and lines and all(isinstance(x, str) and "\n" not in x for x in lines)):
+        raise P.ProtocolError("kmsg needs lines: a non-empty list of one-line strings")
+    if not isinstance(delay, (int, float)) or isinstance(delay, bool) or delay < 0:
+        raise P.ProtocolError(f"kmsg delay_s must be a number >= 0, got {delay!r}")
+
+    def write() -> None:
+        if delay:
+            time.sleep(delay)
+        fd = os.open("/dev/kmsg", os.O_WRONLY)
+        try:
+            for line in lines:
+                os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+    if delay:
+        import threading
+        threading.Thread(target=write, daemon=True).start()
+    else:
+        write()
+    return {"written": len(lines), "delay_s": delay}
+
+
 CODE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))    # /opt/smccc/harness
 IDLE_PARAM = "smccc.idle"
 
@@ -271,6 +299,8 @@ class Agent:
             import subprocess  # only here: the agent's start-up imports as little as it can
             p = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=float(args.get("timeout_s", 30)))
             return {"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr}
+        if op == "kmsg":       # write kernel log records (tests/system/test_console_scanning.py)
+            return write_kmsg(args)
         if op == "fault":      # test-only fault injection (tests/system/test_faults.py)
             return inject_fault(args)
         if op == "put":        # receive a file into the guest's tmpfs (upstream selftests: harness/selftests.py)
