@@ -12,6 +12,7 @@ import pytest
 
 from harness import paths, snapshot
 from harness import payloads as pl
+from harness.errors import GuestError
 from harness.guest import kvm
 from harness.payloads import get_payload
 from harness.scenarios import PSCI_FWD, scenario
@@ -122,6 +123,9 @@ def test_pool_replaces_a_dead_guest_with_a_fresh_restore(guest_pool, request):
     _require_snapshots(request.config)
     old = guest_pool.get()
     old.machine.stop()              # QEMU gone, as after a guest crash
+    with pytest.raises(GuestError, match="the guest died between tests") as ei:
+        guest_pool.get()            # never a silent replacement: the death is the caller's error first
+    assert ei.value.guest_died
     new = guest_pool.get()
     assert new is not old and new.alive()
     assert new.timings.get("snapshot"), new.timings
