@@ -350,7 +350,6 @@ _MARK_KEY = pytest.StashKey[tuple]()
 #                                     fails (exit 1, excerpt in the summary, JUnit property smccc_after_last_test)
 # Tests marked ``fault`` break guests on purpose: their windows are consumed, never blamed on anyone.
 _FINDINGS_KEY = pytest.StashKey[list]()
-_SETUP_FIXTURES_KEY = pytest.StashKey[list]()
 _AFTER_LAST: list[str] = []
 
 
@@ -391,6 +390,12 @@ class ConsoleSplat(pytest.fail.Exception):
     """A test failed because the console showed a splat in one of its windows (``finding``: the first)."""
 
 
+def _add_to_message(e, text: str) -> None:
+    """pytest's outcome exceptions report ``.msg`` (not ``args``): extend both."""
+    e.msg = f"{e.msg}\n{text}"
+    e.args = (e.msg,)
+
+
 def _splat(item, found) -> ConsoleSplat:
     e = ConsoleSplat(_describe_findings(item, found), pytrace=False)
     e.finding = found[0][1]
@@ -404,12 +409,14 @@ def _fixtures_of(item):
             yield name, defs[-1]
 
 
+_SETTING_UP: list = []    # the non-function fixtures set up during the setup of the guest test now running
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_fixture_setup(fixturedef, request):
     yield
-    lst = request.node.stash.get(_SETUP_FIXTURES_KEY, None) if hasattr(request.node, "stash") else None
-    if lst is not None and fixturedef.scope != "function":
-        lst.append(fixturedef)
+    if fixturedef.scope != "function":   # request.node is the module/class/session here, not the test
+        _SETTING_UP.append(fixturedef)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -419,9 +426,10 @@ def pytest_runtest_setup(item):
         return
     found = [(w.replace("@", "before this test began (printed between tests)"), f, g)
              for w, f, g in _scan_new(item, "@")]
-    item.stash[_SETUP_FIXTURES_KEY] = []
+    _SETTING_UP.clear()
     outcome = yield
-    fixtures = item.stash[_SETUP_FIXTURES_KEY]
+    fixtures = list(_SETTING_UP)
+    _SETTING_UP.clear()
     names = ", ".join(f"{d.argname!r} ({d.scope})" for d in fixtures)
     during = _scan_new(item, "during this test's setup" + (f", while fixture {names} was set up" if names else ""))
     for d in fixtures:                           # later tests that use these fixtures fail too
@@ -433,7 +441,7 @@ def pytest_runtest_setup(item):
         # a guest that never came up stays a boot error (bisect 125), even though its console shows the panic
         if not isinstance(exc, (pytest.skip.Exception, ConsoleSplat)) and _error_kind(exc) != "boot":
             e = _splat(item, found + during)
-            e.args = (f"{e.args[0]}\n(setup also raised: {exc})",)
+            _add_to_message(e, f"(setup also raised: {getattr(exc, 'msg', None) or exc})")
             outcome.force_exception(e)
 
 
@@ -454,7 +462,7 @@ def pytest_runtest_call(item):
     if found:
         e = _splat(item, found)
         if outcome.excinfo is not None and not isinstance(outcome.excinfo[1], pytest.skip.Exception):
-            e.args = (f"{e.args[0]}\n(the test itself also raised: {outcome.excinfo[1]!r})",)
+            _add_to_message(e, f"(the test itself also raised: {outcome.excinfo[1]!r})")
         outcome.force_exception(e)
 
 

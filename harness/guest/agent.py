@@ -146,8 +146,8 @@ def write_kmsg(args: dict) -> dict:
             time.sleep(delay)
         fd = os.open("/dev/kmsg", os.O_WRONLY)
         try:
-            for line in lines:
-                os.write(fd, line.encode())
+            for line in lines:     # one write = one record; without its newline a record stays pending as a
+                os.write(fd, (line + "\n").encode())   # continuation (LOG_CONT) until the next one arrives
         finally:
             os.close(fd)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -18,9 +17,7 @@ import pytest
 
 from harness import bisect as B
 
-pytestmark = [pytest.mark.infra, pytest.mark.skip(reason=(
-    "open: records written to /dev/kmsg by the agent do not reach the serial console within 20 s on 7.3.4 "
-    "(cold boot and snapshot alike; boot-time printk does), so the windows cannot be driven yet"))]
+pytestmark = pytest.mark.infra
 REPO = Path(__file__).resolve().parents[2]
 
 INNER = '''
