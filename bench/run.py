@@ -7,7 +7,7 @@
 Prints, for a cold boot and a warm start (snapshot restore): QEMU start -> first console byte -> kernel ready
 (/init's "smccc-init:" line) -> agent ready (banner) -> channel hello -> first scenario result; per-scenario
 latency (min/median/max) of EL1 and nested-EL2 scenarios in one guest; the naive way (one fresh cold boot
-per scenario) with the ratio; the whole default suite (a bare ``pytest``, harness/tiers.py) with ``-n 1`` and
+per scenario) with the ratio; the whole default suite (a bare ``pytest``, harness/plugin/tiers.py) with ``-n 1`` and
 ``-n 2`` (``--suite-ci``: also the CI suite, ``-m 'not slow'``); the initramfs size; a few
 experiments (-smp 2, restore with the real -kernel/-initrd).  Results also go to ``runs/bench-*/bench.json``.
 Timing lives here, never in asserting tests.
@@ -27,9 +27,9 @@ from pathlib import Path
 
 from harness import paths
 from harness import protocol as P
-from harness.channel import Channel
-from harness.qemu import Machine
-from harness.session import READY_RE, GuestSession
+from harness.machine.channel import Channel
+from harness.machine.qemu import Machine
+from harness.machine.session import READY_RE, GuestSession
 
 INIT_RE = re.compile(r"smccc-init: /init started at uptime ([0-9.]+) s")
 SECTIONS = ("cold", "warm", "process", "latency", "naive", "suite", "experiments")
@@ -55,8 +55,8 @@ def loadavg() -> str:
 
 class Assets:
     def __init__(self, kernel_spec: str):
-        from harness import assets, initramfs
-        from harness.kernel import resolve_kernel
+        from harness.images import assets, initramfs
+        from harness.images.kernel import resolve_kernel
         self.kernel = resolve_kernel(kernel_spec)
         self.initrd = initramfs.build_initramfs(assets.ensure_rootfs(progress=lambda m: None),
                                                 progress=lambda m: None)
@@ -77,9 +77,9 @@ def scenarios():
 
 
 def _build_scenarios():
-    from harness import payloads as pl
-    from harness.payloads import get_payload
-    from harness.scenarios import PSCI_FWD, scenario
+    from harness.images import payloads as pl
+    from harness.images.payloads import get_payload
+    from harness.model.scenarios import PSCI_FWD, scenario
     pv, calls, hello = get_payload("psci_version"), get_payload("smccc_calls"), get_payload("el2_hello")
     smc = pl.encode_call_table([("smc", [0x8400_0000, 1, 2, 3])])
     hvc = pl.encode_call_table([("hvc", [0x8400_0000, 1, 2, 3])])
@@ -199,9 +199,10 @@ def section_warm(a: Assets, n: int, results: dict) -> None:
 
 PROBE = r"""
 import json, sys, time
-from harness import assets, initramfs, paths
-from harness.kernel import resolve_kernel
-from harness.session import GuestSession
+from harness.images import assets, initramfs
+from harness import paths
+from harness.images.kernel import resolve_kernel
+from harness.machine.session import GuestSession
 t_imports = time.monotonic()
 k = resolve_kernel(sys.argv[1]); i = initramfs.build_initramfs(assets.ensure_rootfs(progress=lambda m: None),
                                                                 progress=lambda m: None)
@@ -302,7 +303,7 @@ def section_naive(a: Assets, results: dict) -> None:
 
 
 # ---- the whole default suite --------------------------------------------------------------------------
-# harness/tiers.py: a bare `pytest` is the kernel developer's suite (unit + KVM behaviour); CI adds the
+# harness/plugin/tiers.py: a bare `pytest` is the kernel developer's suite (unit + KVM behaviour); CI adds the
 # harness's own plumbing (infra) and upstream's selftests: `-m "not slow"`.
 SUITES = {"default": [], "ci": ["tests/unit", "tests/system", "-m", "not slow"]}
 
@@ -345,7 +346,7 @@ def section_suite(kernel_spec: str, results: dict, cold_too: bool, ci_too: bool)
 
 # ---- experiments ---------------------------------------------------------------------------------------
 def section_experiments(a: Assets, n: int, results: dict) -> None:
-    from harness import snapshot
+    from harness.machine import snapshot
     out("== experiments ==")
     smp2 = [cold_phases(a, smp=2) for _ in range(n)]
     out(f"  cold boot -smp 2: agent ready median {statistics.median(r['agent_ready'] for r in smp2):.3f} s, "
@@ -383,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     t_all = time.monotonic()
     a = Assets(args.kernel)
-    from harness import snapshot
+    from harness.machine import snapshot
     qv = snapshot.qemu_version("qemu-system-aarch64")
     size = a.initrd.stat().st_size
     out(f"host: {os.cpu_count()} CPUs, load average {loadavg()}; {qv}")

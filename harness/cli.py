@@ -29,13 +29,13 @@ def _progress(msg: str) -> None:
 
 # ---- setup -------------------------------------------------------------------------------------------
 def cmd_setup(args) -> int:
-    from . import assets, initramfs, payloads, sysdeps
+    from .images import assets, initramfs, payloads, sysdeps
     t0 = time.monotonic()
     if not args.no_system:
         sysdeps.ensure_system_packages(progress=_progress)
     sysdeps.check_qemu(args.qemu_bin)
     t1 = time.monotonic()
-    from .kernel import resolve_kernel
+    from .images.kernel import resolve_kernel
     k = resolve_kernel(args.kernel)
     rootfs = assets.ensure_rootfs(progress=_progress)
     t2 = time.monotonic()
@@ -100,7 +100,7 @@ def cmd_test(args) -> int:
         if rc:
             return rc
         if not args.no_system:   # the upstream tier builds KVM selftests with the cross gcc: install it now
-            from . import sysdeps
+            from .images import sysdeps
             sysdeps.ensure_selftest_packages(progress=_progress)
     argv = ["tests/unit", "tests/system", "-m", args.markers] + _common_pytest_args(args)
     return _pytest(argv + list(args.pytest_args))
@@ -115,16 +115,16 @@ def _results_root(args) -> Path | None:
 
 def _session(args, append: str = "", ssh: bool = False):
     append = " ".join(a for a in (getattr(args, "append", "") or "", append) if a)   # --append, then ours
-    from . import assets, initramfs
-    from .kernel import resolve_kernel
+    from .images import assets, initramfs
+    from .images.kernel import resolve_kernel
+    from .images.sysdeps import check_qemu
+    from .machine.session import GuestSession
     from .plugin import resolve_accel
-    from .session import GuestSession
-    from .sysdeps import check_qemu
     check_qemu(args.qemu_bin)       # missing or too old: say so (and how to fix it) before anything else
     k = resolve_kernel(args.kernel)
     cpio = initramfs.build_initramfs(assets.ensure_rootfs(progress=_progress), progress=_progress)
     run_dir = paths.new_run_dir(args.command.replace("-", "_"), _results_root(args))
-    from .snapshot import disabled_by_env
+    from .machine.snapshot import disabled_by_env
     warm = not (getattr(args, "no_snapshot", False) or disabled_by_env() or getattr(args, "shell", False))
     return GuestSession.create(k.image, cpio, run_dir, accel=resolve_accel(args.accel), append=append,
                                qemu_bin=args.qemu_bin, boot_deadline_s=args.boot_timeout, snapshots=warm,
@@ -153,7 +153,7 @@ def cmd_boot(args) -> int:
 
 
 def _parse_filter(text: str) -> list[dict]:
-    from .scenarios import PSCI_FWD
+    from .model.scenarios import PSCI_FWD
     if text == "psci":
         return list(PSCI_FWD)
     try:
@@ -168,17 +168,17 @@ def _parse_filter(text: str) -> list[dict]:
 def payload_params(args) -> list[int]:
     """The parameter block (u64 words at PARAM_BASE) from ``--params FILE`` with each ``--param OFFSET=VALUE``
     written over it, in order."""
-    from .payloads import param_words, parse_param, read_params_file
+    from .images.payloads import param_words, parse_param, read_params_file
     base = read_params_file(args.params) if getattr(args, "params", None) else b""
     return param_words(base, [parse_param(t) for t in getattr(args, "param", None) or []])
 
 
 def cmd_run_payload(args) -> int:
-    from .payloads import load_elf
-    from .scenarios import scenario
+    from .images.payloads import load_elf
+    from .model.scenarios import scenario
     p = load_elf(args.elf, vcpus=args.vcpus)
     filters = [f for text in args.forward for f in _parse_filter(text)]
-    from .filter_model import check_filters
+    from .model.filter_model import check_filters
     check_filters(filters, what="--forward range")      # before anything boots: KVM would refuse it
     params = payload_params(args)                        # bad input: an error before anything boots
     spec = scenario(Path(args.elf).stem, p, filters=filters, el2=args.el2, vcpus=args.vcpus,
@@ -193,7 +193,7 @@ def cmd_run_payload(args) -> int:
 
 # ---- the reusable VM (--reuse-vm, docs/reuse-vm.md) ------------------------------------------------------
 def _vm_dirs(args) -> list[Path]:
-    from . import reuse
+    from .machine import reuse
     root = _results_root(args)
     if getattr(args, "all", False):
         return reuse.all_vm_dirs(root)
@@ -217,11 +217,11 @@ def _print_vm(info: dict) -> None:
 
 def cmd_vm(args) -> int:
     """``vm start|status|stop``: the reusable VM that ``pytest --reuse-vm`` attaches to."""
-    from . import reuse
+    from .machine import reuse
     if args.action == "start":
-        from .kernel import resolve_kernel
+        from .images.kernel import resolve_kernel
+        from .images.sysdeps import check_qemu
         from .plugin import resolve_accel
-        from .sysdeps import check_qemu
         check_qemu(args.qemu_bin)
         k = resolve_kernel(args.kernel)
         root = _results_root(args)
@@ -263,7 +263,7 @@ def cmd_vm(args) -> int:
 
 # ---- assets / cache ---------------------------------------------------------------------------------
 def cmd_assets(args) -> int:
-    from . import assets
+    from .images import assets
     if args.action in ("fetch", "lock"):
         assets.fetch_all(tuple(args.kernels or ["default"]), refresh=(args.action == "lock"), progress=_progress)
         return 0
@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--all", action="store_true", help="clean: remove everything, downloads included")
         p.set_defaults(func=cmd_assets)
 
-    from . import bisect, kbuild, matrix, selftests  # kernel build/source/info, bisect, matrix; selftests
+    from .kdev import bisect, kbuild, matrix, selftests  # kernel build/source/info, bisect, matrix; selftests
     for mod in (kbuild, bisect, matrix, selftests):
         mod.add_cli(sub)
     return ap
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(args, "pytest_args"):
         args.pytest_args = list(args.pytest_args) + extra
     if getattr(args, "keep_runs", None) is not None:     # for this process and the pytest runs it starts
-        from .leftovers import KEEP_RUNS_ENV
+        from .machine.leftovers import KEEP_RUNS_ENV
         os.environ[KEEP_RUNS_ENV] = str(args.keep_runs)
     try:
         return int(args.func(args) or 0)

@@ -37,7 +37,7 @@ def new_run_dir(prefix: str = "run", root: Path | None = None) -> Path:
     root = Path(root or results_root())
     root.mkdir(parents=True, exist_ok=True)
     if (os.getpid(), root.resolve()) not in _pruned:
-        from .leftovers import keep_runs, prune_runs
+        from .machine.leftovers import keep_runs, prune_runs
         keep = keep_runs()          # a bad $SMCCC_KEEP_RUNS is an error before the run starts
         _pruned.add((os.getpid(), root.resolve()))
         try:

@@ -5,7 +5,7 @@ named :data:`harness.protocol.PORT_NAME`, probes KVM's capabilities, prints the 
 (the host's boot detection), greets the host on the port and then answers requests, one at a time, until
 told to shut down.  No Python start-up per scenario: a scenario costs only its own VM.
 
-A reusable VM (``pytest --reuse-vm``, harness/reuse.py) gets ``smccc.idle=SECONDS`` on the kernel command line
+A reusable VM (``pytest --reuse-vm``, harness/machine/reuse.py) gets ``smccc.idle=SECONDS`` on the kernel command line
 (the host may change it with the ``idle`` op): after that long without a request the agent powers the guest
 off, so a forgotten VM does not run forever.  ``code`` reports the sha256 of the guest code this agent
 started with; ``put`` also writes ``.py`` files under the guest code directory (then ``reload``).
@@ -303,7 +303,7 @@ class Agent:
             return write_kmsg(args)
         if op == "fault":      # test-only fault injection (tests/system/test_faults.py)
             return inject_fault(args)
-        if op == "put":        # receive a file into the guest's tmpfs (upstream selftests: harness/selftests.py)
+        if op == "put":        # receive a file into the guest's tmpfs (upstream selftests: harness/kdev/selftests.py)
             return put_file(args)
         if op == "stats":
             return {"graveyard_vms": len(GRAVEYARD), "pid": os.getpid()}

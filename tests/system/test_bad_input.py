@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from harness import assets, leftovers, paths
+from harness import paths
 from harness import protocol as P
-from harness.payloads import build_payloads, get_payload
-from harness.scenarios import scenario
+from harness.images import assets
+from harness.images.payloads import build_payloads, get_payload
+from harness.machine import leftovers
+from harness.model.scenarios import scenario
 
 pytestmark = [pytest.mark.bad_input, pytest.mark.infra]
 CLI_TIMEOUT_S = 300
@@ -52,7 +54,7 @@ def results(tmp_path):
 
 @pytest.fixture(scope="module")
 def default_image() -> Path:
-    from harness.kernel import resolve_kernel
+    from harness.images.kernel import resolve_kernel
     return Path(resolve_kernel("default").image)
 
 
@@ -261,7 +263,7 @@ def test_corrupted_cache_entry_is_detected_and_fetched_again(tmp_path, monkeypat
 
 FETCH_ONE = """
 import sys
-from harness import assets
+from harness.images import assets
 s = assets.Store(lambda m: print(m, flush=True))
 e = s.fetch("libexpat1", s.m.rootfs_suite)
 s.extract(e)

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import kbuild, paths
+from harness import paths
+from harness.kdev import kbuild
 
 pytestmark = pytest.mark.slow
 

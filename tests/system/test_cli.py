@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
+from harness.images.payloads import build_payloads
 from harness.paths import REPO_ROOT
-from harness.payloads import build_payloads
 
-pytestmark = pytest.mark.infra  # the harness's own plumbing (harness/tiers.py)
+pytestmark = pytest.mark.infra  # the harness's own plumbing (harness/plugin/tiers.py)
 
 
 def cli(*args, timeout=300):

@@ -1,4 +1,4 @@
-"""Every byte of the console is scanned once and attributed (harness/plugin.py, "console scanning").
+"""Every byte of the console is scanned once and attributed (harness/plugin/__init__.py, "console scanning").
 
 An inner pytest run (the real plugin, a real guest) writes real kernel log records through /dev/kmsg (the
 agent's ``kmsg`` op): a WARNING and an Oops-looking record, at each point a splat can appear: between tests,
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import bisect as B
+from harness.kdev import bisect as B
 
 pytestmark = pytest.mark.infra
 REPO = Path(__file__).resolve().parents[2]

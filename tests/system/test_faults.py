@@ -20,11 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from harness import leftovers, paths
+from harness import paths
 from harness.errors import GuestError
-from harness.matrix import default_sigint
-from harness.payloads import get_payload
-from harness.scenarios import PSCI_FWD, scenario
+from harness.images.payloads import get_payload
+from harness.kdev.matrix import default_sigint
+from harness.machine import leftovers
+from harness.model.scenarios import PSCI_FWD, scenario
 
 pytestmark = [pytest.mark.fault, pytest.mark.infra]
 SYSRQ_CRASH = ["/bin/busybox", "sh", "-c", "echo c > /proc/sysrq-trigger"]
@@ -188,8 +189,8 @@ def test_dropped_control_channel_fails_the_request_and_reconnect_recovers_the_gu
 # ---- the host pytest interrupted --------------------------------------------------------------------
 CHILD_TEST = '''
 import pathlib
-from harness.payloads import get_payload
-from harness.scenarios import scenario
+from harness.images.payloads import get_payload
+from harness.model.scenarios import scenario
 
 def test_spin_until_interrupted(guest):
     p = get_payload("spin")

@@ -9,9 +9,9 @@ firmware/psci_version.S.  Errnos come straight from the kernel: each filter's re
 import pytest
 
 from harness.guest import kvm
-from harness.known_bad import zero_zero_errno
-from harness.payloads import decode_call_results, encode_call_table, get_payload
-from harness.scenarios import PSCI_FWD, deny, fwd, handle, scenario
+from harness.images.payloads import decode_call_results, encode_call_table, get_payload
+from harness.model.known_bad import zero_zero_errno
+from harness.model.scenarios import PSCI_FWD, deny, fwd, handle, scenario
 
 pytestmark = [pytest.mark.el1, pytest.mark.filter]
 CONDUITS = [pytest.param("hvc", marks=pytest.mark.hvc), pytest.param("smc", marks=pytest.mark.smc)]
@@ -80,7 +80,7 @@ def test_malformed_filter_is_einval(guest, calls, bad, why):
 def test_base0_nr0_errno_depends_on_kernel_version(guest, calls):
     """(base 0, nr 0): EINVAL where kvm_smccc_set_filter rejects nr == 0 first (6.12 and later), EEXIST where
     only ``end < start`` was checked and the wrapped range reached the insert (6.4-6.11):
-    harness/known_bad.py zero_zero_errno, decided from arch/arm64/kvm/hypercalls.c."""
+    harness/model/known_bad.py zero_zero_errno, decided from arch/arm64/kvm/hypercalls.c."""
     want = zero_zero_errno(guest.caps["uname"])
     got = install(guest, calls, [{"base": 0, "nr": 0, "action": "fwd"}], "base0")
     assert got == [want], f"kernel {guest.caps['uname']}: (0,0) gave {got[0]}, expected {want} for this version"

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from harness import filter_model as fm
-from harness.known_bad import zero_zero_errno
-from harness.payloads import get_payload
-from harness.scenarios import scenario
+from harness.images.payloads import get_payload
+from harness.model import filter_model as fm
+from harness.model.known_bad import zero_zero_errno
+from harness.model.scenarios import scenario
 
 MAX_EXAMPLES = 60
 PAD0 = [0] * 15
@@ -64,7 +64,7 @@ def _run(g, filters, late):
 @pytest.mark.filter
 @pytest.mark.bad_input
 def test_zero_zero_edge_matches_the_measured_table(guest):
-    """(base 0, nr 0): end wraps to 0xFFFFFFFF; the answer per version (harness/known_bad.py zero_zero_errno)
+    """(base 0, nr 0): end wraps to 0xFFFFFFFF; the answer per version (harness/model/known_bad.py zero_zero_errno)
     agrees with what was measured (filter_model.ZERO_ZERO_MEASURED) and with this kernel."""
     release = guest.caps["uname"].split("+")[0].split("-")[0]
     before, _, r = _run(guest, [_f(0, 0)], [])

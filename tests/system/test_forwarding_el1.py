@@ -7,8 +7,8 @@ PC already past the HVC/SMC; the x0 the VMM writes with KVM_SET_ONE_REG is what 
 import pytest
 
 from harness.guest import kvm
-from harness.payloads import get_payload
-from harness.scenarios import PSCI_FWD, scenario
+from harness.images.payloads import get_payload
+from harness.model.scenarios import PSCI_FWD, scenario
 
 PSCI_VERSION = 0x8400_0000
 HANDLER_VERSION = 0x0001_0001     # the emulator answers PSCI 1.1, distinct from KVM's in-kernel 1.3

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from harness import bisect as B
-from harness import kbuild, paths
-from harness.kernel import resolve_kernel
+from harness import paths
+from harness.images.kernel import resolve_kernel
+from harness.kdev import bisect as B
+from harness.kdev import kbuild
 
-pytestmark = pytest.mark.infra  # the harness's own plumbing (harness/tiers.py)
+pytestmark = pytest.mark.infra  # the harness's own plumbing (harness/plugin/tiers.py)
 
 SELECTION = ["tests/system/test_forwarding_el1.py", "-k", "test_hypercall_flags_name_the_conduit and smc"]
 
@@ -111,12 +112,12 @@ def test_minimal_kernel_from_debian_source_runs_the_forwarding_suite_via_its_vml
 def test_ssh_into_a_self_built_kernel_with_virtio_net_built_in():
     """``kernel build --ssh`` (images/kernel.config + images/kernel-ssh.config, its own O=: ~10 s when
     unchanged, ~10 min cold on 2 cores), then the SSH system tests against that Image: no modules package
-    exists for it, virtio_net is built in (harness/sshimage.py ``has_builtin_virtio_net``)."""
+    exists for it, virtio_net is built in (harness/images/sshimage.py ``has_builtin_virtio_net``)."""
     r = _cli("kernel", "build", "--ssh", str(kbuild.source_tree()), timeout=3600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     image = Path(r.stdout.strip().splitlines()[-1])
     assert image.parents[3].name.endswith("-ssh"), image
-    from harness.sshimage import has_builtin_virtio_net
+    from harness.images.sshimage import has_builtin_virtio_net
     assert has_builtin_virtio_net(image)
     t = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "tests/system/test_ssh.py",
                         "--kernel", str(image), "-k", "not default_guest_has_no_network"],
@@ -128,7 +129,7 @@ def test_ssh_into_a_self_built_kernel_with_virtio_net_built_in():
 def test_fragment_option_the_base_config_rules_out_fails_and_leaves_o_as_it_was(tmp_path):
     """Real Kconfig on Debian's linux-source-7.3: a configured O=, then ``kernel build --config BASE`` whose
     BASE turns VIRTUALIZATION off under a fragment asking for KVM.  The build stops naming CONFIG_KVM, exits 2,
-    and O=/.config is the one from before (harness/kbuild.py ``configure``)."""
+    and O=/.config is the one from before (harness/kdev/kbuild.py ``configure``)."""
     src = kbuild.source_tree()
     out = tmp_path / "o"
     out.mkdir()
@@ -156,7 +157,7 @@ def test_fragment_option_the_base_config_rules_out_fails_and_leaves_o_as_it_was(
 def test_minimal_kernel_built_with_llvm_passes_the_psci_suite():
     """``kernel build --llvm`` of linux-source-7.3 with Debian's clang (LLVM=1 where the release's clang is new
     enough for the tree's scripts/min-tool-version.sh, else the newest versioned clang-N, e.g. LLVM=-19 on
-    bookworm whose clang 14 is too old for 7.x), installed through harness/sysdeps.py; then the PSCI suite
+    bookworm whose clang 14 is too old for 7.x), installed through harness/images/sysdeps.py; then the PSCI suite
     with ``--kernel <O>/vmlinux``.  Cold: ~10-15 min on 2 cores."""
     src = kbuild.source_tree()
     llvm = kbuild.debian_llvm_for(src)

@@ -3,7 +3,7 @@
 The L1 guest (the kernel under test, with KVM) runs the agent; the agent boots the L2 kernel as a KVM guest
 with a generated device tree (``psci`` node, ``method = "hvc"`` or ``"smc"``), an emulated PL011 console and
 a tiny busybox initramfs whose /init reports the CPUs, offlines and onlines cpu1 through sysfs and powers off
-or reboots (harness/l2.py).  The PSCI function ranges are forwarded to userspace with
+or reboots (harness/images/l2.py).  The PSCI function ranges are forwarded to userspace with
 KVM_ARM_VM_SMCCC_FILTER FWD_TO_USER (docs/kvm-smccc-abi.md §1.1, §1.2) and answered by harness/guest/psci.py
 (DEN0022: CPU_ON §5.6, CPU_OFF §5.5, AFFINITY_INFO §5.7, SYSTEM_OFF §5.10, SYSTEM_RESET §5.11); the
 secondaries are powered the way kvmtool's userspace PSCI does it (docs/kvm-smccc-abi.md §3.5).  The differential
@@ -19,14 +19,14 @@ import re
 
 import pytest
 
-from harness import assets, initramfs, l2
-from harness.console import scan_failures
 from harness.errors import HarnessError
 from harness.guest import psci
-from harness.kernel import resolve_kernel
+from harness.images import assets, initramfs, l2
+from harness.images.kernel import resolve_kernel
+from harness.machine.console import scan_failures
+from harness.machine.session import GuestSession, ScenarioResult
 from harness.paths import new_run_dir
 from harness.plugin import resolve_accel
-from harness.session import GuestSession, ScenarioResult
 
 pytestmark = [pytest.mark.linux_guest, pytest.mark.psci, pytest.mark.slow]
 

@@ -14,11 +14,11 @@ the tests below assert one behaviour each on the shared result.  The skips come 
 
 import pytest
 
-from harness import payloads as pl
 from harness.guest import kvm, psci
-from harness.known_bad import KNOWN_BAD
-from harness.payloads import get_payload
-from harness.scenarios import PSCI_BASE32, PSCI_BASE64, PSCI_FWD, PSCI_NR, deny, handle, scenario
+from harness.images import payloads as pl
+from harness.images.payloads import get_payload
+from harness.model.known_bad import KNOWN_BAD
+from harness.model.scenarios import PSCI_BASE32, PSCI_BASE64, PSCI_FWD, PSCI_NR, deny, handle, scenario
 
 pytestmark = [pytest.mark.el2, pytest.mark.psci]
 
@@ -264,7 +264,7 @@ def test_hcd_makes_vel2_hvc_undef_once_the_vmm_hides_el3(guest, nested, e2h0):
 def test_hcd_undef_at_vel2_returns_to_the_hvc_itself(guest, nested, e2h0, request):
     """Arm ARM: the preferred return address of an UNDEFINED instruction is that instruction, so ELR_EL2 of the
     UNDEF an HCD-disabled HVC becomes should be the HVC (the inner-EL1 case in this file does get that).
-    Known bad on the series harness/known_bad.py names (strict xfail there; a plain test everywhere else)."""
+    Known bad on the series harness/model/known_bad.py names (strict xfail there; a plain test everywhere else)."""
     bad = KNOWN_BAD["hcd_undef_elr_after_hvc"]
     if bad.applies(guest.caps["uname"]):
         request.applymarker(pytest.mark.xfail(strict=True, reason=bad.reason(guest.caps["uname"])))

@@ -8,10 +8,10 @@ identical; a difference fails with both views side by side.  Behaviours: docs/kv
 
 import pytest
 
-from harness import psci_program as pp
 from harness.guest import psci
-from harness.payloads import get_payload
-from harness.scenarios import PSCI_FWD, scenario
+from harness.images.payloads import get_payload
+from harness.model import psci_program as pp
+from harness.model.scenarios import PSCI_FWD, scenario
 
 pytestmark = [pytest.mark.el1, pytest.mark.psci]
 CONDUITS = [pytest.param("hvc", marks=pytest.mark.hvc), pytest.param("smc", marks=pytest.mark.smc)]

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from harness import leftovers, paths, reuse
-from harness.kernel import resolve_kernel
-from harness.qemu import reap_detached_children
+from harness import paths
+from harness.images.kernel import resolve_kernel
+from harness.machine import leftovers, reuse
+from harness.machine.qemu import reap_detached_children
 
-pytestmark = pytest.mark.infra  # the harness's own plumbing (harness/tiers.py)
+pytestmark = pytest.mark.infra  # the harness's own plumbing (harness/plugin/tiers.py)
 
 SELECTION = "tests/system/test_forwarding_el1.py"
 
@@ -152,8 +153,8 @@ def test_a_dead_or_killed_vm_is_replaced(results):
 def test_changed_code_with_nested_vms_alive_replaces_the_vm_instead_of_reloading(results, tmp_path, monkeypatch):
     """A nested (vEL2) scenario leaves its VM in the agent's graveyard (never destroyed); a reload would close
     its fds, i.e. destroy it: changed guest code then gets a new VM, with the reason."""
-    from harness.payloads import get_payload
-    from harness.scenarios import scenario
+    from harness.images.payloads import get_payload
+    from harness.model.scenarios import scenario
     s = _attach(results)
     try:
         if not s.caps.get("KVM_CAP_ARM_EL2"):

@@ -10,15 +10,16 @@ Timing is measured by bench/, never asserted here.
 
 import pytest
 
-from harness import paths, snapshot
-from harness import payloads as pl
+from harness import paths
 from harness.errors import GuestError
 from harness.guest import kvm
-from harness.payloads import get_payload
-from harness.scenarios import PSCI_FWD, scenario
-from harness.session import GuestSession
+from harness.images import payloads as pl
+from harness.images.payloads import get_payload
+from harness.machine import snapshot
+from harness.machine.session import GuestSession
+from harness.model.scenarios import PSCI_FWD, scenario
 
-pytestmark = pytest.mark.infra  # the harness's own plumbing (harness/tiers.py)
+pytestmark = pytest.mark.infra  # the harness's own plumbing (harness/plugin/tiers.py)
 
 PSCI_VERSION = 0x8400_0000
 HANDLER_MARK = 0x5EED_0002        # what the Python handler answers to PSCI_VERSION: KVM never says this
@@ -137,7 +138,7 @@ def test_a_cache_miss_boots_saves_and_keeps_the_guest_then_the_next_start_restor
     """Into an empty store: the session boots cold, is saved and goes on serving; the next one restores.
 
     Most new snapshots restore with a dead guest timer (21 of 30 on 2026-11-25: QEMU 10.0 does
-    not migrate the EL2 timers; harness/snapshot.py's timer probe discards such a snapshot): then the
+    not migrate the EL2 timers; harness/machine/snapshot.py's timer probe discards such a snapshot): then the
     discard and the cold-boot fallback are checked, and the whole cycle is tried again with an empty store,
     at most 5 times (all 5 dead, which happened once in 2 runs: an xfail naming the QEMU bug)."""
     a = guest_pool.resolve_assets()

@@ -16,14 +16,15 @@ import time
 import paramiko
 import pytest
 
-from harness import assets, initramfs, ssh
 from harness.errors import HarnessError
-from harness.kernel import resolve_kernel
+from harness.images import assets, initramfs
+from harness.images.kernel import resolve_kernel
+from harness.machine import ssh
+from harness.machine.session import GuestSession
 from harness.paths import new_run_dir
 from harness.plugin import resolve_accel
-from harness.session import GuestSession
 
-pytestmark = pytest.mark.infra  # the harness's own plumbing (harness/tiers.py)
+pytestmark = pytest.mark.infra  # the harness's own plumbing (harness/plugin/tiers.py)
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
 """Upstream's own arm64 KVM selftests, built from the kernel's own source, run in the same booted guest.
 
 The kernel under test's source is Debian's ``linux-source-X.Y`` of the same version (or the tree in
-``$SMCCC_SELFTESTS_SRC``); harness/selftests.py builds the programs statically with the cross compiler
+``$SMCCC_SELFTESTS_SRC``); harness/kdev/selftests.py builds the programs statically with the cross compiler
 (cached by source hash), sends each into the guest (agent ``put``) and runs it with a deadline (agent
-``exec``).  The program's exit code and output become kselftest runner KTAP (harness/tap.py), and that
+``exec``).  The program's exit code and output become kselftest runner KTAP (harness/kdev/tap.py), and that
 becomes one pytest result per upstream case: these programs report one case each (they print no KTAP of
 their own), so a case is a program run, in a variant:
 
@@ -28,7 +28,7 @@ import os
 
 import pytest
 
-from harness import selftests
+from harness.kdev import selftests
 
 # program -> its variants, and the variants kept out of the default run for their TCG cost (docs/selftests.md)
 PROGRAMS = {
@@ -57,7 +57,7 @@ def selftest_build(request):
 
 
 def _marks(program: str, variant: str) -> list:
-    marks = [pytest.mark.upstream]      # a tier of its own: harness/tiers.py
+    marks = [pytest.mark.upstream]      # a tier of its own: harness/plugin/tiers.py
     if program in selftests.NV_SENSITIVE or variant == "el1":
         marks.append(getattr(pytest.mark, variant))
     if (program, variant) in SLOW:

@@ -9,10 +9,10 @@ it into a new VM and continues there.
 
 import pytest
 
-from harness import psci_program as pp
 from harness.guest import psci
-from harness.payloads import decode_call_results, encode_call_table, get_payload
-from harness.scenarios import PSCI_FWD, fwd, scenario
+from harness.images.payloads import decode_call_results, encode_call_table, get_payload
+from harness.model import psci_program as pp
+from harness.model.scenarios import PSCI_FWD, fwd, scenario
 
 pytestmark = [pytest.mark.el1, pytest.mark.filter]
 SIP = 0xC200_0042

@@ -8,9 +8,9 @@ import platform
 
 import pytest
 
-from harness import accel as A
 from harness.errors import SetupError
-from harness.qemu import MachineConfig
+from harness.machine import accel as A
+from harness.machine.qemu import MachineConfig
 
 ARM_NV = A.HostKvm("aarch64", True, el2=1)
 ARM_NO_NV = A.HostKvm("aarch64", True, el2=0)

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import assets
-from harness.assets import Available, Lock, LockEntry
 from harness.errors import AssetError
+from harness.images import assets
+from harness.images.assets import Available, Lock, LockEntry
 
 # `apt-cache madison ...` against trixie + trixie-backports + sid (arm64), recorded 2026-11-25
 MADISON = """\

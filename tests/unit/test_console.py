@@ -12,8 +12,9 @@ from pathlib import Path
 import pexpect
 import pytest
 
-import harness.console as console_mod
-from harness.console import (
+import harness.machine.console as console_mod
+from harness.errors import BootError
+from harness.machine.console import (
     FAILURE_PATTERNS,
     PANIC_CONTEXT_LINES,
     Console,
@@ -21,7 +22,6 @@ from harness.console import (
     match_line,
     scan_failures,
 )
-from harness.errors import BootError
 from harness.protocol import READY_BANNER
 
 DATA = Path(__file__).parent / "data" / "console"
@@ -377,7 +377,7 @@ def test_skip_acknowledges_failures(spawn) -> None:
 
 
 def test_timeout_message_names_the_banner_not_its_regex(spawn) -> None:
-    from harness.session import READY_RE
+    from harness.machine.session import READY_RE
     c = spawn("echo booting; sleep 30")
     with pytest.raises(ConsoleFailure, match=r"^no 'SMCCC-AGENT READY' within 0\.2 s\n"):
         c.expect(READY_RE, 0.2)

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness import filter_model as fm
 from harness.errors import HarnessError
+from harness.model import filter_model as fm
 
 PSCI = 0x8400_0000
 
@@ -108,7 +108,7 @@ def test_check_filters_names_the_earlier_overlapping_range():
 
 
 def test_check_filters_accepts_the_psci_ranges():
-    from harness.scenarios import PSCI_FWD
+    from harness.model.scenarios import PSCI_FWD
     fm.check_filters(PSCI_FWD)
 
 

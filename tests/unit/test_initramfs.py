@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from harness import cpio, initramfs
+from harness.images import cpio, initramfs
 
 
 # ---- a tiny newc reader (the host has no cpio) ---------------------------------------------------

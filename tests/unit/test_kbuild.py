@@ -1,5 +1,5 @@
 """``smccc-harness kernel build``: the developer's toolchain (LLVM=, CROSS_COMPILE=, KBUILD_OUTPUT), --config
-merging, live progress, and bad input that stops before anything is made (harness/kbuild.py).
+merging, live progress, and bad input that stops before anything is made (harness/kdev/kbuild.py).
 
 The real builds (gcc and LLVM=, a real Kconfig run) are in tests/system/test_kernel_workflow.py."""
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import kbuild
 from harness.errors import HarnessError
+from harness.kdev import kbuild
 
 
 def _tool(d: Path, name: str, version_line: str = "") -> Path:

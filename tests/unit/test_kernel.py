@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import kbuild
-from harness import kernel as K
 from harness.errors import SetupError
+from harness.images import kernel as K
+from harness.kdev import kbuild
 
 BANNER = "Linux version 7.3.4-smccc (u@h) (aarch64-linux-gnu-gcc (Debian 12.2.0-14) 12.2.0) #1 SMP PREEMPT"
 TEXT_BASE = 0xFFFF800080010000

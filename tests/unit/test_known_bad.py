@@ -1,8 +1,8 @@
-"""harness/known_bad.py: known-bad KVM behaviour is gated to the kernel series it was measured on."""
+"""harness/model/known_bad.py: known-bad KVM behaviour is gated to the kernel series it was measured on."""
 
 import pytest
 
-from harness.known_bad import KNOWN_BAD, zero_zero_errno
+from harness.model.known_bad import KNOWN_BAD, zero_zero_errno
 
 
 @pytest.mark.parametrize("uname,want", [
@@ -17,7 +17,7 @@ def test_zero_zero_errno_per_version(uname, want):
 def test_hcd_xfail_applies_only_to_the_measured_series(uname, applies):
     bad = KNOWN_BAD["hcd_undef_elr_after_hvc"]
     assert bad.applies(uname) is applies
-    assert "7.3" in bad.reason(uname) and "harness/known_bad.py" in bad.reason(uname)
+    assert "7.3" in bad.reason(uname) and "harness/model/known_bad.py" in bad.reason(uname)
 
 
 def test_every_entry_names_series_and_evidence():

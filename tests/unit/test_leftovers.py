@@ -1,4 +1,4 @@
-"""harness/leftovers.py: orphaned private socket dirs of dead runs are swept, nothing else is; retention keeps
+"""harness/machine/leftovers.py: orphaned private socket dirs of dead runs are swept, nothing else is; retention keeps
 the newest run directories and never a live run's."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import leftovers, paths
+from harness import paths
 from harness.errors import HarnessError
+from harness.machine import leftovers
 
 
 def test_orphan_socket_dirs_are_swept_only_when_old_and_unused(tmp_path):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import matrix as M
-from harness import report as R
+from harness.kdev import matrix as M
+from harness.kdev import report as R
 
 TESTS = textwrap.dedent("""
     import pytest

@@ -6,9 +6,9 @@ import struct
 import pytest
 
 from harness import cli
-from harness import payloads as pl
 from harness.errors import HarnessError
-from harness.payloads import get_payload
+from harness.images import payloads as pl
+from harness.images.payloads import get_payload
 
 
 def test_param_is_offset_equals_u64():
@@ -91,7 +91,7 @@ def test_cli_bad_param_exits_2_with_a_hint_before_booting(capsys, monkeypatch, a
 
 
 def test_the_block_fits_what_the_protocol_accepts():
-    from harness.scenarios import scenario
+    from harness.model.scenarios import scenario
     words = pl.param_words(b"", [(pl.PARAM_BLOCK_SIZE - 8, 1)])
     spec = scenario("p", get_payload("smccc_calls"), params=words)
     assert len(spec["params"]) == pl.PARAM_BLOCK_SIZE // 8 and spec["params"][-1] == 1

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import payloads, protocol
+from harness import protocol
 from harness.errors import HarnessError, PayloadError, SetupError
+from harness.images import payloads
 from harness.paths import FIRMWARE_DIR
 
 pytestmark = pytest.mark.skipif(shutil.which("aarch64-linux-gnu-as") is None,

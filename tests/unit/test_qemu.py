@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from harness.errors import BootError, HarnessError, SetupError
+from harness.machine.qemu import Machine, MachineConfig, default_cmdline
 from harness.protocol import PORT_NAME
-from harness.qemu import Machine, MachineConfig, default_cmdline
 
 QEMU = shutil.which("qemu-system-aarch64")
 needs_qemu = pytest.mark.skipif(QEMU is None, reason="qemu-system-aarch64 is not installed")
@@ -287,7 +287,7 @@ def test_pdeathsig_preexec_sets_sigkill() -> None:
     import ctypes
     import signal
 
-    from harness.qemu import _load_libc, _pdeathsig_preexec
+    from harness.machine.qemu import _load_libc, _pdeathsig_preexec
 
     libc = _load_libc()
     assert libc is not None

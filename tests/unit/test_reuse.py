@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import leftovers, reuse
 from harness.errors import SetupError
 from harness.guest import agent
-from harness.qemu import DetachedMachine, MachineConfig, default_cmdline, kill_detached, proc_identity
+from harness.machine import leftovers, reuse
+from harness.machine.qemu import DetachedMachine, MachineConfig, default_cmdline, kill_detached, proc_identity
 
 
 @pytest.fixture
@@ -147,7 +147,7 @@ def test_mismatch_reasons(tmp_path, kernel, change, reason):
 
 
 def test_a_vm_with_ssh_serves_a_run_without(tmp_path, kernel):
-    from harness.sshimage import SSH_CMDLINE
+    from harness.images.sshimage import SSH_CMDLINE
     st = _state(tmp_path, kernel, ssh_port=2222, cmdline=default_cmdline(SSH_CMDLINE))
     assert reuse.mismatches(st, _want(st, cmdline=default_cmdline())) == []
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import selftests
-from harness.tap import parse
+from harness.kdev import selftests
+from harness.kdev.tap import parse
 
 MAKEFILE_KVM_73 = """\
 TEST_GEN_PROGS_COMMON = demand_paging_test

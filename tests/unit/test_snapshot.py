@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from harness import snapshot
-from harness.qemu import MachineConfig
+from harness.machine import snapshot
+from harness.machine.qemu import MachineConfig
 
 QEMU_V = "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)"
 

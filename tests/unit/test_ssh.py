@@ -1,4 +1,4 @@
-"""The opt-in SSH channel's host side (harness/ssh.py, harness/sshimage.py, MachineConfig.ssh_port):
+"""The opt-in SSH channel's host side (harness/machine/ssh.py, harness/images/sshimage.py, MachineConfig.ssh_port):
 argv rendering (the forward is bound to 127.0.0.1 only), key generation, host-key pinning against a real
 paramiko server, module dependency order, and the guest archive's key files."""
 
@@ -15,9 +15,10 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from harness import ssh, sshimage
 from harness.errors import GuestError, SetupError
-from harness.qemu import MachineConfig
+from harness.images import sshimage
+from harness.machine import ssh
+from harness.machine.qemu import MachineConfig
 
 
 @pytest.fixture

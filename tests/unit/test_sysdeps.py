@@ -2,8 +2,8 @@
 
 import pytest
 
-from harness import sysdeps
 from harness.errors import HarnessError, SetupError
+from harness.images import sysdeps
 
 
 @pytest.mark.parametrize(("text", "want"), [

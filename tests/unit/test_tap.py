@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import selftests
-from harness.tap import parse, parse_result
+from harness.kdev import selftests
+from harness.kdev.tap import parse, parse_result
 
 DATA = Path(__file__).parent / "data" / "tap"
 

@@ -1,4 +1,4 @@
-"""harness/tiers.py: what a bare ``pytest`` leaves out, and how naming a file or ``-m`` brings it back.
+"""harness/plugin/tiers.py: what a bare ``pytest`` leaves out, and how naming a file or ``-m`` brings it back.
 
 Runs pytest (in-process, pytester) on a throw-away project whose tests carry the tier markers."""
 
@@ -9,7 +9,7 @@ import pytest
 pytest_plugins = ["pytester"]
 
 INI = """[pytest]
-addopts = -p harness.tiers --strict-markers
+addopts = -p harness.plugin.tiers --strict-markers
 markers =
     infra: plumbing
     upstream: kselftests

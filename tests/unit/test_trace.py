@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from harness.errors import GuestError
-from harness.payloads import get_payload
-from harness.session import ScenarioResult
+from harness.images.payloads import get_payload
+from harness.machine.session import ScenarioResult
 
 DATA = Path(__file__).parent / "data" / "traces"
 

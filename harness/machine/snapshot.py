@@ -56,9 +56,9 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from . import paths
+from .. import paths
+from ..errors import BootError, HarnessError
 from .channel import Channel
-from .errors import BootError, HarnessError
 from .qemu import Machine, MachineConfig
 
 log = logging.getLogger(__name__)

@@ -38,10 +38,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import paths
-from . import protocol as P
+from .. import paths
+from .. import protocol as P
+from ..errors import HarnessError
 from .channel import Channel, ChannelError
-from .errors import HarnessError
 from .qemu import (
     SUN_PATH_MAX,
     DetachedMachine,
@@ -260,13 +260,13 @@ class Wanted:
 def wanted(kernel: Path, *, append: str = "", accel: str = "tcg", smp: int = 1, memory_mb: int = 1024,
            qemu_bin: str = "qemu-system-aarch64", ssh: bool = False, rootfs: dict | None = None) -> Wanted:
     """What a run with these options needs, without building the initramfs (guest code is pushed instead)."""
-    from . import assets, initramfs
+    from ..images import assets, initramfs
     from .snapshot import file_sha256, qemu_version
     if rootfs is None:
         rootfs = assets.ensure_rootfs(progress=quiet)
     extra = append
     if ssh:
-        from .sshimage import SSH_CMDLINE
+        from ..images.sshimage import SSH_CMDLINE
         extra = f"{append} {SSH_CMDLINE}".strip()
     return Wanted(kernel=Path(kernel).absolute(), kernel_sha256=file_sha256(Path(kernel)),
                   rootfs_key=initramfs.base_key({n: Path(p).name for n, p in rootfs.items()}),
@@ -291,7 +291,7 @@ def mismatches(st: VmState, want: Wanted) -> list[str]:
         out.append("images/init changed")
     ssh_cmd = ""
     if st.ssh_port is not None and not want.ssh:
-        from .sshimage import SSH_CMDLINE
+        from ..images.sshimage import SSH_CMDLINE
         ssh_cmd = SSH_CMDLINE
     vm_cmdline = strip_idle(st.cmdline)
     if ssh_cmd:
@@ -423,19 +423,19 @@ def kill(vmdir: Path, st: VmState | None = None) -> bool:
 def start(want: Wanted, vmdir: Path, run_dir: Path, *, idle_s: float = DEFAULT_IDLE_S,
           boot_deadline_s: float = 120.0, initrd: Path | None = None, progress=quiet):
     """Boot a new reusable VM in ``vmdir`` (killing whatever VM was there) and return its GuestSession."""
-    from . import initramfs
+    from ..images import initramfs
     from .session import GuestSession
     vmdir = Path(vmdir).absolute()
     _lock(vmdir)
     try:
         kill(vmdir)
         if initrd is None:
-            from . import assets
+            from ..images import assets
             initrd = initramfs.build_initramfs(assets.ensure_rootfs(progress=quiet), progress=progress)
         keys = port = None
         cmdline = want.cmdline
         if want.ssh:
-            from . import sshimage
+            from ..images import sshimage
             from .ssh import SshKeys, free_port
             keys, port = SshKeys.generate(), free_port()
             (vmdir / "ssh").mkdir(mode=0o700, exist_ok=True)
@@ -492,7 +492,7 @@ def _sync(ch: Channel, deadline_s: float) -> dict:
 
 def host_code() -> dict[str, Path]:
     """Guest path (absolute) -> host file of the guest code (harness/initramfs.guest_sources)."""
-    from .initramfs import guest_sources
+    from ..images.initramfs import guest_sources
     return {"/" + g: p for g, p in guest_sources().items()}
 
 

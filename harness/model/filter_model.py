@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from .errors import HarnessError
+from ..errors import HarnessError
 
 U32 = 0xFFFF_FFFF
 NR_ACTIONS = 3

@@ -3,7 +3,7 @@
 ``GuestSession`` is what the pytest plugin and the CLI hold.  It boots once, then serves many scenarios;
 everything it produces (console.log, qemu-cmd.sh, scenario traces) lands in its run directory, which is kept.
 A guest is thrown away, not torn down: ``close()`` kills QEMU (nested VMs inside it are never destroyed,
-docs/platform.md).  A reusable VM (``detached``, ``keep_vm``: ``pytest --reuse-vm``, harness/reuse.py) is only
+docs/platform.md).  A reusable VM (``detached``, ``keep_vm``: ``pytest --reuse-vm``, harness/machine/reuse.py) is only
 detached by ``close()`` while it is healthy, and killed like any other guest once it is not.
 """
 
@@ -18,10 +18,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import protocol as P
+from .. import protocol as P
+from ..errors import BootError, GuestError
 from .channel import Channel, ChannelError
 from .console import ConsoleFailure, scan_failures
-from .errors import BootError, GuestError
 from .qemu import DetachedMachine, Machine, MachineConfig, default_cmdline
 
 RESULT_BLOCK_SIZE = 0x4000
@@ -171,9 +171,9 @@ class GuestSession:
     snapshots: bool = False         # start() restores a cached snapshot (harness.snapshot); cold boot as fallback
     ssh_keys: object = None         # harness.ssh.SshKeys when booted with ssh=True (opt-in, docs/ssh.md)
     ssh: object = None              # harness.ssh.SshChannel, connected by boot() when ssh_keys is set
-    detached: Path | None = None    # boot() starts a DetachedMachine there (the reusable VM's dir, harness/reuse.py)
+    detached: Path | None = None    # boot() starts a DetachedMachine there (the reusable VM's dir, harness/machine/reuse.py)
     keep_vm: bool = False           # close() detaches from a healthy detached VM instead of killing it
-    reuse: dict | None = None       # how the reusable VM was got: started / attached / replaced (harness/reuse.py)
+    reuse: dict | None = None       # how the reusable VM was got: started / attached / replaced (harness/machine/reuse.py)
 
     @classmethod
     def create(cls, kernel: Path, initrd: Path, run_dir: Path, *, accel: str = "tcg", smp: int = 1,
@@ -182,8 +182,8 @@ class GuestSession:
                snapshots: bool = False, ssh: bool = False) -> GuestSession:
         keys = port = None
         if ssh:     # opt-in (docs/ssh.md): a per-run initrd with dropbear + keys, a NIC, a cold boot
+            from ..images import sshimage
             from . import ssh as sshmod
-            from . import sshimage
             keys = sshmod.SshKeys.generate()
             keys.save(run_dir)
             initrd = sshimage.build_ssh_initrd(Path(initrd), Path(kernel), Path(run_dir) / "initrd-ssh.cpio",
@@ -235,8 +235,8 @@ class GuestSession:
             self.caps = hello.get("caps", self.caps)
             self.timings["ready_s"] = round(time.monotonic() - t0, 3)
             if self.ssh_keys is not None:
+                from ..images.sshimage import FAILED_LINE
                 from .ssh import SshChannel
-                from .sshimage import FAILED_LINE
 
                 def up() -> bool:   # QEMU alive and the guest's setup script did not give up
                     self.machine.console.drain(timeout=0.0, max_s=0.05)
@@ -357,7 +357,7 @@ class GuestSession:
         if findings:
             f = findings[0]
             e = GuestError(f"guest kernel failure while running {err}: {f.name}\n{f.excerpt}\n{where}")
-            e.finding = f       # a kernel crash, not infrastructure: harness/plugin.py _error_kind, bisect "crash"
+            e.finding = f       # a kernel crash, not infrastructure: harness/plugin/__init__.py _error_kind, bisect "crash"
             return e
         if not self.machine.alive():
             st = self.machine._reap()

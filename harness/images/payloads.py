@@ -34,9 +34,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import protocol
-from harness.errors import PayloadError, SetupError
-from harness.paths import FIRMWARE_DIR, cache_dir
+from .. import protocol
+from ..errors import PayloadError, SetupError
+from ..paths import FIRMWARE_DIR, cache_dir
 
 # ---- toolchain ------------------------------------------------------------------------------------
 CROSS_PREFIX_ENV = "SMCCC_HARNESS_CROSS"        # override the tool prefix (default aarch64-linux-gnu-)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import protocol as P
+from .. import protocol as P
 
 PSCI_BASE32 = 0x8400_0000
 PSCI_BASE64 = 0xC400_0000

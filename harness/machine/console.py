@@ -31,7 +31,7 @@ from typing import IO
 
 import pexpect
 
-from .errors import BootError
+from ..errors import BootError
 
 # ---- failure patterns ------------------------------------------------------------------------------
 # Ordered by severity: when one incident (a "splat": from a cut-here line through the end-trace line)

@@ -9,7 +9,7 @@ be reproduced by hand).
 ``stop()`` always kills and reaps it, and QEMU gets ``PR_SET_PDEATHSIG=SIGKILL`` so it dies with the host
 process even if the harness is killed with SIGKILL.
 
-``DetachedMachine`` (``pytest --reuse-vm``, harness/reuse.py) is the other kind: a QEMU in its own session
+``DetachedMachine`` (``pytest --reuse-vm``, harness/machine/reuse.py) is the other kind: a QEMU in its own session
 that outlives this process (no PDEATHSIG, stdin /dev/null, output to ``qemu.out``), its serial console on a
 unix socket (``MachineConfig.console_socket``) that QEMU itself logs to ``console.log``; a later process
 attaches to it by pid.  ``detach()`` lets go of it, ``stop()`` kills it.
@@ -36,9 +36,9 @@ from typing import Self
 import pexpect
 from pexpect.fdpexpect import fdspawn
 
+from ..errors import BootError, SetupError
+from ..protocol import PORT_NAME
 from .console import Console
-from .errors import BootError, SetupError
-from .protocol import PORT_NAME
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +132,10 @@ class MachineConfig:
     control_socket: Path | None = None   # unix socket of the virtio-serial port PORT_NAME (QEMU listens)
     qmp_socket: Path | None = None       # unix socket of a QMP monitor (QEMU listens)
     incoming: str | None = None          # "defer": wait for migrate-incoming (snapshot restore)
-    ssh_port: int | None = None          # opt-in SSH (harness/ssh.py): virtio-net user NIC, 127.0.0.1:PORT -> :22
+    ssh_port: int | None = None          # opt-in SSH (harness/machine/ssh.py): virtio-net user NIC, 127.0.0.1:PORT -> :22
     extra_args: tuple[str, ...] = ()
     # The serial console on a unix socket (QEMU listens) instead of stdio: a detached QEMU (--reuse-vm,
-    # harness/reuse.py); QEMU itself appends everything the guest prints to console_logfile, attached or not.
+    # harness/machine/reuse.py); QEMU itself appends everything the guest prints to console_logfile, attached or not.
     console_socket: Path | None = None
     console_logfile: Path | None = None
 
@@ -600,7 +600,7 @@ def reap_detached_children() -> None:
 
 
 class DetachedMachine(Machine):
-    """A QEMU in its own session that this process may not outlive (``pytest --reuse-vm``, harness/reuse.py).
+    """A QEMU in its own session that this process may not outlive (``pytest --reuse-vm``, harness/machine/reuse.py).
 
     :meth:`start` spawns it: ``start_new_session``, no PDEATHSIG, stdin /dev/null, stdout+stderr appended to
     ``<run_dir>/qemu.out``, the serial console on ``config.console_socket`` (QEMU logs it to
@@ -653,7 +653,7 @@ class DetachedMachine(Machine):
                 sock.unlink()
         argv = cfg.argv()
         script = self.run_dir / "qemu-cmd.sh"
-        script.write_text("#!/bin/sh\n# The QEMU command line of the reusable VM (harness/reuse.py): detached, the\n"
+        script.write_text("#!/bin/sh\n# The QEMU command line of the reusable VM (harness/machine/reuse.py): detached, the\n"
                           f"# serial console on {cfg.console_socket} (logged by QEMU to {self.log_path}).\n"
                           f"exec {cfg.shell_command()} \"$@\"\n")
         script.chmod(0o755)

@@ -41,8 +41,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import paths
-from .errors import HarnessError
+from .. import paths
+from ..errors import HarnessError
 from .tap import TapDocument
 from .tap import parse as parse_tap
 
@@ -158,7 +158,7 @@ def debian_source(kernel_spec: str = "default", progress=_progress_default) -> S
     """
     from filelock import FileLock
 
-    from .assets import LockEntry, Store, ensure_kernel
+    from ..images.assets import LockEntry, Store, ensure_kernel
     kernel = ensure_kernel(kernel_spec, progress)
     if not kernel.deb_version:
         raise SelftestError(f"kernel {kernel_spec!r} is not a Debian package: no matching linux-source",
@@ -271,7 +271,7 @@ def build(source: Source, tests: tuple[str, ...] | list[str] = DEFAULT_TESTS, jo
     if unknown:
         raise SelftestError(f"{source.label} has no arm64 KVM selftest {', '.join(unknown)}",
                             hint="arm64 tests of this tree: " + " ".join(available_tests(source.tree)))
-    from .sysdeps import ensure_selftest_packages
+    from ..images.sysdeps import ensure_selftest_packages
     ensure_selftest_packages(progress)   # before build_key: the key names the cross gcc's version
     key = build_key(source)
     bdir = paths.cache_dir() / "selftests" / key
@@ -392,7 +392,7 @@ def send_binary(session, build: Build, test: str) -> str:
     gpath = f"{GUEST_DIR}/{build.key}/{test}"
     sent = _SENT.setdefault(str(session.run_dir), set())
     if gpath not in sent:
-        from . import protocol as P
+        from .. import protocol as P
         data = local.read_bytes()
         r = session.request("put", {"path": gpath, "data": P.b64(data), "mode": 0o755}, deadline_s=60.0)
         if r.get("sha256") != hashlib.sha256(data).hexdigest():
@@ -496,7 +496,7 @@ def cmd_build(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .cli import _session
+    from ..cli import _session
     source = resolve_source(args.src, args.kernel)
     tests = _tests_arg(args, source)
     b = build(source, tests, jobs=args.jobs)
@@ -609,7 +609,7 @@ def known_cases(test: str, variant: str, source_label: str | None) -> list[str]:
 def expected_source_label(kernel_spec: str) -> str | None:
     """The label :func:`debian_source` will give for ``kernel_spec``, from images/lock.json alone (no apt):
     for naming pytest items at collection time.  None when the kernel is not locked (or is a file)."""
-    from .assets import Store
+    from ..images.assets import Store
     try:
         lock = Store(lambda *_: None).read_lock()
     except Exception:  # noqa: BLE001 - collection must not fail on a broken lock: no per-case items then

@@ -11,8 +11,8 @@ import socket
 import time
 from pathlib import Path
 
-from . import protocol as P
-from .errors import HarnessError
+from .. import protocol as P
+from ..errors import HarnessError
 
 # Request ids are unique per host process, not per connection: after a reconnect, a late answer to a request
 # sent over the dropped connection is skipped instead of being taken for the answer to a new request.

@@ -20,11 +20,11 @@ import os
 import re
 from pathlib import Path
 
+from ..paths import cache_dir, prune_newest
 from . import cpio
-from .paths import cache_dir, prune_newest
 
 L2_INIT = r"""#!/bin/busybox sh
-# /init of the L2 guest (harness/l2.py): report the CPUs, hotplug what l2.hotplug names, then l2.action.
+# /init of the L2 guest (harness/images/l2.py): report the CPUs, hotplug what l2.hotplug names, then l2.action.
 /bin/busybox mkdir -p /proc /sys /dev /tmp /usr/bin /usr/sbin /sbin
 /bin/busybox --install -s
 mount -t proc proc /proc
@@ -139,7 +139,7 @@ def linux_request(name: str, *, vcpus: int = 2, method: str = "hvc", psci: str =
 
 def run_linux(session, request: dict):
     """Send a ``linux`` request; returns a :class:`harness.session.ScenarioResult` (trace saved in the run dir)."""
-    from .session import ScenarioResult
+    from ..machine.session import ScenarioResult
 
     mark = session.machine.console.mark()
     raw = session.request("linux", request, request["deadline_s"] * request.get("max_boots", 1) + 60.0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .kernel import release_version
+from ..images.kernel import release_version
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class KnownBad:
 
     def reason(self, uname: str | None) -> str:
         names = ", ".join(f"{a}.{b}" for a, b in self.series)
-        return (f"known bad on {names} (harness/known_bad.py), kernel {uname}: {self.what} ({self.evidence}); "
+        return (f"known bad on {names} (harness/model/known_bad.py), kernel {uname}: {self.what} ({self.evidence}); "
                 f"an XPASS means this kernel fixed it: narrow the table")
 
 
@@ -43,7 +43,7 @@ def zero_zero_errno(uname: str | None) -> str | None:
     reject ``!filter.nr_functions`` with EINVAL before anything else; the 6.4 original checked only
     ``end < start`` with ``end = base + nr - 1`` (u32), which wraps to 0xFFFFFFFF for (0, 0), so it went on to
     ``mtree_insert_range(0, 0xFFFFFFFF)``, which overlaps the reserved Arm Architecture Calls ranges: EEXIST.
-    Measured (harness/filter_model.py ZERO_ZERO_MEASURED): 6.12.117, 7.2.13, 7.3.4 give EINVAL, so the check
+    Measured (harness/model/filter_model.py ZERO_ZERO_MEASURED): 6.12.117, 7.2.13, 7.3.4 give EINVAL, so the check
     is in 6.12 stable and later.  Before 6.4 there is no filter (None); 6.4 to 6.11: EEXIST.
     """
     v = release_version(uname)

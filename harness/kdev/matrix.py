@@ -25,12 +25,12 @@ import sys
 import time
 from pathlib import Path
 
-from . import paths
+from .. import paths
 from .report import KernelRun, format_matrix, read_junit, write_html
 
 DEFAULT_KERNELS = ("6.12", "7.2", "default")
 # per kernel: the KVM behaviour suite and upstream's selftests; the harness's own plumbing (infra) is tested
-# once, on the default kernel, by ./smccc-harness test (harness/tiers.py)
+# once, on the default kernel, by ./smccc-harness test (harness/plugin/tiers.py)
 KERNEL_MARKERS = "not slow and not infra"
 # tests of the harness's own commands (they start their own pytest/QEMU on the default kernel): not per kernel
 NOT_PER_KERNEL = ("tests/system/test_kernel_workflow.py", "tests/system/test_bisect.py")

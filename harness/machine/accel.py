@@ -15,7 +15,7 @@ import platform
 import subprocess
 from dataclasses import dataclass
 
-from .errors import SetupError
+from ..errors import SetupError
 
 KVM_CHECK_EXTENSION = 0xAE03  # _IO(KVMIO, 0x03)
 KVM_CAP_ARM_EL2 = 240

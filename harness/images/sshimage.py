@@ -3,7 +3,7 @@
 Only a session that asks for SSH (``GuestSession.create(..., ssh=True)``, pytest ``--ssh``, ``smccc-harness
 boot --ssh``) uses any of this; the default initramfs, its /init and its snapshot key are untouched.
 
-Transport (as harness/l2.py does it): the kernel unpacks *concatenated* newc archives into one rootfs, so the
+Transport (as harness/images/l2.py does it): the kernel unpacks *concatenated* newc archives into one rootfs, so the
 SSH guest's initrd is ``base initramfs + ssh.cpio + keys.cpio``:
 
 * ``ssh.cpio`` (cached by kernel release + package set): dropbear and its libraries from Debian arm64
@@ -19,7 +19,7 @@ SSH guest's initrd is ``base initramfs + ssh.cpio + keys.cpio``:
   host key it generated.
 
 The guest network is QEMU user networking: eth0 10.0.2.15/24, gateway 10.0.2.2; the host reaches the guest's
-port 22 only through the ``hostfwd`` bound to 127.0.0.1 (harness/qemu.py ``MachineConfig.ssh_port``).
+port 22 only through the ``hostfwd`` bound to 127.0.0.1 (harness/machine/qemu.py ``MachineConfig.ssh_port``).
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import SetupError
+from ..paths import cache_dir, prune_newest
 from . import cpio
-from .errors import SetupError
-from .paths import cache_dir, prune_newest
 
 BUILDER_VERSION = "smccc-ssh v1"
 SSH_RDINIT = "/bin/smccc-ssh-init"
@@ -49,7 +49,7 @@ READY_LINE = "smccc-ssh: dropbear listening"
 FAILED_LINE = "smccc-ssh: FAILED"
 
 SSH_INIT = """#!/bin/busybox sh
-# rdinit of an --ssh boot (harness/sshimage.py): network + dropbear in the background, then the usual /init.
+# rdinit of an --ssh boot (harness/images/sshimage.py): network + dropbear in the background, then the usual /init.
 /bin/busybox sh /etc/smccc-ssh.sh &
 exec /init
 """

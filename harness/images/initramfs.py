@@ -24,9 +24,9 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from ..errors import AssetError
+from ..paths import IMAGES_DIR, REPO_ROOT, cache_dir, prune_newest
 from . import cpio
-from .errors import AssetError
-from .paths import IMAGES_DIR, REPO_ROOT, cache_dir, prune_newest
 
 BUILDER_VERSION = 1
 PY = "python3.13"
@@ -139,7 +139,7 @@ def initramfs_key(package_shas: dict[str, str], files: dict[str, bytes]) -> str:
 def _qemu_user() -> str:
     q = shutil.which("qemu-aarch64") or shutil.which("qemu-aarch64-static")
     if not q:
-        from .errors import SetupError
+        from ..errors import SetupError
 
         raise SetupError("qemu-aarch64 (qemu-user) is not installed; it byte-compiles the guest's stdlib",
                          hint="apt-get install qemu-user  (on Debian 12: -t bookworm-backports), or: smccc-harness setup")

@@ -23,9 +23,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import paths
+from .. import paths
+from ..errors import SetupError
 from .assets import KernelAsset
-from .errors import SetupError
 
 ARM64_MAGIC = b"ARM\x64"
 BANNER_RE = re.compile(rb"Linux version (\S+) \(([^)]*)\)[^\n\x00]{0,300}")
@@ -301,7 +301,7 @@ class CapExpectation:
 
 # What each kernel series must offer.  A kernel that should have a capability and lacks it fails
 # tests/system/test_capabilities.py with the line below; the tests that need it skip (skip_reason), and
-# `smccc-harness bisect` treats those skips as 125, not good (harness/bisect.py).
+# `smccc-harness bisect` treats those skips as 125, not good (harness/kdev/bisect.py).
 EXPECTED_CAPS: tuple[CapExpectation, ...] = (
     CapExpectation("kvm", True, (0, 0), False,
                    "the guest boots at EL2 (virtualization=on): /dev/kvm must exist"),

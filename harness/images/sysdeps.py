@@ -13,7 +13,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SetupError
+from ..errors import SetupError
 
 MIN_QEMU = (9, 0, 0)
 BACKPORTS_LIST = Path("/etc/apt/sources.list.d/smccc-harness-backports.list")

@@ -44,8 +44,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import paths
-from .errors import HarnessError
+from .. import paths
+from ..errors import HarnessError
 
 FRAGMENT = paths.REPO_ROOT / "images" / "kernel.config"
 SSH_FRAGMENT = paths.REPO_ROOT / "images" / "kernel-ssh.config"   # `kernel build --ssh`: + TCP/IP, virtio-net
@@ -158,7 +158,7 @@ def debian_llvm_for(src: Path | None, candidates=None) -> str | None:
     (bookworm: clang 14 is too old for 7.x, clang-19 is in bookworm), else None.
 
     ``candidates``: {package: apt candidate version} for the unit tests; default asks apt-cache."""
-    from . import sysdeps
+    from ..images import sysdeps
     want = (min_tool_version(src, "llvm") if src else None) or (0,)
     look = candidates if candidates is not None else None
 
@@ -201,7 +201,7 @@ def resolve_toolchain(*, llvm: str | None = None, cross_compile: str | None = No
         if llvm != "1" and not llvm.startswith("-") and not llvm.endswith("/"):
             raise HarnessError(f"LLVM={llvm!r}: kbuild takes LLVM=1, LLVM=-<version> (e.g. -19) or "
                                "LLVM=<dir>/ (ending in /)", hint="e.g. LLVM=1 for Debian's clang, lld and llvm")
-        from . import sysdeps
+        from ..images import sysdeps
         tools = {t: llvm_tool(llvm, t) for t in ("clang", "ld.lld", "llvm-ar", "llvm-objcopy", "llvm-nm")}
         missing = [cmd for cmd in tools.values() if not _which(cmd)]
         if missing and install_llvm and llvm_packages(llvm):
@@ -235,11 +235,11 @@ def resolve_toolchain(*, llvm: str | None = None, cross_compile: str | None = No
                                hint="fix the prefix or PATH, or unset CROSS_COMPILE to use Debian's "
                                     "gcc-aarch64-linux-gnu (installed by the harness), or set LLVM=1")
         if install:
-            from . import sysdeps
+            from ..images import sysdeps
             sysdeps.ensure_kbuild_packages(progress=progress, cross=False)
         return Toolchain(llvm="", cross_compile=cross, cc=cc, version=_version_line(cc), origin=origin_cc)
     if install:
-        from . import sysdeps
+        from ..images import sysdeps
         sysdeps.ensure_kbuild_packages(progress=progress)
     cc = CROSS + "gcc"
     if not _which(cc):
@@ -502,7 +502,7 @@ def build(src: str | os.PathLike, out: str | os.PathLike | None = None, *, jobs:
     them), e.g. ``[FRAGMENT, SSH_FRAGMENT]``.  ``config``: None (allnoconfig), a .config path, "defconfig" or
     "olddefconfig".  ``llvm``/``cross_compile``: None = the environment's LLVM / CROSS_COMPILE."""
     fragments = [Path(f) for f in (fragment if isinstance(fragment, (list, tuple)) else [fragment])]
-    from .kernel import image_banner
+    from ..images.kernel import image_banner
     src = Path(src).resolve()
     if not (src / "Makefile").is_file() or not (src / "arch" / "arm64").is_dir():
         raise HarnessError(f"{src} is not a Linux source tree (no Makefile or arch/arm64)",
@@ -545,7 +545,7 @@ def build(src: str | os.PathLike, out: str | os.PathLike | None = None, *, jobs:
 # ---- Debian's kernel source ------------------------------------------------------------------------
 def source_tree(progress=print) -> Path:
     """Debian's linux-source-7.3 unpacked once under the cache (read-only use: build with O=)."""
-    from .assets import Store
+    from ..images.assets import Store
     have = sorted((paths.cache_dir() / "ksrc").glob(f"*/{SOURCE_PACKAGE}/Makefile"), key=lambda p: p.stat().st_mtime)
     if have:  # already unpacked: no network (git bisect runs offline)
         return have[-1].parent
@@ -613,7 +613,7 @@ def _cmd_source(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    from .kernel import resolve_kernel, vmlinux_of
+    from ..images.kernel import resolve_kernel, vmlinux_of
     k = resolve_kernel(args.path)
     vm = vmlinux_of(k)
     print(json.dumps({"image": str(k.image), "version": k.version, "sha256": k.sha256,

@@ -21,7 +21,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import paths
+from .. import paths
 
 SYMBOL = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped": "SKIP", "xfailed": "XFAIL", None: "-"}
 
@@ -39,7 +39,7 @@ def harness_commit() -> str:
 def suite_properties(kernel=None, caps: dict | None = None, qemu_bin: str = "qemu-system-aarch64",
                      accel: str = "", initrd: Path | None = None) -> list[tuple[str, str]]:
     """(name, value) pairs describing the run; every value is a string, unknowns are 'unknown'."""
-    from . import assets, sysdeps
+    from ..images import assets, sysdeps
     props: list[tuple[str, str]] = []
     caps = caps or {}
     if kernel is not None:

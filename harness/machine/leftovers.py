@@ -4,7 +4,7 @@ The fault tests (tests/system/test_faults.py) assert that none is left after a f
 calls :func:`sweep_stale_sockets` at start-up, so even a harness killed with SIGKILL (QEMU dies with it,
 PR_SET_PDEATHSIG) leaves no socket behind for long.
 
-A reusable VM (``--reuse-vm``, harness/reuse.py) outlives its pytest on purpose: its directory
+A reusable VM (``--reuse-vm``, harness/machine/reuse.py) outlives its pytest on purpose: its directory
 (``reuse-vm-<name>``) is never swept while its QEMU runs; once that QEMU is gone its sockets are removed (its
 state file stays, so the next attach can say what happened).
 
@@ -30,8 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import HarnessError
-from .paths import cache_dir
+from ..errors import HarnessError
+from ..paths import cache_dir
 
 # Temporary names the harness creates (tempfile prefixes in assets.py, payloads.py, initramfs.py).
 CACHE_TEMP_GLOBS = ("debs/.dl-*", "extract/.x-*", "firmware/.build-*", "initramfs/.build-*", "initramfs/.guest-*",

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from . import paths
-from .console import scan_failures
-from .errors import HarnessError
+from .. import paths
+from ..errors import HarnessError
+from ..machine.console import scan_failures
 
 OPT_GROUP = "smccc-harness"
 _POOL_KEY = pytest.StashKey["GuestPool"]()
@@ -70,7 +70,7 @@ def pytest_configure(config):
     rd = config.getoption("--results-dir", None)
     if rd:
         os.environ["SMCCC_HARNESS_RESULTS"] = str(Path(rd).resolve())
-    from .leftovers import sweep_stale_sockets
+    from ..machine.leftovers import sweep_stale_sockets
     try:    # sockets of earlier runs whose pytest was SIGKILLed (their QEMU died with it: PR_SET_PDEATHSIG)
         sweep_stale_sockets(paths.results_root())
     except OSError:
@@ -125,11 +125,11 @@ def say_uncaptured(config, msg: str) -> None:
 
 
 def resolve_accel(accel: str) -> str:
-    """tcg as asked; kvm/auto probe the host's KVM for nested virt (harness/accel.py): an impossible
+    """tcg as asked; kvm/auto probe the host's KVM for nested virt (harness/machine/accel.py): an impossible
     ``--accel kvm`` raises SetupError naming what is missing instead of falling back to TCG."""
     if accel == "tcg":
         return accel
-    from .accel import resolve
+    from ..machine.accel import resolve
     return resolve(accel).accel
 
 
@@ -137,7 +137,7 @@ def _guest_death(dead) -> BaseException | None:
     """The error for a pool guest found dead when a test asks for one (None: its failure was already raised
     to the test whose request broke it, ``broken``; the pool then boots a new guest, with a warning).
     Never a silent replacement: the error names what the console showed since the last scan."""
-    from .errors import GuestError
+    from ..errors import GuestError
     if dead.broken is not None:
         import warnings
         warnings.warn(f"the previous guest broke during a request ({dead.broken.splitlines()[0]}); "
@@ -196,9 +196,9 @@ class GuestPool:
 
     def resolve_assets(self) -> dict:
         if self.assets is None:
-            from . import assets, initramfs
-            from .kernel import resolve_kernel
-            from .sysdeps import check_qemu
+            from ..images import assets, initramfs
+            from ..images.kernel import resolve_kernel
+            from ..images.sysdeps import check_qemu
             check_qemu(self.config.getoption("--qemu-bin"))     # missing / too old: one clear error
             kernel = self._step("kernel", lambda: resolve_kernel(self.config.getoption("--kernel"), progress=self.say))
             rootfs = self._step("rootfs packages", lambda: assets.ensure_rootfs(progress=self.say))
@@ -218,7 +218,7 @@ class GuestPool:
             self.say(f"guest ready: {t.get('warm_start_s') or t.get('ready_s')} s")
 
     def get(self, fresh: bool = False):
-        from .session import GuestSession
+        from ..machine.session import GuestSession
         if self.session is not None and self.session.alive():
             return self.session
         if self.boot_error is not None:
@@ -257,10 +257,10 @@ class GuestPool:
 
     def _reused(self, fresh: bool):
         """--reuse-vm: attach to the reusable VM (or start it) instead of booting a guest of this run
-        (harness/reuse.py).  Another run attached to it: an ordinary guest of this run, with a warning."""
-        from . import reuse
-        from .kernel import resolve_kernel
-        from .sysdeps import check_qemu
+        (harness/machine/reuse.py).  Another run attached to it: an ordinary guest of this run, with a warning."""
+        from ..images.kernel import resolve_kernel
+        from ..images.sysdeps import check_qemu
+        from ..machine import reuse
         opt = self.config.getoption
         try:
             check_qemu(opt("--qemu-bin"))
@@ -295,7 +295,7 @@ class GuestPool:
     def spawn(self, snapshots: bool | None = None):
         """A started guest of the caller's own (not handed to other tests), with the pool's options;
         ``snapshots`` None = as ``--no-snapshot`` says.  Closed with the pool at the latest."""
-        from .session import GuestSession
+        from ..machine.session import GuestSession
         a = self.resolve_assets()
         opt = self.config.getoption
         s = GuestSession.create(
@@ -326,7 +326,9 @@ def guest(guest_pool, request):
         g = guest_pool.get()
     except HarnessError as e:
         pytest.fail(str(e) if getattr(e, "guest_died", False) else f"guest did not come up: {e}", pytrace=False)
-    from .kernel import skip_reason  # the capability -> skip-reason table (unit-tested in tests/unit/test_kernel.py)
+    from ..images.kernel import (
+        skip_reason,
+    )
     reason = skip_reason(g.caps, {m.name for m in request.node.iter_markers()})
     if reason:
         pytest.skip(reason)
@@ -467,7 +469,7 @@ def pytest_runtest_call(item):
 
 
 def _error_kind(exc: BaseException | None) -> str:
-    """What a setup/teardown error is evidence of, for ``git bisect run`` (harness/bisect.py ``OUTCOMES``):
+    """What a setup/teardown error is evidence of, for ``git bisect run`` (harness/kdev/bisect.py ``OUTCOMES``):
     ``boot`` (the guest never came up: GuestPool tags its boot errors), ``kernel_crash`` (the error carries
     a console finding: a splat, panic or Oops after the guest was up) or ``error`` (anything else)."""
     seen = set()
@@ -501,7 +503,7 @@ def _symbolized(config, excerpt: str) -> str:
     """pc/lr of a panic excerpt resolved with the kernel's vmlinux, when --kernel named one (else '')."""
     pool = config.stash.get(_POOL_KEY, None)
     kernel = (pool.assets or {}).get("kernel") if pool is not None else None
-    from .kernel import symbolize_for
+    from ..images.kernel import symbolize_for
     text = symbolize_for(kernel, excerpt)
     return f"\n{text}" if text else ""
 
@@ -533,7 +535,7 @@ def _save_test_console(item):
         return
     g, pos = mark
     try:
-        from .report import save_test_console
+        from ..kdev.report import save_test_console
         p = save_test_console(Path(g.console_log).parent, item.nodeid, g.machine.console.since(pos))
         item.user_properties.append(("test_console_log", str(p)))
     except Exception as e:  # noqa: BLE001 - a dead console must not turn into a teardown error
@@ -558,10 +560,10 @@ def pytest_sessionfinish(session):
                 tr.write_line(text)
     pool = session.config.stash.get(_POOL_KEY, None)
     opt = session.config.getoption
-    from .report import suite_properties
+    from ..kdev.report import suite_properties
     if xml is not None and (pool is None or not pool.assets) and _is_xdist_controller(session.config):
         try:  # the workers booted the guests; the controller writes the JUnit file: describe the kernel file
-            from .kernel import resolve_kernel
+            from ..images.kernel import resolve_kernel
             for name, value in suite_properties(resolve_kernel(opt("--kernel")), {}, opt("--qemu-bin"),
                                                 resolve_accel(opt("--accel"))):
                 xml.add_global_property(name, value)
@@ -696,7 +698,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 def _workers_reused_vms(root: Path) -> list[str]:
     """Under xdist the workers hold the reusable VMs: one line per worker VM still running (from its state
     file), and how to stop them all."""
-    from . import reuse
+    from ..machine import reuse
     out = []
     for d in reuse.all_vm_dirs(root):
         try:

@@ -3,10 +3,10 @@
     git bisect start BAD GOOD
     git bisect run smccc-harness bisect -- -k "test_hypercall_flags_name_the_conduit and smc"
 
-Each step builds the checked-out tree (harness/kbuild.py: persistent O=, ccache; incremental after a
+Each step builds the checked-out tree (harness/kdev/kbuild.py: persistent O=, ccache; incremental after a
 checkout), boots it, runs the selected tests in a pytest subprocess, and exits with the code ``git bisect run``
 understands (git-bisect(1), "Bisect run": 0 good, 1-127 except 125 bad, 125 skip, anything else aborts the
-bisect).  ``OUTCOMES`` below is the only place outcomes map to exit codes (the table in harness/plugin.py's
+bisect).  ``OUTCOMES`` below is the only place outcomes map to exit codes (the table in harness/plugin/__init__.py's
 docstring and the README's "Outcomes" are checked against it by tests/unit/test_bisect.py):
 
 | outcome   | what happened                                                         | exit |
@@ -25,7 +25,7 @@ Why a skip is not "good": a kernel that lost KVM_CAP_ARM_EL2, E2H0 or the SMCCC 
 need it into skips; calling that step good would let a regression that removes a capability bisect as good.
 ``--skips-ok`` is for selections that are expected to skip part of their parametrisation on every commit.
 How a setup error is told apart: the plugin records a ``smccc_error`` property on the test case (JUnit)
-naming ``kernel_crash`` (a console finding, harness/plugin.py ``_error_kind``), ``boot`` or ``error``; output
+naming ``kernel_crash`` (a console finding, harness/plugin/__init__.py ``_error_kind``), ``boot`` or ``error``; output
 after the last test is the suite property ``smccc_after_last_test``.
 
 A test failure is never 128+ or 255 (which would abort the bisect), and "no tests collected" is never good.
@@ -42,8 +42,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import paths
-from .errors import HarnessError
+from .. import paths
+from ..errors import HarnessError
 
 GOOD, BAD, SKIP, ABORT = 0, 1, 125, 128
 

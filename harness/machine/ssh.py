@@ -1,8 +1,8 @@
-"""The host end of the opt-in SSH channel into the guest (guest side: harness/sshimage.py).
+"""The host end of the opt-in SSH channel into the guest (guest side: harness/images/sshimage.py).
 
 * :class:`SshKeys`: a fresh ed25519 client key and a fresh ed25519 host key per run (``cryptography``),
   the client's ``authorized_keys`` line and the host key in OpenSSH format for the guest.
-* :func:`free_port`: a free TCP port on 127.0.0.1 for QEMU's ``hostfwd`` (harness/qemu.py
+* :func:`free_port`: a free TCP port on 127.0.0.1 for QEMU's ``hostfwd`` (harness/machine/qemu.py
   ``MachineConfig.ssh_port``; the forward is bound to 127.0.0.1 only).
 * :class:`SshChannel`: a paramiko client that only accepts the host key it generated (no AutoAddPolicy),
   offers only the client key (no agent, no key files, no password): ``run(cmd, timeout) -> (rc, out, err)``
@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import GuestError
+from ..errors import GuestError
 
 LOOPBACK = "127.0.0.1"
 
@@ -176,7 +176,7 @@ def push_guest_code(session, files: dict[str, Path] | None = None, timeout: floa
     Returns the guest paths written.  The running agent still has the old code: see :func:`reload_agent`."""
     import hashlib
 
-    from .initramfs import guest_sources
+    from ..images.initramfs import guest_sources
     ch: SshChannel = session.ssh
     if ch is None:
         raise GuestError("this guest was not booted with SSH", hint="GuestSession.create(..., ssh=True) / --ssh")

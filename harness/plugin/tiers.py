@@ -73,5 +73,5 @@ def pytest_report_collectionfinish(config, start_path, items):
     if not counts:
         return None
     what = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
-    return (f"smccc-harness: left out {what} test(s) (harness/tiers.py); the CI suite is "
+    return (f"smccc-harness: left out {what} test(s) (harness/plugin/tiers.py); the CI suite is "
             "`./smccc-harness test` or `pytest -m 'not slow'`, one tier: `pytest -m infra|upstream|slow`")
