@@ -16,6 +16,7 @@ Timing lives here, never in asserting tests.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -55,15 +56,15 @@ def loadavg() -> str:
 
 class Assets:
     def __init__(self, kernel_spec: str):
-        from harness.images import assets, initramfs
-        from harness.images.kernel import resolve_kernel
-        self.kernel = resolve_kernel(kernel_spec)
-        self.initrd = initramfs.build_initramfs(assets.ensure_rootfs(progress=lambda m: None),
-                                                progress=lambda m: None)
+        from harness.machine.guests import GuestOptions, guest_assets
+        self.opts = GuestOptions(kernel=kernel_spec, accel="tcg")
+        self.assets = guest_assets(self.opts, progress=lambda m: None)
+        self.kernel, self.initrd = self.assets.kernel, self.assets.initrd
 
     def session(self, prefix: str, *, snapshots: bool, smp: int = 1) -> GuestSession:
-        return GuestSession.create(self.kernel.image, self.initrd, paths.new_run_dir(prefix), smp=smp,
-                                   snapshots=snapshots)
+        from harness.machine.guests import new_session
+        return new_session(dataclasses.replace(self.opts, snapshots=snapshots, smp=smp), paths.new_run_dir(prefix),
+                           assets=self.assets)
 
 
 _SCENARIOS: list = []
@@ -199,15 +200,13 @@ def section_warm(a: Assets, n: int, results: dict) -> None:
 
 PROBE = r"""
 import json, sys, time
-from harness.images import assets, initramfs
 from harness import paths
-from harness.images.kernel import resolve_kernel
-from harness.machine.session import GuestSession
+from harness.machine.guests import GuestOptions, guest_assets, new_session
 t_imports = time.monotonic()
-k = resolve_kernel(sys.argv[1]); i = initramfs.build_initramfs(assets.ensure_rootfs(progress=lambda m: None),
-                                                                progress=lambda m: None)
+opts = GuestOptions(kernel=sys.argv[1], accel="tcg", snapshots=sys.argv[2] == "warm")
+a = guest_assets(opts, progress=lambda m: None)
 t_assets = time.monotonic()
-s = GuestSession.create(k.image, i, paths.new_run_dir("bench-proc"), snapshots=sys.argv[2] == "warm")
+s = new_session(opts, paths.new_run_dir("bench-proc"), assets=a)
 s.start()
 t_ready = time.monotonic()
 s.close()

@@ -7,6 +7,7 @@ are passed through.  Errors the user can fix print ``error: ...`` and ``hint: ..
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -114,21 +115,15 @@ def _results_root(args) -> Path | None:
 
 
 def _session(args, append: str = "", ssh: bool = False):
+    """The guest of boot / run-payload / selftests run: harness/machine/guests.py, from the CLI's arguments."""
+    from .machine.guests import GuestOptions, guest_assets, new_session
     append = " ".join(a for a in (getattr(args, "append", "") or "", append) if a)   # --append, then ours
-    from .images import assets, initramfs
-    from .images.kernel import resolve_kernel
-    from .images.sysdeps import check_qemu
-    from .machine.session import GuestSession
-    from .plugin import resolve_accel
-    check_qemu(args.qemu_bin)       # missing or too old: say so (and how to fix it) before anything else
-    k = resolve_kernel(args.kernel)
-    cpio = initramfs.build_initramfs(assets.ensure_rootfs(progress=_progress), progress=_progress)
+    opts = GuestOptions.from_args(args, append=append, ssh=ssh)
+    if getattr(args, "shell", False):
+        opts = dataclasses.replace(opts, snapshots=False)
+    a = guest_assets(opts, progress=_progress)
     run_dir = paths.new_run_dir(args.command.replace("-", "_"), _results_root(args))
-    from .machine.snapshot import disabled_by_env
-    warm = not (getattr(args, "no_snapshot", False) or disabled_by_env() or getattr(args, "shell", False))
-    return GuestSession.create(k.image, cpio, run_dir, accel=resolve_accel(args.accel), append=append,
-                               qemu_bin=args.qemu_bin, boot_deadline_s=args.boot_timeout, snapshots=warm,
-                               ssh=ssh), k
+    return new_session(opts, run_dir, assets=a), a.kernel
 
 
 def cmd_boot(args) -> int:
@@ -221,7 +216,7 @@ def cmd_vm(args) -> int:
     if args.action == "start":
         from .images.kernel import resolve_kernel
         from .images.sysdeps import check_qemu
-        from .plugin import resolve_accel
+        from .machine.accel import resolve_accel
         check_qemu(args.qemu_bin)
         k = resolve_kernel(args.kernel)
         root = _results_root(args)
@@ -400,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
         from .machine.leftovers import KEEP_RUNS_ENV
         os.environ[KEEP_RUNS_ENV] = str(args.keep_runs)
     try:
+        if hasattr(args, "results_dir") and args.command not in ("run", "test"):   # pytest prunes for run/test
+            from .machine.leftovers import prune_at_start
+            prune_at_start(_results_root(args) or paths.results_root())
         return int(args.func(args) or 0)
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -26,24 +26,11 @@ def results_root() -> Path:
     return Path(os.environ.get("SMCCC_HARNESS_RESULTS", "runs")).resolve()
 
 
-_pruned: set[tuple[int, Path]] = set()     # (pid, root): retention already applied by this process
-
-
 def new_run_dir(prefix: str = "run", root: Path | None = None) -> Path:
-    """A fresh, private (0700) directory for one run's console log, traces and sockets.
-
-    The first call of a process for a root first prunes that root to the newest ``$SMCCC_KEEP_RUNS`` (default
-    50) run directories, never one whose run is still going (harness.leftovers.prune_runs)."""
+    """A fresh, private (0700) directory for one run's console log, traces and sockets.  (Retention of old
+    ones: harness/machine/leftovers.py ``prune_at_start``, called when a pytest run or a CLI command starts.)"""
     root = Path(root or results_root())
     root.mkdir(parents=True, exist_ok=True)
-    if (os.getpid(), root.resolve()) not in _pruned:
-        from .machine.leftovers import keep_runs, prune_runs
-        keep = keep_runs()          # a bad $SMCCC_KEEP_RUNS is an error before the run starts
-        _pruned.add((os.getpid(), root.resolve()))
-        try:
-            prune_runs(root, keep)
-        except OSError:             # retention must never fail a run
-            pass
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for n in range(1000):
         d = root / f"{prefix}-{stamp}-{os.getpid()}-{n}"

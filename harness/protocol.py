@@ -35,6 +35,7 @@ RAM_BASE = 0x4000_0000
 RAM_SIZE_DEFAULT = 0x20_0000  # 2 MiB
 PARAM_BASE = 0x4010_0000      # parameter block written by the handler before the first run
 RESULT_BASE = 0x4010_8000     # result block written by the payload
+RESULT_BLOCK_SIZE = 0x4000   # bytes at RESULT_BASE the VMM returns: covers every payload's result block
 STACK_SIZE = 0x1000
 MAX_VCPUS = 8
 

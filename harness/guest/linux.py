@@ -26,7 +26,7 @@ import time
 
 from .. import protocol as P
 from . import fdt, kvm, psci, smccc
-from .runner import GRAVEYARD, ScenarioRun, _VcpuState
+from .runner import GRAVEYARD, ScenarioRun, VcpuState
 from .uart import Pl011
 from .vm import Vm
 
@@ -274,7 +274,7 @@ class LinuxRun(ScenarioRun):
             v.set_mp_state(kvm.KVM_MP_STATE_STOPPED)
         self.psci = psci.Psci([psci.CpuState(m, i == 0) for i, m in enumerate(mpidrs)], minor=s["psci_minor"])
         self.userspace_power = s["psci"] == "fwd"
-        self.vstate = [_VcpuState(on=(v.index == 0 or not self.userspace_power)) for v in self.vm.vcpus]
+        self.vstate = [VcpuState(on=(v.index == 0 or not self.userspace_power)) for v in self.vm.vcpus]
         self.layout = {"kernel": kernel_addr, "kernel_bytes": len(image), "image_size": image_size,
                        "initrd": initrd_addr, "initrd_bytes": len(initrd), "dtb": dtb_addr, "dtb_bytes": len(dtb),
                        "ram": [RAM_BASE, ram], "mpidrs": mpidrs, "bootargs": bootargs(s),

@@ -28,7 +28,6 @@ from . import kvm, psci, smccc
 from .trace import Trace
 from .vm import Vcpu, Vm
 
-RESULT_BLOCK_SIZE = 0x4000
 MAX_EXITS_DEFAULT = 100_000     # per scenario: more KVM_RUN exits than this end the run as "exit_storm"
 TRACE_LIMIT_DEFAULT = 4096      # trace records sent back per scenario; later ones are counted, the last kept
 # VMs whose vCPUs had EL2: never destroyed (destroying a nested VM costs 6-8 s under TCG and can lock up a
@@ -52,7 +51,7 @@ def reg_id(name) -> int:
         raise P.ProtocolError(f"unknown register {name!r}; known: {sorted(REG_NAMES)}") from None
 
 
-class _VcpuState:
+class VcpuState:
     def __init__(self, on: bool):
         self.parked = not on            # waiting in userspace for a forwarded CPU_ON
         self.pending_on: tuple | None = None
@@ -170,7 +169,7 @@ class ScenarioRun:
         cpu_on_fwd = any(self.filter.action_for(f) == kvm.KVM_SMCCC_FILTER_FWD_TO_USER
                          for f in (psci.CPU_ON, psci.CPU_ON64))
         self.userspace_power = cpu_on_fwd
-        self.vstate = [_VcpuState(on=(v.index == 0 or not cpu_on_fwd)) for v in self.vm.vcpus]
+        self.vstate = [VcpuState(on=(v.index == 0 or not cpu_on_fwd)) for v in self.vm.vcpus]
 
     # ---- run -----------------------------------------------------------------------------------------
     def finish(self, outcome: str) -> None:
@@ -240,7 +239,7 @@ class ScenarioRun:
             for vc in (v, self.vm.vcpus[idx]):
                 vc.thread_ident = None      # never signal a thread that has exited
 
-    def _dispatch(self, v: Vcpu, st: _VcpuState, reason: int) -> None:
+    def _dispatch(self, v: Vcpu, st: VcpuState, reason: int) -> None:
         if reason == kvm.KVM_EXIT_HYPERCALL:
             self._hypercall(v, st)
         elif reason == kvm.KVM_EXIT_MMIO:
@@ -257,7 +256,7 @@ class ScenarioRun:
                            raw=base64.b64encode(v.raw_union()).decode(), pc=v.pc)
             self.finish("error")
 
-    def _hypercall(self, v: Vcpu, st: _VcpuState) -> None:
+    def _hypercall(self, v: Vcpu, st: VcpuState) -> None:
         nr, flags = v.hypercall()
         fid = nr & 0xFFFF_FFFF
         args = v.get_xs(18)
@@ -316,7 +315,7 @@ class ScenarioRun:
             self.pausing = False
             self.cond.notify_all()
 
-    def _apply(self, v: Vcpu, st: _VcpuState, effect: tuple) -> None:
+    def _apply(self, v: Vcpu, st: VcpuState, effect: tuple) -> None:
         kind = effect[0]
         if kind == "cpu_on":
             _, target, entry, ctx = effect
@@ -339,7 +338,7 @@ class ScenarioRun:
                            data=[flags], by="psci")
             self.finish("system_event")
 
-    def _mmio(self, v: Vcpu, st: _VcpuState) -> None:
+    def _mmio(self, v: Vcpu, st: VcpuState) -> None:
         addr, data, length, is_write = v.mmio()
         value = int.from_bytes(data, "little")
         if P.REPORT_BASE <= addr < P.REPORT_BASE + P.REPORT_SIZE and is_write:
@@ -410,7 +409,7 @@ class ScenarioRun:
         stuck, vcpus = self._run_vcpus()
         t2 = time.monotonic()
         late = self._install_filters(self.spec.get("late_filters", [])) if not stuck else []
-        block = self.mem.read(P.RESULT_BASE, RESULT_BLOCK_SIZE).rstrip(b"\0")
+        block = self.mem.read(P.RESULT_BASE, P.RESULT_BLOCK_SIZE).rstrip(b"\0")
         result = {
             "name": self.spec["name"], "outcome": self.outcome, "exit_code": self.exit_code,
             "events": self.trace.export(), "filters": self.filter_results, "late_filters": late,

@@ -703,7 +703,7 @@ class Store:
 _summary: dict = {}
 
 
-def _find_kernel_files(dirs: list[Path]) -> tuple[Path, Path | None, str]:
+def find_kernel_files(dirs: list[Path]) -> tuple[Path, Path | None, str]:
     image = config = None
     version = ""
     for d in dirs:
@@ -753,11 +753,11 @@ def ensure_kernel(spec: str = "default", progress=print) -> KernelAsset:
     store = Store(progress)
     entries = store.kernel_packages(spec)
     dirs = [store.extract(e) for e in entries]
-    image, config, version = _find_kernel_files(dirs)
+    image, config, version = find_kernel_files(dirs)
     image_sha = _check_extracted_image(store, entries, dirs, image)
     if image_sha is None:   # the extracted Image changed since it was extracted: extract it again
         dirs = [store.extract(e) for e in entries]
-        image, config, version = _find_kernel_files(dirs)
+        image, config, version = find_kernel_files(dirs)
         image_sha = _check_extracted_image(store, entries, dirs, image)
         if image_sha is None:
             raise AssetError(f"{image} does not match the sha256 recorded when it was extracted, even after "

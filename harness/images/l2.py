@@ -138,8 +138,8 @@ def linux_request(name: str, *, vcpus: int = 2, method: str = "hvc", psci: str =
 
 
 def run_linux(session, request: dict):
-    """Send a ``linux`` request; returns a :class:`harness.session.ScenarioResult` (trace saved in the run dir)."""
-    from ..machine.session import ScenarioResult
+    """Send a ``linux`` request; returns a :class:`harness.model.results.ScenarioResult` (trace saved in the run dir)."""
+    from ..model.results import ScenarioResult
 
     mark = session.machine.console.mark()
     raw = session.request("linux", request, request["deadline_s"] * request.get("max_boots", 1) + 60.0)

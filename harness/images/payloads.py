@@ -49,7 +49,7 @@ LINKER_SCRIPT = "payload.ld"
 SOURCE_SUFFIXES = (".S", ".inc", ".ld")
 
 # ---- constants shared with firmware/common.inc ----------------------------------------------------
-RESULT_BLOCK_SIZE = 0x4000     # bytes at RESULT_BASE that cover every payload's result block
+RESULT_BLOCK_SIZE = protocol.RESULT_BLOCK_SIZE   # harness/protocol.py
 FATAL_SLOT_VECTOR, FATAL_SLOT_ESR, FATAL_SLOT_ELR, FATAL_SLOT_FAR, FATAL_SLOT_SPSR = 504, 505, 506, 507, 508
 DONE_OK = 0
 DONE_UNEXPECTED = 0xE1         # unexpected exception (fatal report slots 504..508 or a trap log)

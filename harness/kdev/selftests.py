@@ -496,12 +496,13 @@ def cmd_build(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from ..cli import _session
+    from ..machine.guests import GuestOptions, new_session
     source = resolve_source(args.src, args.kernel)
     tests = _tests_arg(args, source)
     b = build(source, tests, jobs=args.jobs)
     _progress_default(f"selftests of {source.label}: {'cached' if b.cached else 'built'} in {b.seconds:.1f} s")
-    s, _ = _session(args)
+    root = Path(args.results_dir).resolve() if getattr(args, "results_dir", None) else None
+    s = new_session(GuestOptions.from_args(args), paths.new_run_dir("selftests_run", root), progress=_progress_default)
     failed = 0
     with s:
         _progress_default(f"guest ready in {s.timings.get('ready_s')} s; kernel {s.caps.get('uname')}; "

@@ -130,3 +130,11 @@ def _resolve(requested: str, qemu_bin: str, host: HostKvm | None) -> AccelPlan:
                 raise SetupError(f"--accel kvm is unavailable: {msg}", hint="use --accel tcg, or a newer QEMU")
             return AccelPlan("tcg", "max", True, f"accel auto -> tcg: {msg}")
     return p
+
+
+def resolve_accel(accel: str, qemu_bin: str = "qemu-system-aarch64") -> str:
+    """tcg as asked; kvm/auto probe the host's KVM for nested virt (:func:`resolve`): an impossible ``--accel kvm``
+    raises SetupError naming what is missing instead of falling back to TCG."""
+    if accel == "tcg":
+        return accel
+    return resolve(accel, qemu_bin).accel

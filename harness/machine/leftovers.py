@@ -342,3 +342,22 @@ def prune_runs(root: Path, keep: int | None = None) -> list[Path]:
         if not d.exists():
             removed.append(d)
     return removed
+
+
+_pruned: set[tuple[int, Path]] = set()     # (pid, root): retention already applied by this process
+
+
+def prune_at_start(root: Path) -> list[Path]:
+    """Retention when a run starts (pytest_configure, the CLI): the first call of a process for ``root`` prunes
+    it to the newest ``$SMCCC_KEEP_RUNS`` run directories (:func:`prune_runs`); later calls do nothing.  A bad
+    ``$SMCCC_KEEP_RUNS`` is a HarnessError before the run starts; a file system error never fails a run."""
+    root = Path(root)
+    key = (os.getpid(), root.resolve())
+    if key in _pruned:
+        return []
+    keep = keep_runs()
+    _pruned.add(key)
+    try:
+        return prune_runs(root, keep)
+    except OSError:
+        return []

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..images.kernel import release_version
+from .capabilities import release_version
 
 
 @dataclass(frozen=True)

@@ -70,11 +70,16 @@ def pytest_configure(config):
     rd = config.getoption("--results-dir", None)
     if rd:
         os.environ["SMCCC_HARNESS_RESULTS"] = str(Path(rd).resolve())
-    from ..machine.leftovers import sweep_stale_sockets
+    from ..machine.leftovers import prune_at_start, sweep_stale_sockets
     try:    # sockets of earlier runs whose pytest was SIGKILLed (their QEMU died with it: PR_SET_PDEATHSIG)
         sweep_stale_sockets(paths.results_root())
     except OSError:
         pass
+    if not hasattr(config, "workerinput"):     # retention of runs/: once, by the controller (or the only process)
+        try:
+            prune_at_start(paths.results_root())
+        except HarnessError as e:
+            raise pytest.UsageError(f"{e} ({e.hint})" if getattr(e, "hint", "") else str(e)) from None
     # SMCCC_REUSE_VM is for this pytest only: pytest subprocesses that tests start (fault tests, bisect,
     # matrix) boot guests of their own, which die with them (xdist workers get the option value, not the env).
     os.environ.pop("SMCCC_REUSE_VM", None)
@@ -326,9 +331,7 @@ def guest(guest_pool, request):
         g = guest_pool.get()
     except HarnessError as e:
         pytest.fail(str(e) if getattr(e, "guest_died", False) else f"guest did not come up: {e}", pytrace=False)
-    from ..images.kernel import (
-        skip_reason,
-    )
+    from ..model.capabilities import skip_reason  # the capability -> skip-reason table (tests/unit/test_kernel.py)
     reason = skip_reason(g.caps, {m.name for m in request.node.iter_markers()})
     if reason:
         pytest.skip(reason)

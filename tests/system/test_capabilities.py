@@ -1,12 +1,12 @@
-"""Capabilities of the booted kernel: expectations per kernel series (harness/images/kernel.py EXPECTED_CAPS), not only
+"""Capabilities of the booted kernel: expectations per kernel series (harness/model/capabilities.py EXPECTED_CAPS), not only
 skip conditions.  A kernel that should offer KVM_CAP_ARM_EL2, E2H0 or the SMCCC filter and does not fails here,
 naming the table's line, instead of turning the tests that need it into quiet skips."""
 
 import pytest
 
 from harness import paths
-from harness.images.kernel import EXPECTED_CAPS, expected_caps, missing_caps, release_version
 from harness.machine.session import GuestSession
+from harness.model.capabilities import EXPECTED_CAPS, expected_caps, missing_caps, release_version
 
 
 def _cmdline(guest) -> str:

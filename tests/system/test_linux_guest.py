@@ -21,12 +21,12 @@ import pytest
 
 from harness.errors import HarnessError
 from harness.guest import psci
-from harness.images import assets, initramfs, l2
+from harness.images import assets, l2
 from harness.images.kernel import resolve_kernel
 from harness.machine.console import scan_failures
-from harness.machine.session import GuestSession, ScenarioResult
+from harness.machine.guests import GuestOptions, guest_assets, new_session
+from harness.model.results import ScenarioResult
 from harness.paths import new_run_dir
-from harness.plugin import resolve_accel
 
 pytestmark = [pytest.mark.linux_guest, pytest.mark.psci, pytest.mark.slow]
 
@@ -41,15 +41,12 @@ def l2_host(request):
     """An L1 guest whose initramfs also holds /l2/Image and /l2/initrd.cpio (the default L1 boot is untouched)."""
     opt = request.config.getoption
     try:
-        kernel = resolve_kernel(opt("--kernel"))
+        opts = GuestOptions.from_pytest(request.config, snapshots=False)
+        a = guest_assets(opts)
         rootfs = assets.ensure_rootfs()
-        base = initramfs.build_initramfs(rootfs)
         l2_kernel = resolve_kernel(l2.l2_kernel_spec(opt("--kernel"))).image
-        initrd = l2.build_l1_initrd(base, l2_kernel, l2.build_l2_initrd(l2.busybox_path(rootfs)))
-        session = GuestSession.create(kernel.image, initrd, new_run_dir("l2host"), accel=resolve_accel(opt("--accel")),
-                                      smp=opt("--smp"), memory_mb=opt("--memory"), append=opt("--append"),
-                                      boot_deadline_s=opt("--boot-timeout"), qemu_bin=opt("--qemu-bin"))
-        session.start()
+        initrd = l2.build_l1_initrd(a.initrd, l2_kernel, l2.build_l2_initrd(l2.busybox_path(rootfs)))
+        session = new_session(opts, new_run_dir("l2host"), assets=a, initrd=initrd).start()
     except HarnessError as e:
         pytest.fail(f"the L1 guest for the Linux-guest tests did not come up: {e}", pytrace=False)
     try:

@@ -17,26 +17,18 @@ import paramiko
 import pytest
 
 from harness.errors import HarnessError
-from harness.images import assets, initramfs
-from harness.images.kernel import resolve_kernel
+from harness.images import initramfs
 from harness.machine import ssh
-from harness.machine.session import GuestSession
+from harness.machine.guests import GuestOptions, new_session
 from harness.paths import new_run_dir
-from harness.plugin import resolve_accel
 
 pytestmark = pytest.mark.infra  # the harness's own plumbing (harness/plugin/tiers.py)
 
 
 @pytest.fixture(scope="module")
 def ssh_guest(request):
-    opt = request.config.getoption
     try:
-        kernel = resolve_kernel(opt("--kernel"))
-        base = initramfs.build_initramfs(assets.ensure_rootfs())
-        session = GuestSession.create(kernel.image, base, new_run_dir("ssh"), accel=resolve_accel(opt("--accel")),
-                                      smp=opt("--smp"), memory_mb=opt("--memory"), append=opt("--append"),
-                                      boot_deadline_s=opt("--boot-timeout"), qemu_bin=opt("--qemu-bin"), ssh=True)
-        session.start()
+        session = new_session(GuestOptions.from_pytest(request.config, ssh=True), new_run_dir("ssh")).start()
     except HarnessError as e:
         pytest.fail(f"the guest with SSH did not come up: {e}", pytrace=False)
     try:

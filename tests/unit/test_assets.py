@@ -195,16 +195,16 @@ def test_find_kernel_files(tmp_path):
     base = tmp_path / "c"
     (base / "usr/lib/modules/7.3.4+deb13-cloud-arm64").mkdir(parents=True)
     (base / "usr/lib/modules/7.3.4+deb13-cloud-arm64/config").write_text("CONFIG_KVM=y\n")
-    image, config, ver = assets._find_kernel_files([binary, base])
+    image, config, ver = assets.find_kernel_files([binary, base])
     assert ver == "7.3.4+deb13-cloud-arm64" and image.name == "vmlinuz" and config.name == "config"
     old = tmp_path / "old"
     (old / "boot").mkdir(parents=True)
     (old / "boot/vmlinuz-6.12.117+deb13-cloud-arm64").write_bytes(b"MZ")
     (old / "boot/config-6.12.117+deb13-cloud-arm64").write_text("")
-    image, config, ver = assets._find_kernel_files([old])
+    image, config, ver = assets.find_kernel_files([old])
     assert ver == "6.12.117+deb13-cloud-arm64" and config is not None
     with pytest.raises(AssetError, match="no vmlinuz"):
-        assets._find_kernel_files([tmp_path / "nothing"])
+        assets.find_kernel_files([tmp_path / "nothing"])
 
 
 def test_lock_pruned_drops_unreferenced():

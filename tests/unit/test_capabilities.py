@@ -1,9 +1,9 @@
-"""harness/images/kernel.py EXPECTED_CAPS: which capabilities a kernel series must offer, and the message when it does not."""
+"""harness/model/capabilities.py EXPECTED_CAPS: which capabilities a kernel series must offer, and the message when it does not."""
 
 import pytest
 
-from harness.images import kernel as K
 from harness.machine.qemu import default_cmdline
+from harness.model import capabilities as K
 
 NESTED = default_cmdline()
 FULL_73 = {"uname": "7.3.4+deb13-cloud-arm64", "kvm": True, "api_version": 12, "smccc_filter": True,

@@ -16,6 +16,7 @@ import pytest
 from harness.errors import SetupError
 from harness.images import kernel as K
 from harness.kdev import kbuild
+from harness.model import capabilities as C
 
 BANNER = "Linux version 7.3.4-smccc (u@h) (aarch64-linux-gnu-gcc (Debian 12.2.0-14) 12.2.0) #1 SMP PREEMPT"
 TEXT_BASE = 0xFFFF800080010000
@@ -238,7 +239,7 @@ FULL = {"uname": "7.3.4", "kvm": True, "smccc_filter": True, "KVM_CAP_ARM_EL2": 
     ({"KVM_CAP_ARM_SYSTEM_SUSPEND": 0}, {"system_suspend"}, "KVM_CAP_ARM_SYSTEM_SUSPEND is 0"),
 ])
 def test_missing_capability_skip_names_it(missing, markers, reason):
-    assert reason in K.skip_reason({**FULL, **missing}, markers)
+    assert reason in C.skip_reason({**FULL, **missing}, markers)
 
 
 @pytest.mark.parametrize("missing,markers", [
@@ -247,7 +248,7 @@ def test_missing_capability_skip_names_it(missing, markers, reason):
     ({"KVM_CAP_ARM_EL2_E2H0": 0}, {"el2"}),
 ])
 def test_capability_a_test_does_not_need_does_not_skip_it(missing, markers):
-    assert K.skip_reason({**FULL, **missing}, markers) is None
+    assert C.skip_reason({**FULL, **missing}, markers) is None
 
 
 @needs_cross

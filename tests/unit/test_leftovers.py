@@ -136,12 +136,14 @@ def test_keep_runs_from_the_environment(monkeypatch, tmp_path):
         assert "0 (keep all)" in ei.value.hint
 
 
-def test_new_run_dir_prunes_once_at_the_start_of_a_run(monkeypatch, tmp_path):
+def test_retention_prunes_once_at_the_start_of_a_run(monkeypatch, tmp_path):
     monkeypatch.setenv(leftovers.KEEP_RUNS_ENV, "2")
     runs = make_runs(tmp_path, 5)
+    assert sorted(leftovers.prune_at_start(tmp_path)) == runs[:3]
     first = paths.new_run_dir("guest", tmp_path)
     assert [d.exists() for d in runs] == [False, False, False, True, True] and first.is_dir()
-    second = paths.new_run_dir("guest", tmp_path)                         # same process, same root: no pruning
+    assert leftovers.prune_at_start(tmp_path) == []                       # same process, same root: no pruning
+    second = paths.new_run_dir("guest", tmp_path)
     assert runs[3].is_dir() and runs[4].is_dir() and first.is_dir() and second.is_dir()
 
 

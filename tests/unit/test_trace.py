@@ -6,7 +6,7 @@ import pytest
 
 from harness.errors import GuestError
 from harness.images.payloads import get_payload
-from harness.machine.session import ScenarioResult
+from harness.model.results import ScenarioResult
 
 DATA = Path(__file__).parent / "data" / "traces"
 

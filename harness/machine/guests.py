@@ -1,0 +1,90 @@
+"""One way to get a guest: :class:`GuestOptions` (frozen; from pytest's options, from the CLI's arguments, or
+written in code) and :func:`new_session`, which every place that boots a guest uses (the pytest pool, the
+CLI's boot/run-payload/selftests run, the bench, the SSH and Linux-guest fixtures).
+
+    opts = GuestOptions.from_pytest(config)        # or .from_args(args), or GuestOptions(kernel="6.12")
+    s = new_session(opts, paths.new_run_dir("guest")).start()
+
+:func:`guest_assets` resolves what a guest boots (the kernel, the initramfs built over Debian's rootfs) and
+reports each step through ``progress``; :func:`new_session` takes them, or an initrd of the caller's own
+(the SSH and Linux-guest images), so that the options are the only other input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .accel import resolve_accel
+from .session import GuestSession
+
+
+@dataclass(frozen=True)
+class GuestOptions:
+    kernel: str = "default"           # a path (Image, Image.gz, vmlinux) or a Debian spec ('default', '7.2', pkg:NAME)
+    accel: str = "auto"               # auto | tcg | kvm (harness/machine/accel.py)
+    qemu_bin: str = "qemu-system-aarch64"
+    smp: int = 1
+    memory_mb: int = 1024
+    append: str = ""                  # extra kernel command line
+    boot_deadline_s: float = 120.0    # QEMU start -> the agent's ready banner
+    snapshots: bool = True            # restore (or make) the cached snapshot of a booted guest
+    ssh: bool = False                 # the opt-in SSH channel (docs/ssh.md): cold boot, its own initrd
+
+    def __post_init__(self):
+        if self.accel not in ("auto", "tcg", "kvm"):
+            raise ValueError(f"accel must be auto, tcg or kvm, not {self.accel!r}")
+        if self.smp < 1 or self.memory_mb < 64:
+            raise ValueError(f"smp {self.smp} / memory {self.memory_mb} MiB: need >= 1 vCPU and >= 64 MiB")
+
+    @classmethod
+    def from_pytest(cls, config, **over) -> GuestOptions:
+        """The pytest plugin's options (harness/plugin)."""
+        opt = config.getoption
+        return dataclasses.replace(cls(
+            kernel=str(opt("--kernel")), accel=opt("--accel"), qemu_bin=opt("--qemu-bin"), smp=opt("--smp"),
+            memory_mb=opt("--memory"), append=opt("--append") or "", boot_deadline_s=opt("--boot-timeout"),
+            snapshots=not opt("--no-snapshot"), ssh=bool(opt("--ssh"))), **over)
+
+    @classmethod
+    def from_args(cls, args, **over) -> GuestOptions:
+        """The CLI's common arguments (harness/cli.py ``common``)."""
+        from .snapshot import disabled_by_env
+        return dataclasses.replace(cls(
+            kernel=str(args.kernel), accel=args.accel, qemu_bin=args.qemu_bin,
+            smp=getattr(args, "smp", 1), memory_mb=getattr(args, "memory", 1024),
+            append=getattr(args, "append", "") or "", boot_deadline_s=args.boot_timeout,
+            snapshots=not (getattr(args, "no_snapshot", False) or disabled_by_env())), **over)
+
+
+@dataclass(frozen=True)
+class GuestAssets:
+    kernel: object          # harness.images.kernel.KernelAsset
+    initrd: Path
+
+
+def guest_assets(opts: GuestOptions, progress=print) -> GuestAssets:
+    """Check QEMU, resolve the kernel, build the initramfs (cached): what a guest of ``opts`` boots."""
+    from ..images import assets, initramfs
+    from ..images.kernel import resolve_kernel
+    from ..images.sysdeps import check_qemu
+    check_qemu(opts.qemu_bin)          # missing or too old: one clear error before anything else
+    kernel = resolve_kernel(opts.kernel, progress=progress)
+    initrd = initramfs.build_initramfs(assets.ensure_rootfs(progress=progress), progress=progress)
+    return GuestAssets(kernel=kernel, initrd=initrd)
+
+
+def new_session(opts: GuestOptions, run_dir: os.PathLike, *, assets: GuestAssets | None = None,
+                initrd: os.PathLike | None = None, progress=print) -> GuestSession:
+    """A GuestSession for ``opts`` in ``run_dir``, not yet started (``.start()`` boots or restores it).
+
+    ``initrd``: boot this initramfs instead of the harness's own (an image built over it, e.g. the L1 guest
+    that carries an L2 kernel)."""
+    a = assets or guest_assets(opts, progress)
+    return GuestSession.create(
+        a.kernel.image, Path(initrd) if initrd else a.initrd, Path(run_dir),
+        accel=resolve_accel(opts.accel, opts.qemu_bin), smp=opts.smp, memory_mb=opts.memory_mb,
+        append=opts.append, boot_deadline_s=opts.boot_deadline_s, qemu_bin=opts.qemu_bin,
+        snapshots=opts.snapshots and not opts.ssh, ssh=opts.ssh)
