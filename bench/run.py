@@ -29,7 +29,7 @@ from pathlib import Path
 from harness import paths
 from harness import protocol as P
 from harness.machine.channel import Channel
-from harness.machine.qemu import Machine
+from harness.machine.process import Machine
 from harness.machine.session import READY_RE, GuestSession
 
 INIT_RE = re.compile(r"smccc-init: /init started at uptime ([0-9.]+) s")

@@ -19,7 +19,7 @@ SSH guest's initrd is ``base initramfs + ssh.cpio + keys.cpio``:
   host key it generated.
 
 The guest network is QEMU user networking: eth0 10.0.2.15/24, gateway 10.0.2.2; the host reaches the guest's
-port 22 only through the ``hostfwd`` bound to 127.0.0.1 (harness/machine/qemu.py ``MachineConfig.ssh_port``).
+port 22 only through the ``hostfwd`` bound to 127.0.0.1 (harness/machine/config.py ``MachineConfig.ssh_port``).
 """
 
 from __future__ import annotations

@@ -42,17 +42,8 @@ from .. import paths
 from .. import protocol as P
 from ..errors import HarnessError
 from .channel import Channel, ChannelError
-from .qemu import (
-    SUN_PATH_MAX,
-    DetachedMachine,
-    MachineConfig,
-    default_cmdline,
-    detached_gone,
-    kill_detached,
-    proc_argv,
-    proc_identity,
-    reap_detached_children,
-)
+from .config import SUN_PATH_MAX, MachineConfig, default_cmdline
+from .detached import DetachedMachine, detached_gone, kill_detached, proc_argv, proc_identity, reap_detached_children
 
 STATE_FILE = "state.json"
 LOCK_FILE = "lock"

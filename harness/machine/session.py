@@ -22,8 +22,10 @@ from .. import protocol as P
 from ..errors import BootError, GuestError
 from ..model.results import ScenarioResult
 from .channel import Channel, ChannelError
+from .config import MachineConfig, default_cmdline
 from .console import ConsoleFailure, scan_failures
-from .qemu import DetachedMachine, Machine, MachineConfig, default_cmdline
+from .detached import DetachedMachine
+from .process import Machine
 
 SOCK_PREFIX = "smccc-sock-"
 SUN_PATH_MAX = 107          # sockaddr_un.sun_path, minus the NUL

@@ -59,7 +59,8 @@ from filelock import FileLock, Timeout
 from .. import paths
 from ..errors import BootError, HarnessError
 from .channel import Channel
-from .qemu import Machine, MachineConfig
+from .config import MachineConfig
+from .process import Machine
 
 log = logging.getLogger(__name__)
 

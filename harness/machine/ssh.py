@@ -2,7 +2,7 @@
 
 * :class:`SshKeys`: a fresh ed25519 client key and a fresh ed25519 host key per run (``cryptography``),
   the client's ``authorized_keys`` line and the host key in OpenSSH format for the guest.
-* :func:`free_port`: a free TCP port on 127.0.0.1 for QEMU's ``hostfwd`` (harness/machine/qemu.py
+* :func:`free_port`: a free TCP port on 127.0.0.1 for QEMU's ``hostfwd`` (harness/machine/config.py
   ``MachineConfig.ssh_port``; the forward is bound to 127.0.0.1 only).
 * :class:`SshChannel`: a paramiko client that only accepts the host key it generated (no AutoAddPolicy),
   offers only the client key (no agent, no key files, no password): ``run(cmd, timeout) -> (rc, out, err)``

@@ -22,7 +22,7 @@ import pytest
 from harness import paths
 from harness.images.kernel import resolve_kernel
 from harness.machine import leftovers, reuse
-from harness.machine.qemu import reap_detached_children
+from harness.machine.detached import reap_detached_children
 
 pytestmark = pytest.mark.infra  # the harness's own plumbing (harness/plugin/tiers.py)
 

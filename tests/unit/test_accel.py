@@ -10,7 +10,7 @@ import pytest
 
 from harness.errors import SetupError
 from harness.machine import accel as A
-from harness.machine.qemu import MachineConfig
+from harness.machine.config import MachineConfig
 
 ARM_NV = A.HostKvm("aarch64", True, el2=1)
 ARM_NO_NV = A.HostKvm("aarch64", True, el2=0)

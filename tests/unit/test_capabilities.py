@@ -2,7 +2,7 @@
 
 import pytest
 
-from harness.machine.qemu import default_cmdline
+from harness.machine.config import default_cmdline
 from harness.model import capabilities as K
 
 NESTED = default_cmdline()

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from harness.errors import BootError, HarnessError, SetupError
-from harness.machine.qemu import Machine, MachineConfig, default_cmdline
+from harness.machine.config import MachineConfig, default_cmdline
+from harness.machine.process import Machine
 from harness.protocol import PORT_NAME
 
 QEMU = shutil.which("qemu-system-aarch64")
@@ -287,7 +288,7 @@ def test_pdeathsig_preexec_sets_sigkill() -> None:
     import ctypes
     import signal
 
-    from harness.machine.qemu import _load_libc, _pdeathsig_preexec
+    from harness.machine.process import _load_libc, _pdeathsig_preexec
 
     libc = _load_libc()
     assert libc is not None

@@ -18,7 +18,8 @@ import pytest
 from harness.errors import SetupError
 from harness.guest import agent
 from harness.machine import leftovers, reuse
-from harness.machine.qemu import DetachedMachine, MachineConfig, default_cmdline, kill_detached, proc_identity
+from harness.machine.config import MachineConfig, default_cmdline
+from harness.machine.detached import DetachedMachine, kill_detached, proc_identity
 
 
 @pytest.fixture

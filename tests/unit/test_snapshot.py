@@ -10,7 +10,7 @@ import time
 import pytest
 
 from harness.machine import snapshot
-from harness.machine.qemu import MachineConfig
+from harness.machine.config import MachineConfig
 
 QEMU_V = "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)"
 

@@ -18,7 +18,7 @@ import pytest
 from harness.errors import GuestError, SetupError
 from harness.images import sshimage
 from harness.machine import ssh
-from harness.machine.qemu import MachineConfig
+from harness.machine.config import MachineConfig
 
 
 @pytest.fixture
