@@ -25,7 +25,7 @@ Why a skip is not "good": a kernel that lost KVM_CAP_ARM_EL2, E2H0 or the SMCCC 
 need it into skips; calling that step good would let a regression that removes a capability bisect as good.
 ``--skips-ok`` is for selections that are expected to skip part of their parametrisation on every commit.
 How a setup error is told apart: the plugin records a ``smccc_error`` property on the test case (JUnit)
-naming ``kernel_crash`` (a console finding, harness/plugin/__init__.py ``_error_kind``), ``boot`` or ``error``; output
+naming ``kernel_crash`` (a console finding, harness/plugin/scanning.py ``_error_kind``), ``boot`` or ``error``; output
 after the last test is the suite property ``smccc_after_last_test``.
 
 A test failure is never 128+ or 255 (which would abort the bisect), and "no tests collected" is never good.

@@ -269,7 +269,7 @@ class GuestSession:
         if findings:
             f = findings[0]
             e = GuestError(f"guest kernel failure while running {err}: {f.name}\n{f.excerpt}\n{where}")
-            e.finding = f       # a kernel crash, not infrastructure: harness/plugin/__init__.py _error_kind, bisect "crash"
+            e.finding = f       # a kernel crash, not infrastructure: harness/plugin/scanning.py _error_kind, bisect "crash"
             return e
         if not self.machine.alive():
             st = self.machine._reap()

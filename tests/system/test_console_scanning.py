@@ -1,4 +1,4 @@
-"""Every byte of the console is scanned once and attributed (harness/plugin/__init__.py, "console scanning").
+"""Every byte of the console is scanned once and attributed (harness/plugin/scanning.py).
 
 An inner pytest run (the real plugin, a real guest) writes real kernel log records through /dev/kmsg (the
 agent's ``kmsg`` op): a WARNING and an Oops-looking record, at each point a splat can appear: between tests,
@@ -36,8 +36,8 @@ def test_a_clean(guest): pass
 def test_b_clean(guest): pass
 def test_c_no_guest_writes(request):
     # not a guest test (no guest_pool in its closure): what it makes the guest print is "between tests"
-    from harness.plugin import _POOL_KEY
-    kmsg(request.config.stash[_POOL_KEY].session, WARN.format("between"))
+    from harness.plugin import POOL_KEY
+    kmsg(request.config.stash[POOL_KEY].session, WARN.format("between"))
 def test_d_next_guest_test(guest): pass
 
 @pytest.fixture(scope="module")
