@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .. import paths
 from ..errors import SetupError
-from .assets import KernelAsset
+from .store import KernelAsset
 
 ARM64_MAGIC = b"ARM\x64"
 BANNER_RE = re.compile(rb"Linux version (\S+) \(([^)]*)\)[^\n\x00]{0,300}")
@@ -253,7 +253,8 @@ def parse_pkg_spec(spec: str) -> tuple[str, str | None]:
 
 def package_kernel(spec: str, progress=print) -> KernelAsset:
     """``--kernel-pkg NAME[/SUITE]``: that Debian arm64 package (from SUITE if given), fetched and extracted."""
-    from .assets import Store, ensure_kernel, find_kernel_files, sha256_file
+    from .assets import ensure_kernel, find_kernel_files
+    from .store import Store, sha256_file
     name, suite = parse_pkg_spec(spec)
     if suite is None:
         return ensure_kernel(name, progress=progress)

@@ -102,7 +102,7 @@ class SshGroup:
 
 
 def load_group(manifest: Path | None = None) -> SshGroup:
-    from .assets import MANIFEST
+    from .lock import MANIFEST
     d = tomllib.loads((manifest or MANIFEST).read_text())
     g = d.get("ssh")
     if not g:
@@ -143,7 +143,7 @@ def load_order(dep: dict[str, list[str]], module: str) -> list[str]:
 def _modules_root(release: str, progress=print) -> Path:
     """The extracted ``usr/lib/modules/<release>`` that holds ``kernel/`` (the image package on 6.12, the
     ``linux-modules-<release>`` package on the split 7.x layout, fetched at the kernel's version)."""
-    from .assets import Store
+    from .store import Store
     store = Store(progress)
     lock = store.read_lock()
     kpkg = next((e for n, e in lock.packages.items()
@@ -229,7 +229,7 @@ def build_ssh_cpio(release: str | None, progress=print) -> Path:
     out = cache_dir() / "ssh" / f"ssh-{_key(rel, repr(group).encode(), Path(__file__).read_bytes())}.cpio"
     if out.exists():
         return out
-    from .assets import Store
+    from .store import Store
     store = Store(progress)
     entries: list[cpio.Entry] = []
     for name in group.packages:

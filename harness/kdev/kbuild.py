@@ -545,7 +545,7 @@ def build(src: str | os.PathLike, out: str | os.PathLike | None = None, *, jobs:
 # ---- Debian's kernel source ------------------------------------------------------------------------
 def source_tree(progress=print) -> Path:
     """Debian's linux-source-7.3 unpacked once under the cache (read-only use: build with O=)."""
-    from ..images.assets import Store
+    from ..images.store import Store
     have = sorted((paths.cache_dir() / "ksrc").glob(f"*/{SOURCE_PACKAGE}/Makefile"), key=lambda p: p.stat().st_mtime)
     if have:  # already unpacked: no network (git bisect runs offline)
         return have[-1].parent

@@ -39,7 +39,7 @@ def harness_commit() -> str:
 def suite_properties(kernel=None, caps: dict | None = None, qemu_bin: str = "qemu-system-aarch64",
                      accel: str = "", initrd: Path | None = None) -> list[tuple[str, str]]:
     """(name, value) pairs describing the run; every value is a string, unknowns are 'unknown'."""
-    from ..images import assets, sysdeps
+    from ..images import assets, store, sysdeps
     props: list[tuple[str, str]] = []
     caps = caps or {}
     if kernel is not None:
@@ -58,7 +58,7 @@ def suite_properties(kernel=None, caps: dict | None = None, qemu_bin: str = "qem
         props.append(("qemu_version", "unknown"))
     props.append(("accel", accel or "unknown"))
     if initrd is not None and Path(initrd).is_file():
-        props.append(("initramfs_sha256", assets.sha256_file(Path(initrd))))
+        props.append(("initramfs_sha256", store.sha256_file(Path(initrd))))
     try:
         summary = assets.asset_summary()
     except Exception:  # noqa: BLE001 - a property must never fail the run

@@ -158,7 +158,9 @@ def debian_source(kernel_spec: str = "default", progress=_progress_default) -> S
     """
     from filelock import FileLock
 
-    from ..images.assets import LockEntry, Store, ensure_kernel
+    from ..images.assets import ensure_kernel
+    from ..images.lock import LockEntry
+    from ..images.store import Store
     kernel = ensure_kernel(kernel_spec, progress)
     if not kernel.deb_version:
         raise SelftestError(f"kernel {kernel_spec!r} is not a Debian package: no matching linux-source",
@@ -610,7 +612,7 @@ def known_cases(test: str, variant: str, source_label: str | None) -> list[str]:
 def expected_source_label(kernel_spec: str) -> str | None:
     """The label :func:`debian_source` will give for ``kernel_spec``, from images/lock.json alone (no apt):
     for naming pytest items at collection time.  None when the kernel is not locked (or is a file)."""
-    from ..images.assets import Store
+    from ..images.store import Store
     try:
         lock = Store(lambda *_: None).read_lock()
     except Exception:  # noqa: BLE001 - collection must not fail on a broken lock: no per-case items then

@@ -21,6 +21,8 @@ import pytest
 from harness import paths
 from harness import protocol as P
 from harness.images import assets
+from harness.images import lock as locks
+from harness.images import store as stores
 from harness.images.payloads import build_payloads, get_payload
 from harness.machine import leftovers
 from harness.model.scenarios import scenario
@@ -198,7 +200,7 @@ def tmpfs(path: Path, size: str, ro: bool = False):
 
 def _mirror_reachable() -> None:
     import urllib.request
-    mirror = assets.load_manifest().mirror
+    mirror = locks.load_manifest().mirror
     try:
         urllib.request.urlopen(urllib.request.Request(mirror + "/", method="HEAD"), timeout=10).close()
     except OSError as e:
@@ -226,7 +228,7 @@ def test_unwritable_cache_is_refused_with_what_to_do(tmp_path):
 
 
 def test_full_disk_during_download_is_refused_and_nothing_cached_is_lost(tmp_path):
-    lock = assets.Store(lambda *_: None).read_lock()
+    lock = stores.Store(lambda *_: None).read_lock()
     keep = lock.packages["libffi8"]
     src = paths.cache_dir() / "debs" / f"{keep.sha256}.deb"
     if not src.is_file():
@@ -248,7 +250,7 @@ def test_corrupted_cache_entry_is_detected_and_fetched_again(tmp_path, monkeypat
     _private_apt(tmp_path / "cache" / "apt")
     monkeypatch.setenv("SMCCC_HARNESS_CACHE", str(tmp_path / "cache"))
     msgs: list[str] = []
-    store = assets.Store(msgs.append)
+    store = stores.Store(msgs.append)
     e = store.fetch("libffi8", store.m.rootfs_suite)
     deb = store.deb_path(e.sha256)
     assert _sha(deb) == e.sha256
@@ -256,7 +258,7 @@ def test_corrupted_cache_entry_is_detected_and_fetched_again(tmp_path, monkeypat
     r = cli("cache", "verify", env={"SMCCC_HARNESS_CACHE": str(tmp_path / "cache")})
     assert r.returncode == 1 and f"libffi8 {e.version}" in r.stdout and "corrupt" in r.stdout, r.stdout
     msgs.clear()
-    again = assets.Store(msgs.append).fetch("libffi8", store.m.rootfs_suite)
+    again = stores.Store(msgs.append).fetch("libffi8", store.m.rootfs_suite)
     assert again.sha256 == e.sha256 and _sha(deb) == e.sha256, "the corrupt entry was not fetched again"
     assert any("corrupt" in m for m in msgs) and any(m.startswith("downloading libffi8") for m in msgs), msgs
 
@@ -264,7 +266,7 @@ def test_corrupted_cache_entry_is_detected_and_fetched_again(tmp_path, monkeypat
 FETCH_ONE = """
 import sys
 from harness.images import assets
-s = assets.Store(lambda m: print(m, flush=True))
+s = stores.Store(lambda m: print(m, flush=True))
 e = s.fetch("libexpat1", s.m.rootfs_suite)
 s.extract(e)
 print("sha", e.sha256)
@@ -285,7 +287,7 @@ def test_parallel_fetches_download_and_extract_once(tmp_path):
 
 
 def test_cache_clean_removes_only_what_the_lock_does_not_name(tmp_path):
-    lock = assets.Store(lambda *_: None).read_lock()
+    lock = stores.Store(lambda *_: None).read_lock()
     keep = lock.packages["libffi8"]
     src = paths.cache_dir() / "debs" / f"{keep.sha256}.deb"
     if not src.is_file():
@@ -352,7 +354,7 @@ def test_cache_verify_counts_only_real_problems(tmp_path):
 
 
 def test_corrupted_extracted_kernel_is_detected_and_extracted_again(tmp_path, monkeypatch):
-    lock = assets.Store(lambda *_: None).read_lock()
+    lock = stores.Store(lambda *_: None).read_lock()
     names = lock.kernels["default"]
     debs = [paths.cache_dir() / "debs" / f"{lock.packages[n].sha256}.deb" for n in names]
     if not all(d.is_file() for d in debs):

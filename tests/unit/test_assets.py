@@ -6,8 +6,11 @@ from pathlib import Path
 import pytest
 
 from harness.errors import AssetError
-from harness.images import assets
-from harness.images.assets import Available, Lock, LockEntry
+from harness.images import assets, debian
+from harness.images import lock as locks
+from harness.images import store as stores
+from harness.images.debian import Available
+from harness.images.lock import Lock, LockEntry
 
 # `apt-cache madison ...` against trixie + trixie-backports + sid (arm64), recorded 2026-11-25
 MADISON = """\
@@ -60,19 +63,19 @@ SUITES = ["trixie", "trixie-backports", "sid"]
     ("1.0a", "1.0+", -1),
 ])
 def test_compare_versions(a, b, sign):
-    got = assets.compare_versions(a, b)
+    got = debian.compare_versions(a, b)
     assert (got > 0) - (got < 0) == sign
 
 
 def test_parse_madison():
-    rows = assets.parse_madison(MADISON)
+    rows = debian.parse_madison(MADISON)
     assert len(rows) == 12
     assert rows[0] == Available("linux-binary-7.3.4+deb13-cloud-arm64", "7.3.4-1~bpo13+1", "trixie-backports", "arm64")
     assert rows[2].suite == "sid" and rows[2].version == "7.2.13-1"
 
 
 def test_parse_control_first_stanza():
-    f = assets.parse_control(SHOW)
+    f = debian.parse_control(SHOW)
     assert f["Version"] == "2.41-12+deb13u5"
     assert f["Size"] == "2488872"
     assert f["SHA256"].startswith("0966fc3d")
@@ -86,7 +89,7 @@ def test_parse_control_first_stanza():
     ("linux-binary-7.2.13+deb14-cloud-arm64", "binary", (7, 2, 13), "7.2.13+deb14-cloud-arm64"),
 ])
 def test_parse_kernel_name(name, kind, up, abi):
-    kn = assets.parse_kernel_name(name, "cloud-arm64")
+    kn = debian.parse_kernel_name(name, "cloud-arm64")
     assert (kn.kind, kn.upstream, kn.abi) == (kind, up, abi)
 
 
@@ -95,11 +98,11 @@ def test_parse_kernel_name(name, kind, up, abi):
     "linux-image-7.3.4+deb13-arm64", "linux-base-7.3.4+deb13-cloud-arm64",
 ])
 def test_parse_kernel_name_rejects(name):
-    assert assets.parse_kernel_name(name, "cloud-arm64") is None
+    assert debian.parse_kernel_name(name, "cloud-arm64") is None
 
 
 def choose(spec):
-    return assets.choose_kernel(spec, assets.parse_madison(MADISON), "cloud-arm64", "7", SUITES)
+    return debian.choose_kernel(spec, debian.parse_madison(MADISON), "cloud-arm64", "7", SUITES)
 
 
 def test_choose_default_is_newest_7x_binary_with_base():
@@ -166,22 +169,22 @@ def test_lock_loads_empty():
 
 
 def test_stale_warning_text():
-    w = assets.stale_warning("libc6", "2.41-12+deb13u5", "2.41-12+deb13u6")
+    w = locks.stale_warning("libc6", "2.41-12+deb13u5", "2.41-12+deb13u6")
     assert "images/lock.json pins libc6 2.41-12+deb13u5 but the mirror now has 2.41-12+deb13u6" in w
     assert "smccc-harness assets lock" in w
 
 
 def test_sources_list_and_manifest():
-    m = assets.load_manifest()
+    m = locks.load_manifest()
     assert m.flavour == "cloud-arm64" and "trixie-backports" in m.suites
     assert {"busybox-static", "python3.13-minimal", "libffi8"} <= set(m.rootfs_packages)
-    text = assets.sources_list(m, "arm64")
+    text = locks.sources_list(m, "arm64")
     assert text.count("\n") == len(m.suites)
     assert f"deb [arch=arm64 signed-by={m.keyring}] {m.mirror} trixie main" in text
 
 
 def test_committed_lock_is_consistent():
-    lock = Lock.loads(assets.LOCK_FILE.read_text())
+    lock = Lock.loads(locks.LOCK_FILE.read_text())
     for spec, names in lock.kernels.items():
         assert all(n in lock.packages for n in names), spec
     for e in lock.packages.values():
@@ -223,7 +226,7 @@ def test_lock_pruned_keeps_the_modules_of_a_kept_kernel_at_its_version():
 
 
 def test_the_optional_ssh_group_is_part_of_the_manifest():
-    assert "dropbear-bin" in assets.load_manifest().optional_packages
+    assert "dropbear-bin" in locks.load_manifest().optional_packages
 
 
 class _FullDiskApt:
@@ -249,7 +252,7 @@ class _FullDiskApt:
                                        (1 << 50, "more than the free space: refused before apt runs")])
 def test_full_disk_download_is_refused_and_leaves_nothing_half_written(tmp_path, monkeypatch, size, what):
     monkeypatch.setenv("SMCCC_HARNESS_CACHE", str(tmp_path / "cache"))
-    store = assets.Store(lambda *_: None)
+    store = stores.Store(lambda *_: None)
     store.apt = _FullDiskApt(size)
     store.debs.mkdir(parents=True)
     (store.debs / ("1" * 64 + ".deb")).write_bytes(b"cached")
