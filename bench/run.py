@@ -78,12 +78,12 @@ def scenarios():
 
 
 def _build_scenarios():
-    from harness.images import payloads as pl
     from harness.images.payloads import get_payload
+    from harness.model import payload_abi as abi
     from harness.model.scenarios import PSCI_FWD, scenario
     pv, calls, hello = get_payload("psci_version"), get_payload("smccc_calls"), get_payload("el2_hello")
-    smc = pl.encode_call_table([("smc", [0x8400_0000, 1, 2, 3])])
-    hvc = pl.encode_call_table([("hvc", [0x8400_0000, 1, 2, 3])])
+    smc = abi.encode_call_table([("smc", [0x8400_0000, 1, 2, 3])])
+    hvc = abi.encode_call_table([("hvc", [0x8400_0000, 1, 2, 3])])
     return [
         ("el1 psci_version fwd (hvc+smc)", "EL1", scenario("b_el1_psci", pv, filters=PSCI_FWD), pv),
         ("el1 smccc_calls hvc fwd", "EL1", scenario("b_el1_calls", calls, filters=PSCI_FWD, params=hvc), calls),

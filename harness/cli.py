@@ -163,7 +163,7 @@ def _parse_filter(text: str) -> list[dict]:
 def payload_params(args) -> list[int]:
     """The parameter block (u64 words at PARAM_BASE) from ``--params FILE`` with each ``--param OFFSET=VALUE``
     written over it, in order."""
-    from .images.payloads import param_words, parse_param, read_params_file
+    from .model.payload_abi import param_words, parse_param, read_params_file
     base = read_params_file(args.params) if getattr(args, "params", None) else b""
     return param_words(base, [parse_param(t) for t in getattr(args, "param", None) or []])
 

@@ -18,20 +18,10 @@ from ..errors import SetupError
 from ..protocol import PORT_NAME
 
 ACCELS = ("tcg", "kvm")
-
-
 SMP_RANGE = (1, 8)
-
-
 MEMORY_RANGE_MB = (256, 16384)
-
-
 GIC_VERSIONS = (2, 3, 4)
-
-
 SUN_PATH_MAX = 107            # sizeof(sockaddr_un.sun_path) - 1
-
-
 BASE_CMDLINE = "console=ttyAMA0 rdinit=/init kvm-arm.mode=nested panic=-1 loglevel=5"
 
 

@@ -23,15 +23,11 @@ from .config import MachineConfig
 from .console import Console
 
 log = logging.getLogger(__name__)
-
-
 STARTUP_CHECK_S = 1.0         # QEMU exiting this early is a command-line / host problem: BootError
 
 
 # ---- the process -----------------------------------------------------------------------------------
 _PR_SET_PDEATHSIG = 1
-
-
 _libc = None
 
 

@@ -25,8 +25,6 @@ from .keys import AFTER_LAST_KEY, MARK_KEY, POOL_KEY
 #                                     fails (exit 1, excerpt in the summary, JUnit property smccc_after_last_test)
 # Tests marked ``fault`` break guests on purpose: their windows are consumed, never blamed on anyone.
 _FINDINGS_KEY = pytest.StashKey[list]()
-
-
 _AFTER_LAST: list[str] = []
 
 

@@ -153,8 +153,6 @@ def _workers_reused_vms(root: Path) -> list[str]:
 
 
 _SETUP_S: dict[str, float] = {}
-
-
 _CONFIG = None
 
 

@@ -9,8 +9,9 @@ firmware/psci_version.S.  Errnos come straight from the kernel: each filter's re
 import pytest
 
 from harness.guest import kvm
-from harness.images.payloads import decode_call_results, encode_call_table, get_payload
+from harness.images.payloads import get_payload
 from harness.model.known_bad import zero_zero_errno
+from harness.model.payload_abi import decode_call_results, encode_call_table
 from harness.model.scenarios import PSCI_FWD, deny, fwd, handle, scenario
 
 pytestmark = [pytest.mark.el1, pytest.mark.filter]

@@ -17,6 +17,7 @@ import pytest
 from harness.guest import kvm, psci
 from harness.images import payloads as pl
 from harness.images.payloads import get_payload
+from harness.model import payload_abi as abi
 from harness.model.known_bad import KNOWN_BAD
 from harness.model.scenarios import PSCI_BASE32, PSCI_BASE64, PSCI_FWD, PSCI_NR, deny, handle, scenario
 
@@ -46,26 +47,26 @@ SCENARIOS = {
     "hello_no_el3": ("el2_hello", {"set_regs": HIDE_EL3}),
     "vectors": ("el2_vectors", {"filters": PSCI_FWD, "replies": REPLY}),
     "vectors_hcd": ("el2_vectors", {"filters": PSCI_FWD, "replies": REPLY,
-                                    "params": pl.encode_el2_vectors_params(hcd=True)}),
+                                    "params": abi.encode_el2_vectors_params(hcd=True)}),
     "vectors_hcd_no_el3": ("el2_vectors", {"filters": PSCI_FWD, "replies": REPLY, "set_regs": HIDE_EL3,
-                                           "params": pl.encode_el2_vectors_params(hcd=True)}),
+                                           "params": abi.encode_el2_vectors_params(hcd=True)}),
     "calls_fwd": ("smccc_calls", {"filters": PSCI_FWD, "replies": {PSCI_VERSION: FWD_REPLY},
-                                  "params": pl.encode_call_table(CALLS)}),
-    "calls_deny": ("smccc_calls", {"filters": PSCI_DENY, "params": pl.encode_call_table(CALLS)}),
-    "calls_handle": ("smccc_calls", {"filters": PSCI_HANDLE, "params": pl.encode_call_table(CALLS)}),
+                                  "params": abi.encode_call_table(CALLS)}),
+    "calls_deny": ("smccc_calls", {"filters": PSCI_DENY, "params": abi.encode_call_table(CALLS)}),
+    "calls_handle": ("smccc_calls", {"filters": PSCI_HANDLE, "params": abi.encode_call_table(CALLS)}),
     "ghyp": ("el2_guest_hyp", {"filters": PSCI_FWD, "replies": REPLY}),
     "ghyp_tsc": ("el2_guest_hyp", {"filters": PSCI_FWD, "replies": REPLY,
-                                   "params": pl.encode_guest_hyp_params(tsc=True)}),
+                                   "params": abi.encode_guest_hyp_params(tsc=True)}),
     "ghyp_proxy_hvc": ("el2_guest_hyp", {"filters": PSCI_FWD, "replies": REPLY,
-                                         "params": pl.encode_guest_hyp_params(proxy=True, tsc=True)}),
+                                         "params": abi.encode_guest_hyp_params(proxy=True, tsc=True)}),
     "ghyp_proxy_smc": ("el2_guest_hyp", {"filters": PSCI_FWD, "replies": REPLY,
-                                         "params": pl.encode_guest_hyp_params(tsc=True, proxy_smc=True)}),
+                                         "params": abi.encode_guest_hyp_params(tsc=True, proxy_smc=True)}),
     "ghyp_hcd": ("el2_guest_hyp", {"filters": PSCI_FWD, "replies": REPLY,
-                                   "params": pl.encode_guest_hyp_params(hcd=True)}),
+                                   "params": abi.encode_guest_hyp_params(hcd=True)}),
     "ghyp_hcd_no_el3": ("el2_guest_hyp", {"filters": PSCI_FWD, "replies": REPLY, "set_regs": HIDE_EL3,
-                                          "params": pl.encode_guest_hyp_params(hcd=True)}),
-    "cpu_on_kernel": ("el2_cpu_on", {"vcpus": 2, "params": pl.encode_cpu_on_params(1, CTX)}),
-    "cpu_on_fwd": ("el2_cpu_on", {"vcpus": 2, "filters": PSCI_FWD, "params": pl.encode_cpu_on_params(1, CTX)}),
+                                          "params": abi.encode_guest_hyp_params(hcd=True)}),
+    "cpu_on_kernel": ("el2_cpu_on", {"vcpus": 2, "params": abi.encode_cpu_on_params(1, CTX)}),
+    "cpu_on_fwd": ("el2_cpu_on", {"vcpus": 2, "filters": PSCI_FWD, "params": abi.encode_cpu_on_params(1, CTX)}),
 }
 
 
@@ -167,10 +168,10 @@ def test_vel2_smc_call_table_round_trips_x0_to_x3(guest, nested, e2h0):
     r = ok(nested.get(guest, "calls_fwd", e2h0))
     h = _only_exit(r)
     assert h["args"][:4] == CALLS[0][1] and h["pc"] == r.payload.sym("call_smc0") + 4, r.describe()
-    rec = pl.decode_call_results(block(r), 1)[0]
+    rec = abi.decode_call_results(block(r), 1)[0]
     assert rec["ret"] == FWD_REPLY, f"x0..x3 = {[hex(x) for x in rec['ret']]}\n{r.describe()}"
     assert rec["regs"][4:18] == [0] * 14, "x4..x17 must be the guest's own values (0)\n" + r.describe()
-    assert rec["regs"][18:31] == [pl.call_pattern(0, n) for n in range(18, 31)], r.describe()
+    assert rec["regs"][18:31] == [abi.call_pattern(0, n) for n in range(18, 31)], r.describe()
 
 
 @pytest.mark.smc
@@ -179,8 +180,8 @@ def test_vel2_smc_deny_returns_minus_one_without_an_exit(guest, nested, e2h0):
     """§1.1 DENY, §6 items 11/24: no exit; x0 = -1 (NOT_SUPPORTED), x1..x3 = 0, from vEL2 too."""
     r = ok(nested.get(guest, "calls_deny", e2h0))
     assert r.hypercalls == [], r.describe()
-    assert pl.decode_call_header(block(r))["current_el"] == 2, r.describe()
-    rec = pl.decode_call_results(block(r), 1)[0]
+    assert abi.decode_call_header(block(r))["current_el"] == 2, r.describe()
+    rec = abi.decode_call_results(block(r), 1)[0]
     assert rec["ret"] == [U64, 0, 0, 0], f"x0..x3 = {[hex(x) for x in rec['ret']]}\n{r.describe()}"
 
 
@@ -190,7 +191,7 @@ def test_vel2_smc_handle_range_is_answered_in_kernel(guest, nested, e2h0):
     """§1.1 HANDLE, §6 item 24: an explicit HANDLE range keeps PSCI in the kernel: KVM's PSCI_VERSION, no exit."""
     r = ok(nested.get(guest, "calls_handle", e2h0))
     assert r.hypercalls == [], r.describe()
-    rec = pl.decode_call_results(block(r), 1)[0]
+    rec = abi.decode_call_results(block(r), 1)[0]
     assert rec["ret"][0] == guest.caps["psci_version_raw"], r.describe()
 
 
@@ -208,7 +209,7 @@ def test_vel2_hvc_is_not_forwarded_to_userspace(guest, nested, e2h0):
 def test_vel2_hvc_lands_on_the_guest_el2_vector_as_hvc64(guest, nested, e2h0):
     """§2.2, §6 item 25: VBAR_EL2+0x200 (current EL, SPx), ESR_EL2.EC = 0x16 (HVC64), ELR_EL2 = HVC + 4."""
     r = ok(nested.get(guest, "vectors", e2h0))
-    v = pl.decode_el2_vectors(block(r))
+    v = abi.decode_el2_vectors(block(r))
     assert v["count"] == 1, f"{v}\n{r.describe()}"
     t = v["traps"][0]
     assert (t["vector"], t["ec"], t["elr"]) == (VEC_CUR_SPX, pl.EC_HVC64, r.payload.sym("hvc_insn") + 4), (
@@ -224,7 +225,7 @@ def test_hcd_is_res0_at_vel2_while_kvm_advertises_el3(guest, nested, e2h0):
     hello = ok(nested.get(guest, "hello", e2h0))
     assert hello.reports[2] & ID_AA64PFR0_EL3, f"guest ID_AA64PFR0_EL1 = {hello.reports[2]:#x}: no EL3 advertised"
     r = ok(nested.get(guest, "vectors_hcd", e2h0))
-    v = pl.decode_el2_vectors(block(r))
+    v = abi.decode_el2_vectors(block(r))
     # v["hcr_el2"] (the read-back) is not asserted: HCD is RES0 here and reads back either way across runs
     assert [(t["vector"], t["ec"]) for t in v["traps"]] == [(VEC_CUR_SPX, pl.EC_HVC64)], r.describe()
     assert r.reports[0] == pl.HVC_MARKER, r.describe()
@@ -253,7 +254,7 @@ def test_hcd_makes_vel2_hvc_undef_once_the_vmm_hides_el3(guest, nested, e2h0):
     is effective: the HVC is an UNDEF (EC 0) on the guest's VBAR_EL2+0x200; no exit."""
     r = ok(nested.get(guest, "vectors_hcd_no_el3", e2h0))
     _el3_hidden(r)
-    v = pl.decode_el2_vectors(block(r))
+    v = abi.decode_el2_vectors(block(r))
     assert [(t["vector"], t["ec"]) for t in v["traps"]] == [(VEC_CUR_SPX, pl.EC_UNKNOWN)], r.describe()
     assert r.reports[0] == pl.UNDEF_MARKER, r.describe()
     assert [h for h in r.hypercalls if h["conduit"] == "hvc"] == [], r.describe()
@@ -269,13 +270,13 @@ def test_hcd_undef_at_vel2_returns_to_the_hvc_itself(guest, nested, e2h0, reques
     if bad.applies(guest.caps["uname"]):
         request.applymarker(pytest.mark.xfail(strict=True, reason=bad.reason(guest.caps["uname"])))
     r = ok(nested.get(guest, "vectors_hcd_no_el3", e2h0))
-    t = pl.decode_el2_vectors(block(r))["traps"][0]
+    t = abi.decode_el2_vectors(block(r))["traps"][0]
     assert t["elr"] == r.payload.sym("hvc_insn"), f"ELR_EL2 = {r.symbol(t['elr'])}"
 
 
 # ---- 4. a guest hypervisor and its own EL1 guest ------------------------------------------------------------
 def _ghyp(r):
-    return pl.decode_guest_hyp(block(r))
+    return abi.decode_guest_hyp(block(r))
 
 
 def _traps(g, ec):
@@ -341,7 +342,7 @@ def test_hcd_is_res0_for_the_inner_hvc_while_kvm_advertises_el3(guest, nested, e
     g = _ghyp(r)
     # L1 asked for HCD; its read-back is not asserted: HCD is RES0 here and was seen to read back both as set
     # and as clear across runs (HCR_EL2 lives in the VNCR page under NV2).
-    assert g["flags"] & pl.GH_FLAG_HCD and g["inner_exceptions"] == [], r.describe()
+    assert g["flags"] & abi.GH_FLAG_HCD and g["inner_exceptions"] == [], r.describe()
     assert g["x0_after_hvc"] == pl.HVC_MARKER and len(_traps(g, pl.EC_HVC64)) == 2, r.describe()
 
 
@@ -353,7 +354,7 @@ def test_hcd_makes_the_inner_hvc_undef_once_the_vmm_hides_el3(guest, nested, e2h
     r = ok(nested.get(guest, "ghyp_hcd_no_el3", e2h0))
     _el3_hidden(r)
     g = _ghyp(r)
-    assert g["ntraps"] == 0 and g["exit_path"] == pl.GH_EXIT_BY_INNER, r.describe()
+    assert g["ntraps"] == 0 and g["exit_path"] == abi.GH_EXIT_BY_INNER, r.describe()
     first = g["inner_exceptions"][0]
     assert (first["ec"], first["elr"]) == (pl.EC_UNKNOWN, r.payload.sym("inner_hvc")), r.describe()
     assert g["x0_after_hvc"] == pl.UNDEF_MARKER, r.describe()
@@ -361,9 +362,9 @@ def test_hcd_makes_the_inner_hvc_undef_once_the_vmm_hides_el3(guest, nested, e2h
 
 
 # ---- 5. proxying: L1 re-issues its guest's PSCI call with SMC -------------------------------------------------
-PROXIED = [pytest.param("ghyp_proxy_hvc", "x0_after_hvc", pl.GH_ACT_HVC_PROXY, id="inner_hvc",
+PROXIED = [pytest.param("ghyp_proxy_hvc", "x0_after_hvc", abi.GH_ACT_HVC_PROXY, id="inner_hvc",
                         marks=pytest.mark.hvc),
-           pytest.param("ghyp_proxy_smc", "x0_after_smc", pl.GH_ACT_SMC_PROXY, id="inner_smc_tsc")]
+           pytest.param("ghyp_proxy_smc", "x0_after_smc", abi.GH_ACT_SMC_PROXY, id="inner_smc_tsc")]
 
 
 @pytest.mark.smc
@@ -393,7 +394,7 @@ CPU_ON_PATHS = [pytest.param("cpu_on_kernel", id="in_kernel"), pytest.param("cpu
 
 
 def _cpu_on(r):
-    d = pl.decode_cpu_on(block(r))
+    d = abi.decode_cpu_on(block(r))
     assert d["secondary"] is not None, (
         f"the secondary never published its record within the payload's 20 s wait: {d}\n"
         "(no vcpu1 report at all = its thread was never scheduled in the L1 guest: docs/nested-routing.md, "
@@ -422,7 +423,7 @@ def test_cpu_on_secondary_starts_at_the_entry_with_the_context_id(guest, nested,
     d = _cpu_on(r)
     assert d["cpu_on"] == psci.SUCCESS, r.describe()
     assert (d["secondary"]["pc"], d["secondary"]["x0"]) == (r.payload.sym("secondary_entry"), CTX), r.describe()
-    assert (r.reports_of(1)[pl.CO_SLOT_SEC_X0], r.reports_of(1)[pl.CO_SLOT_SEC_EL]) == (CTX, 0x8), r.describe()
+    assert (r.reports_of(1)[abi.CO_SLOT_SEC_X0], r.reports_of(1)[abi.CO_SLOT_SEC_EL]) == (CTX, 0x8), r.describe()
 
 
 @pytest.mark.smc

@@ -13,10 +13,10 @@ import pytest
 from harness import paths
 from harness.errors import GuestError
 from harness.guest import kvm
-from harness.images import payloads as pl
 from harness.images.payloads import get_payload
 from harness.machine import snapshot
 from harness.machine.session import GuestSession
+from harness.model import payload_abi as abi
 from harness.model.scenarios import PSCI_FWD, scenario
 
 pytestmark = pytest.mark.infra  # the harness's own plumbing (harness/plugin/tiers.py)
@@ -81,13 +81,13 @@ def test_restored_guest_forwards_an_smc_from_vel2(restored):
     calls = [("smc", [PSCI_VERSION, 0x1111, 0x2222, 0x3333])]
     r = restored.run(scenario("snapshot_el2_smc", p, filters=PSCI_FWD, el2=True,
                               replies={PSCI_VERSION: [HANDLER_MARK, 0xA1, 0xA2, 0xA3]},
-                              params=pl.encode_call_table(calls)), payload=p)
+                              params=abi.encode_call_table(calls)), payload=p)
     assert r.outcome == "done", r.describe()
     assert len(r.hypercalls) == 1, r.describe()
     h = r.hypercalls[0]
     assert (h["nr"], h["flags"]) == (PSCI_VERSION, kvm.KVM_HYPERCALL_EXIT_SMC), r.describe()
     assert h["pstate"] & MODE_MASK == MODE_EL2H, r.describe()
-    ret = pl.decode_call_results(r.result_block, 1)[0]["ret"]
+    ret = abi.decode_call_results(r.result_block, 1)[0]["ret"]
     assert ret == [HANDLER_MARK, 0xA1, 0xA2, 0xA3], r.describe()
 
 

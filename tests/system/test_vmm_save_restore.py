@@ -10,8 +10,9 @@ it into a new VM and continues there.
 import pytest
 
 from harness.guest import psci
-from harness.images.payloads import decode_call_results, encode_call_table, get_payload
+from harness.images.payloads import get_payload
 from harness.model import psci_program as pp
+from harness.model.payload_abi import decode_call_results, encode_call_table
 from harness.model.scenarios import PSCI_FWD, fwd, scenario
 
 pytestmark = [pytest.mark.el1, pytest.mark.filter]

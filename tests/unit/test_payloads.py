@@ -13,6 +13,7 @@ import pytest
 from harness import protocol
 from harness.errors import HarnessError, PayloadError, SetupError
 from harness.images import payloads
+from harness.model import payload_abi as abi
 from harness.paths import FIRMWARE_DIR
 
 pytestmark = pytest.mark.skipif(shutil.which("aarch64-linux-gnu-as") is None,
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.skipif(shutil.which("aarch64-linux-gnu-as") is None,
 
 EXPECTED = {
     "psci_version": ["hvc_insn", "smc_insn"],
-    "smccc_calls": [f"call_{c}" for c in payloads.CONDUITS],
+    "smccc_calls": [f"call_{c}" for c in abi.CONDUITS],
     "el2_hello": ["read_hcr"],
     "el2_vectors": ["hvc_insn", "smc_insn", "el2_vectors"],
     "el2_guest_hyp": ["inner_entry", "inner_hvc", "inner_smc", "inner_exit_hvc", "l1_proxy_smc", "l1_vectors",
@@ -77,10 +78,10 @@ def test_hvc_smc_encodings(loaded, name):
 
 def test_call_table_instructions(loaded):
     p = loaded["smccc_calls"]
-    for c in payloads.CONDUITS:
-        assert p.word(p.sym(payloads.conduit_symbol(c))) == payloads.CONDUIT_INSNS[c], c
+    for c in abi.CONDUITS:
+        assert p.word(p.sym(abi.conduit_symbol(c))) == abi.CONDUIT_INSNS[c], c
     # all slots are equally spaced (the dispatcher indexes them)
-    addrs = [p.sym(payloads.conduit_symbol(i)) for i in range(len(payloads.CONDUITS))]
+    addrs = [p.sym(abi.conduit_symbol(i)) for i in range(len(abi.CONDUITS))]
     assert len({b - a for a, b in itertools.pairwise(addrs)}) == 1
 
 
@@ -101,7 +102,7 @@ def test_vector_tables_aligned(loaded):
 
 
 def test_common_inc_matches_protocol():
-    c = payloads.common_inc_constants()
+    c = abi.common_inc_constants()
     for name in ("RAM_BASE", "PARAM_BASE", "RESULT_BASE", "REPORT_BASE", "REPORT_DONE", "STACK_SIZE"):
         assert c[name] == getattr(protocol, name), name
     assert c["FATAL_SLOT_VECTOR"] == payloads.FATAL_SLOT_VECTOR
@@ -245,17 +246,17 @@ def test_get_payload(monkeypatch, tmp_path):
 
 # ---- encoders / decoders ----------------------------------------------------------------------------
 def test_call_table_round_trip():
-    calls = [payloads.Call("hvc", (0x84000000,)),
+    calls = [abi.Call("hvc", (0x84000000,)),
              {"conduit": "smcffff", "regs": list(range(1, 19))},
              ("hvc1", [-1, 2**64 - 1]),
-             payloads.Call(3, ())]
-    params = payloads.encode_call_table(calls)
+             abi.Call(3, ())]
+    params = abi.encode_call_table(calls)
     assert params[0] == 4
-    assert len(params) == 1 + 4 * payloads.CALL_ENTRY_WORDS
+    assert len(params) == 1 + 4 * abi.CALL_ENTRY_WORDS
     assert params[1:3] == [0, 0x84000000]
-    assert params[1 + 20] == payloads.conduit_index("smcffff") == 5
-    back = payloads.decode_call_table(params)
-    assert [payloads.conduit_index(c.conduit) for c in back] == [0, 5, 2, 3]
+    assert params[1 + 20] == abi.conduit_index("smcffff") == 5
+    back = abi.decode_call_table(params)
+    assert [abi.conduit_index(c.conduit) for c in back] == [0, 5, 2, 3]
     assert back[1].regs == tuple(range(1, 19))
     assert back[2].regs[:2] == (2**64 - 1, 2**64 - 1)
     assert all(len(c.regs) == 18 for c in back)
@@ -265,50 +266,50 @@ def test_call_table_round_trip():
 
 def test_call_table_limits():
     with pytest.raises(ValueError, match="at most"):
-        payloads.encode_call_table([("hvc", [])] * (payloads.CALLS_MAX + 1))
+        abi.encode_call_table([("hvc", [])] * (abi.CALLS_MAX + 1))
     with pytest.raises(ValueError, match="conduit"):
-        payloads.encode_call_table([("svc", [])])
+        abi.encode_call_table([("svc", [])])
     with pytest.raises(ValueError, match="x0..x17"):
-        payloads.encode_call_table([("hvc", [0] * 19)])
+        abi.encode_call_table([("hvc", [0] * 19)])
     with pytest.raises(ValueError, match="64 bits"):
-        payloads.encode_call_table([("hvc", [2**64])])
-    assert payloads.call_results_size(payloads.CALLS_MAX) <= payloads.RESULT_BLOCK_SIZE
-    assert 8 * len(payloads.encode_call_table([("hvc", [])] * payloads.CALLS_MAX)) <= (
+        abi.encode_call_table([("hvc", [2**64])])
+    assert abi.call_results_size(abi.CALLS_MAX) <= payloads.RESULT_BLOCK_SIZE
+    assert 8 * len(abi.encode_call_table([("hvc", [])] * abi.CALLS_MAX)) <= (
         protocol.RESULT_BASE - protocol.PARAM_BASE)
 
 
 def test_decode_call_results():
     n = 2
     block = bytearray(payloads.RESULT_BLOCK_SIZE)
-    struct.pack_into("<8Q", block, 0, 0x8, 0x4_8000_0000, 2, 2, 0x401FFFF0, 0, 0, payloads.CALL_RESULT_MAGIC)
+    struct.pack_into("<8Q", block, 0, 0x8, 0x4_8000_0000, 2, 2, 0x401FFFF0, 0, 0, abi.CALL_RESULT_MAGIC)
     for i in range(n):
         regs = [0x100 * i + k for k in range(31)] + [0x401FFFD0]
         struct.pack_into("<32Q", block, 64 + 256 * i, *regs)
-    hdr = payloads.decode_call_header(bytes(block))
+    hdr = abi.decode_call_header(bytes(block))
     assert hdr["current_el"] == 2 and hdr["calls_done"] == 2 and hdr["magic_ok"]
-    assert hdr["sp"] - payloads.CALL_FRAME == 0x401FFFD0
-    res = payloads.decode_call_results(bytes(block), n)
+    assert hdr["sp"] - abi.CALL_FRAME == 0x401FFFD0
+    res = abi.decode_call_results(bytes(block), n)
     assert res[1]["regs"][30] == 0x100 + 30 and res[1]["ret"] == [0x100, 0x101, 0x102, 0x103]
     assert res[0]["sp"] == 0x401FFFD0
     with pytest.raises(PayloadError, match="need"):
-        payloads.decode_call_results(bytes(100), 1)
-    assert payloads.call_pattern(1, 30) == 0x1181E
+        abi.decode_call_results(bytes(100), 1)
+    assert abi.call_pattern(1, 30) == 0x1181E
 
 
 def test_decode_el2_vectors_and_guest_hyp():
     block = bytearray(payloads.RESULT_BLOCK_SIZE)
     struct.pack_into("<Q", block, 0, 1)
     struct.pack_into("<7Q", block, 0x40, 0x200, 0x5A000000, 0x4000004C, 0, 0x3C9, 0x84000000, 0xE1E10000)
-    d = payloads.decode_el2_vectors(bytes(block))
+    d = abi.decode_el2_vectors(bytes(block))
     assert d["count"] == 1 and d["traps"][0]["ec"] == payloads.EC_HVC64 and d["traps"][0]["x0_out"] == 0xE1E10000
 
     block = bytearray(payloads.RESULT_BLOCK_SIZE)
     struct.pack_into("<8Q", block, 0, 0x8, 1 << 34 | 1 << 31, 5, 2, 0xE1E10000, 0x5C5C0000, 1, 0)
     struct.pack_into("<8Q", block, 0x40 + 0x40, 0x400, 0x5E000000, 0x40000100, 0x3C5, 0x84000000, 0x5C5C0000, 3, 0)
-    g = payloads.decode_guest_hyp(bytes(block))
-    assert g["current_el"] == 2 and g["ntraps"] == 2 and g["exit_path"] == payloads.GH_EXIT_BY_L1
-    assert g["traps"][1]["ec"] == payloads.EC_SMC64 and g["traps"][1]["action"] == payloads.GH_ACT_SMC_MARKER
-    assert payloads.encode_guest_hyp_params(tsc=True, proxy=True) == [0b101]
+    g = abi.decode_guest_hyp(bytes(block))
+    assert g["current_el"] == 2 and g["ntraps"] == 2 and g["exit_path"] == abi.GH_EXIT_BY_L1
+    assert g["traps"][1]["ec"] == payloads.EC_SMC64 and g["traps"][1]["action"] == abi.GH_ACT_SMC_MARKER
+    assert abi.encode_guest_hyp_params(tsc=True, proxy=True) == [0b101]
 
 
 def test_concurrent_builds_agree(tmp_path):
@@ -322,25 +323,25 @@ def test_concurrent_builds_agree(tmp_path):
 
 
 def test_asm_layout_constants_match_python():
-    c = payloads.common_inc_constants(FIRMWARE_DIR / "smccc_calls.S")
-    assert c["MAX_CALLS"] == payloads.CALLS_MAX
-    assert c["ENTRY_SIZE"] == 8 * payloads.CALL_ENTRY_WORDS
-    assert c["RECORD_SIZE"] == payloads.CALL_RECORD_SIZE
-    assert c["HEADER_SIZE"] == payloads.CALL_HEADER_SIZE
-    assert c["RESULT_MAGIC"] == payloads.CALL_RESULT_MAGIC
-    assert c["N_CONDUITS"] == len(payloads.CONDUITS)
-    v = payloads.common_inc_constants(FIRMWARE_DIR / "el2_vectors.S")
+    c = abi.common_inc_constants(FIRMWARE_DIR / "smccc_calls.S")
+    assert c["MAX_CALLS"] == abi.CALLS_MAX
+    assert c["ENTRY_SIZE"] == 8 * abi.CALL_ENTRY_WORDS
+    assert c["RECORD_SIZE"] == abi.CALL_RECORD_SIZE
+    assert c["HEADER_SIZE"] == abi.CALL_HEADER_SIZE
+    assert c["RESULT_MAGIC"] == abi.CALL_RESULT_MAGIC
+    assert c["N_CONDUITS"] == len(abi.CONDUITS)
+    v = abi.common_inc_constants(FIRMWARE_DIR / "el2_vectors.S")
     assert (v["MAX_TRAPS"], v["TRAP_LOG"], v["TRAP_SIZE"]) == (
-        payloads.EV_MAX_TRAPS, payloads.EV_TRAP_LOG, payloads.EV_TRAP_SIZE)
-    g = payloads.common_inc_constants(FIRMWARE_DIR / "el2_guest_hyp.S")
-    assert g["GH_FLAGS"] == payloads.GH_HDR_FLAGS and g["GH_NTRAPS"] == payloads.GH_HDR_NTRAPS
-    assert g["GH_X0_HVC"] == payloads.GH_HDR_X0_AFTER_HVC and g["GH_X0_SMC"] == payloads.GH_HDR_X0_AFTER_SMC
-    assert g["GH_EXIT_PATH"] == payloads.GH_HDR_EXIT_PATH and g["GH_NINNER"] == payloads.GH_HDR_NINNER
+        abi.EV_MAX_TRAPS, abi.EV_TRAP_LOG, abi.EV_TRAP_SIZE)
+    g = abi.common_inc_constants(FIRMWARE_DIR / "el2_guest_hyp.S")
+    assert g["GH_FLAGS"] == abi.GH_HDR_FLAGS and g["GH_NTRAPS"] == abi.GH_HDR_NTRAPS
+    assert g["GH_X0_HVC"] == abi.GH_HDR_X0_AFTER_HVC and g["GH_X0_SMC"] == abi.GH_HDR_X0_AFTER_SMC
+    assert g["GH_EXIT_PATH"] == abi.GH_HDR_EXIT_PATH and g["GH_NINNER"] == abi.GH_HDR_NINNER
     assert (g["GH_TRAP_LOG"], g["GH_MAX_TRAPS"], g["GH_INNER_LOG"], g["GH_MAX_INNER"], g["GH_RESULT_SIZE"]) == (
-        payloads.GH_TRAP_LOG, payloads.GH_MAX_TRAPS, payloads.GH_INNER_LOG, payloads.GH_MAX_INNER_EXC,
-        payloads.GH_RESULT_SIZE)
+        abi.GH_TRAP_LOG, abi.GH_MAX_TRAPS, abi.GH_INNER_LOG, abi.GH_MAX_INNER_EXC,
+        abi.GH_RESULT_SIZE)
     assert [1 << g[f"FLAG_{n}_BIT"] for n in ("TSC", "HCD", "PROXY", "PROXY_SMC")] == [
-        payloads.GH_FLAG_TSC, payloads.GH_FLAG_HCD, payloads.GH_FLAG_PROXY, payloads.GH_FLAG_PROXY_SMC]
+        abi.GH_FLAG_TSC, abi.GH_FLAG_HCD, abi.GH_FLAG_PROXY, abi.GH_FLAG_PROXY_SMC]
     assert [g[f"ACT_{n}"] for n in ("HVC_MARKER", "HVC_PROXY", "SMC_MARKER", "SMC_PROXY", "EXIT", "FATAL")] == [
-        payloads.GH_ACT_HVC_MARKER, payloads.GH_ACT_HVC_PROXY, payloads.GH_ACT_SMC_MARKER,
-        payloads.GH_ACT_SMC_PROXY, payloads.GH_ACT_EXIT, payloads.GH_ACT_FATAL]
+        abi.GH_ACT_HVC_MARKER, abi.GH_ACT_HVC_PROXY, abi.GH_ACT_SMC_MARKER,
+        abi.GH_ACT_SMC_PROXY, abi.GH_ACT_EXIT, abi.GH_ACT_FATAL]
