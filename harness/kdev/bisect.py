@@ -173,12 +173,12 @@ def run_step(selection: list[str], *, src: Path, build: bool = True, out: Path |
              kernel: str | None = None, jobs: int | None = None, timeout_s: float = 1800.0,
              extra_pytest: list[str] = (), skips_ok: bool = False) -> tuple[str, str]:
     """One bisect step; returns (outcome, one-line explanation).  Never raises for a kernel problem."""
-    from . import kbuild
+    from . import kbuild, make
     t0 = time.monotonic()
     if build:
         try:
             res = kbuild.build(src, out, jobs=jobs, progress=_say)
-        except kbuild.KernelBuildError as e:
+        except make.KernelBuildError as e:
             return "build", str(e).splitlines()[0]
         except HarnessError as e:
             return "infra", str(e).splitlines()[0]

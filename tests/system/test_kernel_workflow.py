@@ -20,7 +20,7 @@ import pytest
 from harness import paths
 from harness.images.kernel import resolve_kernel
 from harness.kdev import bisect as B
-from harness.kdev import kbuild
+from harness.kdev import kbuild, kconfig, make, toolchain
 
 pytestmark = pytest.mark.infra  # the harness's own plumbing (harness/plugin/tiers.py)
 
@@ -135,9 +135,9 @@ def test_fragment_option_the_base_config_rules_out_fails_and_leaves_o_as_it_was(
     out.mkdir()
     frag = tmp_path / "frag.config"
     frag.write_text("CONFIG_VIRTUALIZATION=y\nCONFIG_KVM=y\n")
-    tc = kbuild.resolve_toolchain(env={}, install=True, progress=lambda m: None)
-    assert kbuild.configure(src, out, fragment_text=frag.read_text(), fragment_path=frag, config=None, toolchain=tc,
-                            env=kbuild.make_env(), log=out / "build.log", jobs=2, ccache=False,
+    tc = toolchain.resolve_toolchain(env={}, install=True, progress=lambda m: None)
+    assert kconfig.configure(src, out, fragment_text=frag.read_text(), fragment_path=frag, config=None, toolchain=tc,
+                            env=make.make_env(), log=out / "build.log", jobs=2, ccache=False,
                             progress=lambda m: None)
     before = (out / ".config").read_text()
     assert "CONFIG_KVM=y" in before
@@ -160,7 +160,7 @@ def test_minimal_kernel_built_with_llvm_passes_the_psci_suite():
     bookworm whose clang 14 is too old for 7.x), installed through harness/images/sysdeps.py; then the PSCI suite
     with ``--kernel <O>/vmlinux``.  Cold: ~10-15 min on 2 cores."""
     src = kbuild.source_tree()
-    llvm = kbuild.debian_llvm_for(src)
+    llvm = toolchain.debian_llvm_for(src)
     if llvm is None:
         pytest.skip(f"apt offers no clang new enough for {src.name} (scripts/min-tool-version.sh llvm)")
     r = _cli("kernel", "build", str(src), "--llvm", llvm, "--install-toolchain", timeout=3600)
@@ -168,7 +168,7 @@ def test_minimal_kernel_built_with_llvm_passes_the_psci_suite():
     assert f"toolchain: LLVM={llvm} (clang" in r.stdout, r.stdout[-2000:]
     image = Path(r.stdout.strip().splitlines()[-1])
     out = image.parents[3]
-    cfg = kbuild.parse_fragment((out / ".config").read_text())
+    cfg = kconfig.parse_fragment((out / ".config").read_text())
     assert cfg.get("CONFIG_CC_IS_CLANG") == "y" and cfg.get("CONFIG_LD_IS_LLD") == "y", out
     t = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--no-snapshot",
                         "tests/system/test_psci_el1.py", "--kernel", str(out / "vmlinux")],

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from harness.errors import HarnessError
-from harness.kdev import kbuild
+from harness.kdev import kbuild, kconfig, make, toolchain
 
 
 def _tool(d: Path, name: str, version_line: str = "") -> Path:
@@ -37,35 +37,35 @@ def bare_path(tmp_path, monkeypatch):
 # ---- toolchain ------------------------------------------------------------------------------------------
 def test_llvm_without_clang_names_debian_packages(bare_path):
     with pytest.raises(HarnessError) as e:
-        kbuild.resolve_toolchain(env={"LLVM": "1"}, install=False)
+        toolchain.resolve_toolchain(env={"LLVM": "1"}, install=False)
     assert "LLVM=1 (env LLVM)" in str(e.value) and "clang" in str(e.value)
     assert "clang lld llvm" in e.value.hint
 
 
 def test_versioned_llvm_names_versioned_packages(bare_path):
     with pytest.raises(HarnessError) as e:
-        kbuild.resolve_toolchain(llvm="-19", env={}, install=False)
+        toolchain.resolve_toolchain(llvm="-19", env={}, install=False)
     assert "clang-19" in str(e.value) and "--llvm" in str(e.value)
     assert "clang-19 lld-19 llvm-19" in e.value.hint
 
 
 def test_llvm_value_kbuild_does_not_know_is_refused(bare_path):
     with pytest.raises(HarnessError, match="LLVM='yes'"):
-        kbuild.resolve_toolchain(env={"LLVM": "yes"}, install=False)
+        toolchain.resolve_toolchain(env={"LLVM": "yes"}, install=False)
 
 
 def test_llvm_zero_means_gcc(bare_path):
     _tool(bare_path, "aarch64-linux-gnu-gcc", "aarch64-linux-gnu-gcc (Debian 12.2.0-14) 12.2.0")
-    tc = kbuild.resolve_toolchain(env={"LLVM": "0"}, install=False)
+    tc = toolchain.resolve_toolchain(env={"LLVM": "0"}, install=False)
     assert tc.llvm == "" and tc.cc == "aarch64-linux-gnu-gcc" and tc.origin == "default"
 
 
 def test_llvm_found_uses_clang_and_passes_llvm_to_make(bare_path):
     for t in ("clang-19", "ld.lld-19", "llvm-ar-19", "llvm-objcopy-19", "llvm-nm-19"):
         _tool(bare_path, t, "Debian clang version 19.1.7 (3~deb12u1)")
-    tc = kbuild.resolve_toolchain(env={"LLVM": "-19"}, install=False)
+    tc = toolchain.resolve_toolchain(env={"LLVM": "-19"}, install=False)
     assert (tc.cc, tc.family, tc.origin) == ("clang-19", "llvm", "env LLVM")
-    argv = kbuild.make_argv(Path("/src"), Path("/o"), "Image", 2, ccache=True, toolchain=tc)
+    argv = make.make_argv(Path("/src"), Path("/o"), "Image", 2, ccache=True, toolchain=tc)
     assert "LLVM=-19" in argv and "CC=ccache clang-19" in argv and not any(a.startswith("CROSS_COMPILE") for a in argv)
     assert "LLVM=-19 (clang-19: Debian clang version 19.1.7" in tc.describe()
 
@@ -75,8 +75,8 @@ def test_llvm_dir_prefix(tmp_path, bare_path):
     d.mkdir(parents=True)
     for t in ("clang", "ld.lld", "llvm-ar", "llvm-objcopy", "llvm-nm"):
         _tool(d, t, "clang version 20.1.0")
-    tc = kbuild.resolve_toolchain(llvm=f"{d}/", env={}, install=False)
-    assert tc.cc == f"{d}/clang" and kbuild.llvm_packages(tc.llvm) == []
+    tc = toolchain.resolve_toolchain(llvm=f"{d}/", env={}, install=False)
+    assert tc.cc == f"{d}/clang" and toolchain.llvm_packages(tc.llvm) == []
 
 
 def test_clang_older_than_the_tree_needs_is_refused_before_make(tmp_path, bare_path):
@@ -88,33 +88,33 @@ def test_clang_older_than_the_tree_needs_is_refused_before_make(tmp_path, bare_p
     (src / "scripts" / "min-tool-version.sh").write_text(
         'case "$1" in llvm) echo 17.0.1 ;; gcc) echo 8.1.0 ;; esac\n')
     with pytest.raises(HarnessError, match=r"older than the 17\.0\.1 this tree needs"):
-        kbuild.resolve_toolchain(env={"LLVM": "1"}, install=False, src=src)
+        toolchain.resolve_toolchain(env={"LLVM": "1"}, install=False, src=src)
 
 
 def test_cross_compile_prefix_without_gcc_is_an_error(bare_path):
     with pytest.raises(HarnessError) as e:
-        kbuild.resolve_toolchain(env={"CROSS_COMPILE": "/opt/nope/bin/aarch64-none-elf-"}, install=False)
+        toolchain.resolve_toolchain(env={"CROSS_COMPILE": "/opt/nope/bin/aarch64-none-elf-"}, install=False)
     assert "aarch64-none-elf-gcc not found" in str(e.value) and "unset CROSS_COMPILE" in e.value.hint
 
 
 def test_cross_compile_from_env_is_used(bare_path):
     _tool(bare_path, "aarch64-none-linux-gnu-gcc", "aarch64-none-linux-gnu-gcc (Arm GNU Toolchain 14.2) 14.2.1")
-    tc = kbuild.resolve_toolchain(env={"CROSS_COMPILE": "aarch64-none-linux-gnu-"}, install=False)
+    tc = toolchain.resolve_toolchain(env={"CROSS_COMPILE": "aarch64-none-linux-gnu-"}, install=False)
     assert tc.cross_compile == "aarch64-none-linux-gnu-" and tc.origin == "env CROSS_COMPILE"
-    argv = kbuild.make_argv(Path("/s"), Path("/o"), "Image", 1, ccache=False, toolchain=tc)
+    argv = make.make_argv(Path("/s"), Path("/o"), "Image", 1, ccache=False, toolchain=tc)
     assert "CROSS_COMPILE=aarch64-none-linux-gnu-" in argv and not any(a.startswith("CC=") for a in argv)
 
 
 def test_make_env_leaves_the_toolchain_to_argv(monkeypatch):
     for k in ("LLVM", "CROSS_COMPILE", "KBUILD_OUTPUT", "CC", "KCONFIG_ALLCONFIG"):
         monkeypatch.setenv(k, "x")
-    env = kbuild.make_env()
+    env = make.make_env()
     assert not {"LLVM", "CROSS_COMPILE", "KBUILD_OUTPUT", "CC", "KCONFIG_ALLCONFIG"} & set(env)
 
 
 def test_tool_versions_parse():
-    assert kbuild.parse_tool_version("Debian clang version 19.1.7 (3~deb12u1)") == (19, 1, 7)
-    assert kbuild.parse_tool_version("aarch64-linux-gnu-gcc (Debian 12.2.0-14) 12.2.0") == (12, 2, 0)
+    assert toolchain.parse_tool_version("Debian clang version 19.1.7 (3~deb12u1)") == (19, 1, 7)
+    assert toolchain.parse_tool_version("aarch64-linux-gnu-gcc (Debian 12.2.0-14) 12.2.0") == (12, 2, 0)
 
 
 def test_debian_llvm_pick_prefers_the_release_clang_then_the_newest_versioned(tmp_path):
@@ -122,9 +122,9 @@ def test_debian_llvm_pick_prefers_the_release_clang_then_the_newest_versioned(tm
     (src / "scripts").mkdir(parents=True)
     (src / "scripts" / "min-tool-version.sh").write_text('case "$1" in llvm) echo 17.0.1 ;; esac\n')
     bookworm = {"clang": "1:14.0-55.7~deb12u1", "clang-16": "1:16.0.6-15~deb12u1", "clang-19": "1:19.1.7-3~deb12u1"}
-    assert kbuild.debian_llvm_for(src, bookworm) == "-19"
-    assert kbuild.debian_llvm_for(src, {"clang": "1:19.0-63"}) == "1"
-    assert kbuild.debian_llvm_for(src, {"clang": "1:14.0-55.7~deb12u1"}) is None
+    assert toolchain.debian_llvm_for(src, bookworm) == "-19"
+    assert toolchain.debian_llvm_for(src, {"clang": "1:19.0-63"}) == "1"
+    assert toolchain.debian_llvm_for(src, {"clang": "1:14.0-55.7~deb12u1"}) is None
 
 
 # ---- output directory -------------------------------------------------------------------------------------
@@ -148,15 +148,15 @@ def test_flavours_keep_configs_apart(tmp_path):
 def test_merge_replaces_the_fragments_symbols_and_keeps_the_rest():
     base = "CONFIG_A=y\n# CONFIG_KVM is not set\nCONFIG_NR_CPUS=256\nCONFIG_B=m\n"
     frag = "CONFIG_KVM=y\nCONFIG_NR_CPUS=2\n# CONFIG_B is not set\n"
-    merged = kbuild.merge_config(base, frag)
-    cfg = kbuild.parse_fragment(merged)
+    merged = kconfig.merge_config(base, frag)
+    cfg = kconfig.parse_fragment(merged)
     assert cfg == {"CONFIG_A": "y", "CONFIG_KVM": "y", "CONFIG_NR_CPUS": "2", "CONFIG_B": "n"}
     assert merged.count("CONFIG_NR_CPUS") == 1 and merged.count("CONFIG_KVM") == 1
 
 
 def test_config_file_that_does_not_exist(tmp_path):
     with pytest.raises(HarnessError, match="no such file") as e:
-        kbuild.check_kernel_config(tmp_path / "nope")
+        kconfig.check_kernel_config(tmp_path / "nope")
     assert "defconfig" in e.value.hint
 
 
@@ -164,14 +164,14 @@ def test_config_file_that_is_not_a_kernel_config(tmp_path):
     p = tmp_path / "notes.txt"
     p.write_text("hello\nworld\n")
     with pytest.raises(HarnessError, match="not a kernel config"):
-        kbuild.check_kernel_config(p)
+        kconfig.check_kernel_config(p)
 
 
 def test_config_of_another_architecture(tmp_path):
     p = tmp_path / "x86.config"
     p.write_text("CONFIG_X86=y\nCONFIG_X86_64=y\n")
     with pytest.raises(HarnessError, match="another architecture"):
-        kbuild.check_kernel_config(p)
+        kconfig.check_kernel_config(p)
 
 
 # ---- configure(): O= is never left half-configured ---------------------------------------------------------
@@ -198,8 +198,8 @@ def fake_tree(tmp_path):
 def _configure(src, out, frag, config=None, env=None):
     fp = out.parent / "frag.config"
     fp.write_text(frag)
-    tc = kbuild.Toolchain("", "aarch64-linux-gnu-", "aarch64-linux-gnu-gcc", "gcc 12", "default")
-    return kbuild.configure(src, out, fragment_text=frag, fragment_path=fp, config=config, toolchain=tc,
+    tc = toolchain.Toolchain("", "aarch64-linux-gnu-", "aarch64-linux-gnu-gcc", "gcc 12", "default")
+    return kconfig.configure(src, out, fragment_text=frag, fragment_path=fp, config=config, toolchain=tc,
                             env=dict(os.environ, **(env or {})), log=out / "build.log", jobs=1, ccache=False,
                             progress=lambda m: None)
 
@@ -214,18 +214,18 @@ def test_configure_runs_once_then_only_when_inputs_change(fake_tree):
 def test_option_that_does_not_stick_fails_and_restores_the_previous_config(fake_tree):
     src, out = fake_tree
     _configure(src, out, "CONFIG_KVM=y\n")
-    before = (out / ".config").read_bytes(), (out / kbuild.STAMP).read_bytes()
-    with pytest.raises(kbuild.KernelBuildError, match=r"CONFIG_DROPPED_BY_KCONFIG=y \(got n\)"):
+    before = (out / ".config").read_bytes(), (out / kconfig.STAMP).read_bytes()
+    with pytest.raises(make.KernelBuildError, match=r"CONFIG_DROPPED_BY_KCONFIG=y \(got n\)"):
         _configure(src, out, "CONFIG_KVM=y\nCONFIG_DROPPED_BY_KCONFIG=y\n")
-    assert ((out / ".config").read_bytes(), (out / kbuild.STAMP).read_bytes()) == before
+    assert ((out / ".config").read_bytes(), (out / kconfig.STAMP).read_bytes()) == before
     assert _configure(src, out, "CONFIG_KVM=y\n") is False     # nothing half-done: the old config still counts
 
 
 def test_failed_make_leaves_no_config_where_there_was_none(fake_tree):
     src, out = fake_tree
-    with pytest.raises(kbuild.KernelBuildError, match="make exit 2"):
+    with pytest.raises(make.KernelBuildError, match="make exit 2"):
         _configure(src, out, "CONFIG_KVM=y\n", env={"FAIL": "1"})
-    assert not (out / ".config").exists() and not (out / kbuild.STAMP).exists()
+    assert not (out / ".config").exists() and not (out / kconfig.STAMP).exists()
 
 
 def test_config_file_is_merged_with_the_fragment(fake_tree, tmp_path):
@@ -233,7 +233,7 @@ def test_config_file_is_merged_with_the_fragment(fake_tree, tmp_path):
     mine = tmp_path / "my.config"
     mine.write_text("CONFIG_ARM64=y\nCONFIG_MINE=y\n# CONFIG_KVM is not set\n")
     assert _configure(src, out, "CONFIG_KVM=y\n", config=str(mine)) is True
-    cfg = kbuild.parse_fragment((out / ".config").read_text())
+    cfg = kconfig.parse_fragment((out / ".config").read_text())
     assert cfg["CONFIG_MINE"] == "y" and cfg["CONFIG_KVM"] == "y"
 
 
@@ -257,7 +257,7 @@ def test_olddefconfig_remerges_after_the_config_was_edited(fake_tree):
 def test_defconfig_then_merge(fake_tree):
     src, out = fake_tree
     assert _configure(src, out, "CONFIG_KVM=y\n", config="defconfig") is True
-    assert kbuild.parse_fragment((out / ".config").read_text()) == {"CONFIG_DEFCONFIG": "y", "CONFIG_KVM": "y"}
+    assert kconfig.parse_fragment((out / ".config").read_text()) == {"CONFIG_DEFCONFIG": "y", "CONFIG_KVM": "y"}
 
 
 # ---- progress ---------------------------------------------------------------------------------------------
@@ -271,7 +271,7 @@ class _Clock:
 
 def test_progress_counter_on_a_terminal_redraws_one_line():
     clock, out = _Clock(), io.StringIO()
-    p = kbuild.Progress(lambda m: None, tty=True, stream=out, clock=clock)
+    p = make.Progress(lambda m: None, tty=True, stream=out, clock=clock)
     for i, f in enumerate(("init/main.o", "kernel/fork.o", "arch/arm64/kvm/hypercalls.o")):
         clock.t = 0.2 * (i + 1)
         p.line(f"  CC      {f}")
@@ -284,17 +284,17 @@ def test_progress_counter_on_a_terminal_redraws_one_line():
 
 def test_progress_without_a_terminal_prints_a_line_every_interval():
     clock, said = _Clock(), []
-    p = kbuild.Progress(said.append, tty=False, stream=io.StringIO(), clock=clock)
+    p = make.Progress(said.append, tty=False, stream=io.StringIO(), clock=clock)
     for i in range(100):
         clock.t = i * 1.0
         p.line(f"  CC [M]  drivers/x{i}.o")
-    assert len(said) == int(99 // kbuild.PROGRESS_EVERY_S)
+    assert len(said) == int(99 // make.PROGRESS_EVERY_S)
     assert said[0].startswith("[0m15s] 16 built, now CC drivers/x15.o")
 
 
 def test_verbose_progress_prints_makes_lines():
     out = io.StringIO()
-    p = kbuild.Progress(lambda m: None, verbose=True, stream=out)
+    p = make.Progress(lambda m: None, verbose=True, stream=out)
     p.line("  LD      vmlinux")
     assert out.getvalue() == "  LD      vmlinux\n"
 
@@ -303,7 +303,7 @@ def test_make_output_all_goes_to_the_log(fake_tree):
     src, out = fake_tree
     log = out / "build.log"
     log.write_text("")
-    kbuild._run_make(["make", "-C", str(src), f"O={out}", "allnoconfig"], dict(os.environ), log, "configuration",
+    make.run_make(["make", "-C", str(src), f"O={out}", "allnoconfig"], dict(os.environ), log, "configuration",
                      lambda m: None)
     assert "HOSTCC  scripts/kconfig/conf.o" in log.read_text()
 

@@ -15,7 +15,7 @@ import pytest
 
 from harness.errors import SetupError
 from harness.images import kernel as K
-from harness.kdev import kbuild
+from harness.kdev import kbuild, kconfig, make
 from harness.model import capabilities as C
 
 BANNER = "Linux version 7.3.4-smccc (u@h) (aarch64-linux-gnu-gcc (Debian 12.2.0-14) 12.2.0) #1 SMP PREEMPT"
@@ -198,7 +198,7 @@ def test_kaslr_offset_in_the_excerpt_is_subtracted(otree):
 
 # ---- the config fragment ----------------------------------------------------------------------------
 def test_fragment_names_every_option_the_agent_and_platform_doc_need():
-    frag = kbuild.parse_fragment(kbuild.FRAGMENT.read_text())
+    frag = kconfig.parse_fragment(kbuild.FRAGMENT.read_text())
     for opt in ("KVM", "VIRTUALIZATION", "SERIAL_AMBA_PL011_CONSOLE", "BLK_DEV_INITRD", "INITRAMFS_PRESERVE_MTIME",
                 "DEVTMPFS_MOUNT", "VIRTIO_PCI", "VIRTIO_CONSOLE", "PCI_HOST_GENERIC", "MAGIC_SYSRQ", "TMPFS"):
         assert frag.get(f"CONFIG_{opt}") == "y", opt
@@ -208,15 +208,15 @@ def test_fragment_names_every_option_the_agent_and_platform_doc_need():
 def test_unmet_options_lists_what_kconfig_dropped():
     frag = {"CONFIG_KVM": "y", "CONFIG_NR_CPUS": "2", "CONFIG_TYPO": "y", "CONFIG_FOO": "n"}
     cfg = "CONFIG_KVM=y\nCONFIG_NR_CPUS=2\n# CONFIG_FOO is not set\n"
-    assert kbuild.unmet_options(frag, cfg) == ["CONFIG_TYPO=y (got n)"]
+    assert kconfig.unmet_options(frag, cfg) == ["CONFIG_TYPO=y (got n)"]
 
 
 def test_make_command_is_out_of_tree_cross_and_through_ccache(tmp_path):
-    argv = kbuild.make_argv(tmp_path / "src", tmp_path / "o", "Image", 2)
+    argv = make.make_argv(tmp_path / "src", tmp_path / "o", "Image", 2)
     assert argv[:3] == ["make", "-C", str(tmp_path / "src")]
     assert {f"O={tmp_path / 'o'}", "ARCH=arm64", "CROSS_COMPILE=aarch64-linux-gnu-", "-j2",
             "CC=ccache aarch64-linux-gnu-gcc"} <= set(argv)
-    assert kbuild.make_env()["CCACHE_SLOPPINESS"] == "include_file_mtime,include_file_ctime,time_macros"
+    assert make.make_env()["CCACHE_SLOPPINESS"] == "include_file_mtime,include_file_ctime,time_macros"
 
 
 def test_building_something_that_is_not_a_kernel_tree_says_so(tmp_path):
@@ -272,7 +272,7 @@ def test_image_banner_prefers_the_real_banner_over_the_weak_placeholder(tmp_path
 
 
 def test_ssh_fragment_adds_networking_to_the_base_fragment():
-    base, ssh = (kbuild.parse_fragment(f.read_text()) for f in (kbuild.FRAGMENT, kbuild.SSH_FRAGMENT))
+    base, ssh = (kconfig.parse_fragment(f.read_text()) for f in (kbuild.FRAGMENT, kbuild.SSH_FRAGMENT))
     assert ssh["CONFIG_VIRTIO_NET"] == "y" and ssh["CONFIG_INET"] == "y"
     assert not set(base) & set(ssh), "the SSH fragment only adds options"
 
