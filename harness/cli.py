@@ -188,11 +188,11 @@ def cmd_run_payload(args) -> int:
 
 # ---- the reusable VM (--reuse-vm, docs/reuse-vm.md) ------------------------------------------------------
 def _vm_dirs(args) -> list[Path]:
-    from .machine import reuse
+    from .machine import reuse_state
     root = _results_root(args)
     if getattr(args, "all", False):
-        return reuse.all_vm_dirs(root)
-    return [reuse.vm_dir(args.name, root)]
+        return reuse_state.all_vm_dirs(root)
+    return [reuse_state.vm_dir(args.name, root)]
 
 
 def _print_vm(info: dict) -> None:
@@ -212,7 +212,7 @@ def _print_vm(info: dict) -> None:
 
 def cmd_vm(args) -> int:
     """``vm start|status|stop``: the reusable VM that ``pytest --reuse-vm`` attaches to."""
-    from .machine import reuse
+    from .machine import reuse, reuse_state
     if args.action == "start":
         from .images.kernel import resolve_kernel
         from .images.sysdeps import check_qemu
@@ -237,11 +237,11 @@ def cmd_vm(args) -> int:
         return 0
     dirs = _vm_dirs(args)
     if args.action == "status":
-        if not dirs or not any((d / reuse.STATE_FILE).exists() for d in dirs):
+        if not dirs or not any((d / reuse_state.STATE_FILE).exists() for d in dirs):
             print("no reusable VM" + ("" if getattr(args, "all", False) else f" {args.name!r}") +
                   f" under {_results_root(args) or paths.results_root()}")
             return 1
-        infos = [reuse.status(d) for d in dirs if (d / reuse.STATE_FILE).exists()]
+        infos = [reuse.status(d) for d in dirs if (d / reuse_state.STATE_FILE).exists()]
         for info in infos:
             _print_vm(info)
         return 0 if all(i["running"] for i in infos) else 1

@@ -210,7 +210,7 @@ def sweep_orphan_socket_dirs(tmp: Path | None = None, min_age_s: float = ORPHAN_
 
 def _sweep_reusable(d: Path) -> list[Path]:
     """The sockets of a reusable VM whose QEMU is gone (never those of a live one)."""
-    from .reuse import read_state, socket_dir, stale_state
+    from .reuse_state import read_state, socket_dir, stale_state
     if not d.is_dir() or not stale_state(d):
         return []
     removed = []

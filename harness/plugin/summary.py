@@ -137,14 +137,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 def _workers_reused_vms(root: Path) -> list[str]:
     """Under xdist the workers hold the reusable VMs: one line per worker VM still running (from its state
     file), and how to stop them all."""
-    from ..machine import reuse
+    from ..machine import reuse_state
     out = []
-    for d in reuse.all_vm_dirs(root):
+    for d in reuse_state.all_vm_dirs(root):
         try:
-            st = reuse.read_state(d)
+            st = reuse_state.read_state(d)
         except HarnessError:
             continue
-        if st is None or not st.name.startswith("gw") or reuse.process_problem(st) is not None:
+        if st is None or not st.name.startswith("gw") or reuse_state.process_problem(st) is not None:
             continue
         out.append(f"reusable VM {st.name}: pid {st.pid}, up {time.time() - st.created:.0f} s, console log {st.console_log}")
     if out:

@@ -21,7 +21,7 @@ import pytest
 
 from harness import paths
 from harness.images.kernel import resolve_kernel
-from harness.machine import leftovers, reuse
+from harness.machine import leftovers, reuse, reuse_state
 from harness.machine.detached import reap_detached_children
 
 pytestmark = pytest.mark.infra  # the harness's own plumbing (harness/plugin/tiers.py)
@@ -35,7 +35,7 @@ def results(tmp_path_factory):
     try:
         yield root
     finally:
-        for d in reuse.all_vm_dirs(root):
+        for d in reuse_state.all_vm_dirs(root):
             reuse.kill(d)
         stop = time.monotonic() + 10
         while (procs := _live_qemus(root)) and time.monotonic() < stop:
@@ -72,12 +72,12 @@ def _cli(results: Path, *args: str) -> subprocess.CompletedProcess:
 
 def _attach(results: Path, **kw):
     k = resolve_kernel(os.environ.get("SMCCC_KERNEL", "default"))
-    want = reuse.wanted(k.image)
-    return reuse.attach(want, reuse.vm_dir("default", results), paths.new_run_dir("guest", results), **kw)
+    want = reuse_state.wanted(k.image)
+    return reuse.attach(want, reuse_state.vm_dir("default", results), paths.new_run_dir("guest", results), **kw)
 
 
-def _state(results: Path) -> reuse.VmState:
-    st = reuse.read_state(reuse.vm_dir("default", results))
+def _state(results: Path) -> reuse_state.VmState:
+    st = reuse_state.read_state(reuse_state.vm_dir("default", results))
     assert st is not None
     return st
 
@@ -130,9 +130,9 @@ def test_an_idle_vm_powers_itself_off(results):
     s = _attach(results, idle_s=1)
     s.close()
     stop = time.monotonic() + 15
-    while reuse.process_problem(st) is None and time.monotonic() < stop:
+    while reuse_state.process_problem(st) is None and time.monotonic() < stop:
         time.sleep(0.1)
-    assert reuse.process_problem(st) is not None, "the idle VM is still running"
+    assert reuse_state.process_problem(st) is not None, "the idle VM is still running"
     assert "powering the guest off" in Path(st.console_log).read_text(errors="replace")
 
 
@@ -187,7 +187,7 @@ def test_vm_status_and_stop_leave_nothing_but_logs(results):
     assert p.returncode == 0 and "QEMU killed" in p.stdout, p.stdout + p.stderr
     assert _live_qemus(results) == []
     assert leftovers.sockets(results) == []
-    d = reuse.vm_dir("default", results)
-    assert not (d / reuse.STATE_FILE).exists() and (d / "console.log").stat().st_size > 0
-    assert not reuse.socket_dir(d, create=False).exists() or reuse.socket_dir(d, create=False) == d
+    d = reuse_state.vm_dir("default", results)
+    assert not (d / reuse_state.STATE_FILE).exists() and (d / "console.log").stat().st_size > 0
+    assert not reuse_state.socket_dir(d, create=False).exists() or reuse_state.socket_dir(d, create=False) == d
     assert _cli(results, "status").returncode == 1

@@ -28,6 +28,7 @@ import os
 
 import pytest
 
+from harness.kdev import selftest_build as sb
 from harness.kdev import selftests
 
 # program -> its variants, and the variants kept out of the default run for their TCG cost (docs/selftests.md)
@@ -51,9 +52,9 @@ def selftest_build(request):
     if not src and ("/" in spec or os.path.exists(spec)):
         pytest.skip(f"--kernel {spec} is a file and SMCCC_SELFTESTS_SRC is unset: no source to build the "
                     "selftests from")
-    source = selftests.resolve_source(src, spec)
-    present, _ = selftests.resolve_tests(source.tree, PROGRAMS)
-    return selftests.build(source, list(present))
+    source = sb.resolve_source(src, spec)
+    present, _ = sb.resolve_tests(source.tree, PROGRAMS)
+    return sb.build(source, list(present))
 
 
 def _marks(program: str, variant: str) -> list:

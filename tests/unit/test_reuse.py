@@ -17,7 +17,7 @@ import pytest
 
 from harness.errors import SetupError
 from harness.guest import agent
-from harness.machine import leftovers, reuse
+from harness.machine import leftovers, reuse, reuse_state
 from harness.machine.config import MachineConfig, default_cmdline
 from harness.machine.detached import DetachedMachine, kill_detached, proc_identity
 
@@ -29,12 +29,12 @@ def kernel(tmp_path: Path) -> Path:
     return k
 
 
-def _state(tmp_path: Path, kernel: Path, **kw) -> reuse.VmState:
+def _state(tmp_path: Path, kernel: Path, **kw) -> reuse_state.VmState:
     d = tmp_path / "reuse-vm-default"
-    cfg = MachineConfig(kernel=kernel, initrd=kernel, cmdline=reuse.with_idle(default_cmdline(), 1800),
+    cfg = MachineConfig(kernel=kernel, initrd=kernel, cmdline=reuse_state.with_idle(default_cmdline(), 1800),
                         control_socket=d / "ctl.sock", qmp_socket=d / "qmp.sock", console_socket=d / "console.sock",
                         console_logfile=d / "console.log")
-    st = reuse.VmState(name="default", pid=os.getpid(), pid_start=proc_identity(os.getpid())[0], argv=cfg.argv(),
+    st = reuse_state.VmState(name="default", pid=os.getpid(), pid_start=proc_identity(os.getpid())[0], argv=cfg.argv(),
                        qemu_version="QEMU emulator version 10.0.2", kernel=str(kernel), kernel_sha256="a" * 64,
                        initrd=str(kernel), rootfs_key="r" * 32, init_sha256="i" * 64, cmdline=default_cmdline(),
                        idle_s=1800.0, accel="tcg", smp=1, memory_mb=1024, control_socket=str(d / "ctl.sock"),
@@ -43,8 +43,8 @@ def _state(tmp_path: Path, kernel: Path, **kw) -> reuse.VmState:
     return dataclasses.replace(st, **kw)
 
 
-def _want(st: reuse.VmState, **kw) -> reuse.Wanted:
-    w = reuse.Wanted(kernel=Path(st.kernel), kernel_sha256=st.kernel_sha256, rootfs_key=st.rootfs_key,
+def _want(st: reuse_state.VmState, **kw) -> reuse_state.Wanted:
+    w = reuse_state.Wanted(kernel=Path(st.kernel), kernel_sha256=st.kernel_sha256, rootfs_key=st.rootfs_key,
                      init_sha256=st.init_sha256, cmdline=st.cmdline, accel="tcg", smp=1, memory_mb=1024,
                      qemu_bin=st.argv[0], qemu_version=st.qemu_version)
     return dataclasses.replace(w, **kw)
@@ -82,11 +82,11 @@ def test_detached_machine_needs_a_console_socket(tmp_path, kernel):
 # ---- the state file -------------------------------------------------------------------------------
 def test_state_round_trip_is_atomic_and_private(tmp_path, kernel):
     st = _state(tmp_path, kernel, ssh_port=2222, ssh_dir=str(tmp_path / "ssh"))
-    p = reuse.write_state(tmp_path / "vm", st)
+    p = reuse_state.write_state(tmp_path / "vm", st)
     assert p.stat().st_mode & 0o777 == 0o600
     assert [x.name for x in p.parent.iterdir()] == ["state.json"]     # no temp file left
-    assert reuse.read_state(tmp_path / "vm") == st
-    assert reuse.read_state(tmp_path / "nothing") is None
+    assert reuse_state.read_state(tmp_path / "vm") == st
+    assert reuse_state.read_state(tmp_path / "nothing") is None
 
 
 @pytest.mark.parametrize("mutate, msg", [
@@ -101,15 +101,15 @@ def test_bad_state_files_are_refused(tmp_path, kernel, mutate, msg):
     d = _state(tmp_path, kernel).to_dict()
     mutate(d)
     (tmp_path / "state.json").write_text(json.dumps(d))
-    with pytest.raises(reuse.ReuseError, match=msg):
-        reuse.read_state(tmp_path)
+    with pytest.raises(reuse_state.ReuseError, match=msg):
+        reuse_state.read_state(tmp_path)
 
 
 def test_state_that_is_not_json(tmp_path):
     (tmp_path / "state.json").write_text("{half")
-    with pytest.raises(reuse.ReuseError, match="not JSON"):
-        reuse.read_state(tmp_path)
-    assert reuse.stale_state(tmp_path)
+    with pytest.raises(reuse_state.ReuseError, match="not JSON"):
+        reuse_state.read_state(tmp_path)
+    assert reuse_state.stale_state(tmp_path)
 
 
 def test_config_of_a_state_renders_its_own_argv(tmp_path, kernel):
@@ -119,15 +119,15 @@ def test_config_of_a_state_renders_its_own_argv(tmp_path, kernel):
 
 
 def test_idle_parameter_is_not_part_of_the_match():
-    assert reuse.strip_idle("a smccc.idle=60 b") == "a b"
-    assert reuse.with_idle("a", 0) == "a"
-    assert reuse.with_idle("a", 90.5) == "a smccc.idle=90"
+    assert reuse_state.strip_idle("a smccc.idle=60 b") == "a b"
+    assert reuse_state.with_idle("a", 0) == "a"
+    assert reuse_state.with_idle("a", 90.5) == "a smccc.idle=90"
 
 
 # ---- matching -------------------------------------------------------------------------------------
 def test_nothing_differs(tmp_path, kernel):
     st = _state(tmp_path, kernel)
-    assert reuse.mismatches(st, _want(st)) == []
+    assert reuse_state.mismatches(st, _want(st)) == []
 
 
 @pytest.mark.parametrize("change, reason", [
@@ -143,20 +143,20 @@ def test_nothing_differs(tmp_path, kernel):
 ])
 def test_mismatch_reasons(tmp_path, kernel, change, reason):
     st = _state(tmp_path, kernel)
-    got = reuse.mismatches(st, _want(st, **change))
+    got = reuse_state.mismatches(st, _want(st, **change))
     assert len(got) == 1 and got[0].startswith(reason), got
 
 
 def test_a_vm_with_ssh_serves_a_run_without(tmp_path, kernel):
     from harness.images.sshimage import SSH_CMDLINE
     st = _state(tmp_path, kernel, ssh_port=2222, cmdline=default_cmdline(SSH_CMDLINE))
-    assert reuse.mismatches(st, _want(st, cmdline=default_cmdline())) == []
+    assert reuse_state.mismatches(st, _want(st, cmdline=default_cmdline())) == []
 
 
 # ---- is it still that QEMU? ----------------------------------------------------------------------
 def test_a_live_matching_process_has_no_problem(tmp_path, kernel):
     st = _state(tmp_path, kernel, argv=_own_argv())
-    assert reuse.process_problem(st) is None
+    assert reuse_state.process_problem(st) is None
 
 
 def _own_argv() -> list[str]:
@@ -166,19 +166,19 @@ def _own_argv() -> list[str]:
 def test_pid_reuse_is_detected_by_start_time(tmp_path, kernel):
     st = _state(tmp_path, kernel, argv=_own_argv())
     st.pid_start -= 1
-    assert "is now another process" in reuse.process_problem(st)
+    assert "is now another process" in reuse_state.process_problem(st)
 
 
 def test_another_command_line_is_not_the_vm(tmp_path, kernel):
     st = _state(tmp_path, kernel)        # our pid and start time, but QEMU's argv
-    assert "another command line" in reuse.process_problem(st)
+    assert "another command line" in reuse_state.process_problem(st)
 
 
 def test_a_dead_pid_is_gone(tmp_path, kernel):
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
     st = _state(tmp_path, kernel, pid=p.pid)
-    assert "is gone" in reuse.process_problem(st)
+    assert "is gone" in reuse_state.process_problem(st)
 
 
 def test_kill_detached_never_signals_a_reused_pid():
@@ -197,34 +197,34 @@ def test_kill_detached_never_signals_a_reused_pid():
 # ---- where -----------------------------------------------------------------------------------------
 def test_vm_dir_names(tmp_path, monkeypatch):
     monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
-    assert reuse.vm_name() == "default"
+    assert reuse_state.vm_name() == "default"
     monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw3")
-    assert reuse.vm_name() == "gw3"
-    assert reuse.vm_dir("gw3", tmp_path) == tmp_path / "reuse-vm-gw3"
+    assert reuse_state.vm_name() == "gw3"
+    assert reuse_state.vm_dir("gw3", tmp_path) == tmp_path / "reuse-vm-gw3"
     for bad in ("", "../x", "a/b", ".."):
-        with pytest.raises(reuse.ReuseError):
-            reuse.vm_dir(bad, tmp_path)
+        with pytest.raises(reuse_state.ReuseError):
+            reuse_state.vm_dir(bad, tmp_path)
 
 
 def test_socket_dir_is_private_and_stable_for_deep_dirs(tmp_path):
     deep = tmp_path / ("d" * 100) / "reuse-vm-default"
-    a, b = reuse.socket_dir(deep), reuse.socket_dir(deep)
+    a, b = reuse_state.socket_dir(deep), reuse_state.socket_dir(deep)
     try:
-        assert a == b and a.name.startswith(reuse.SOCK_DIR_PREFIX)
+        assert a == b and a.name.startswith(reuse_state.SOCK_DIR_PREFIX)
         assert a.stat().st_mode & 0o777 == 0o700
-        assert reuse.socket_dir(tmp_path) == tmp_path.absolute()
+        assert reuse_state.socket_dir(tmp_path) == tmp_path.absolute()
     finally:
         a.rmdir()
 
 
 def test_idle_default(monkeypatch):
-    monkeypatch.delenv(reuse.IDLE_ENV, raising=False)
-    assert reuse.idle_default() == 1800.0
-    monkeypatch.setenv(reuse.IDLE_ENV, "90")
-    assert reuse.idle_default() == 90.0
-    monkeypatch.setenv(reuse.IDLE_ENV, "soon")
-    with pytest.raises(reuse.ReuseError, match="not a number"):
-        reuse.idle_default()
+    monkeypatch.delenv(reuse_state.IDLE_ENV, raising=False)
+    assert reuse_state.idle_default() == 1800.0
+    monkeypatch.setenv(reuse_state.IDLE_ENV, "90")
+    assert reuse_state.idle_default() == 90.0
+    monkeypatch.setenv(reuse_state.IDLE_ENV, "soon")
+    with pytest.raises(reuse_state.ReuseError, match="not a number"):
+        reuse_state.idle_default()
 
 
 def test_sweep_keeps_a_live_reused_vms_sockets(tmp_path, kernel):
@@ -237,12 +237,12 @@ def test_sweep_keeps_a_live_reused_vms_sockets(tmp_path, kernel):
         s.bind(str(d / n))
         socks.append(s)
     try:
-        reuse.write_state(d, _state(tmp_path, kernel, argv=_own_argv()))    # "alive": this process
+        reuse_state.write_state(d, _state(tmp_path, kernel, argv=_own_argv()))    # "alive": this process
         assert leftovers.sweep_stale_sockets(tmp_path) == []
         assert (d / "ctl.sock").is_socket()
         st = _state(tmp_path, kernel, argv=_own_argv())
         st.pid_start -= 1                                                    # its QEMU is gone
-        reuse.write_state(d, st)
+        reuse_state.write_state(d, st)
         assert sorted(p.name for p in leftovers.sweep_stale_sockets(tmp_path)) == ["console.sock", "ctl.sock"]
         assert (d / "state.json").exists()          # kept: the next attach says what happened
     finally:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.kdev import selftests
+from harness.kdev import selftest_build, selftests
 from harness.kdev.tap import parse
 
 MAKEFILE_KVM_73 = """\
@@ -28,7 +28,7 @@ TEST_GEN_PROGS_aarch64 += kvm_binary_stats_test
 
 
 def tree(tmp_path: Path, name: str, text: str) -> Path:
-    d = tmp_path / "linux" / selftests.KVM_DIR
+    d = tmp_path / "linux" / selftest_build.KVM_DIR
     d.mkdir(parents=True)
     (d / name).write_text(text)
     (tmp_path / "linux" / "Makefile").write_text("VERSION = 7\nPATCHLEVEL = 3\nSUBLEVEL = 4\nEXTRAVERSION =\n")
@@ -37,43 +37,43 @@ def tree(tmp_path: Path, name: str, text: str) -> Path:
 
 def test_arm64_tests_of_a_7x_tree_include_the_common_ones_and_no_x86(tmp_path):
     t = tree(tmp_path, "Makefile.kvm", MAKEFILE_KVM_73)
-    assert selftests.available_tests(t) == ["demand_paging_test", "kvm_binary_stats_test", "arm64/hello_el2",
+    assert selftest_build.available_tests(t) == ["demand_paging_test", "kvm_binary_stats_test", "arm64/hello_el2",
                                             "arm64/smccc_filter", "steal_time"]
 
 
 def test_basenames_resolve_to_aarch64_paths_in_a_612_tree_and_missing_ones_are_named(tmp_path):
     t = tree(tmp_path, "Makefile", MAKEFILE_612)
-    found, missing = selftests.resolve_tests(t, ["smccc_filter", "arm64/psci_test", "hello_el2"])
+    found, missing = selftest_build.resolve_tests(t, ["smccc_filter", "arm64/psci_test", "hello_el2"])
     assert found == {"smccc_filter": "aarch64/smccc_filter", "psci_test": "aarch64/psci_test"}
     assert missing == ["hello_el2"]
 
 
 def test_build_refuses_a_test_the_tree_lacks_before_compiling(tmp_path):
     t = tree(tmp_path, "Makefile", MAKEFILE_612)
-    src = selftests.Source(tree=t, key="x", label="linux-source-6.12 test", version="6.12.0")
-    with pytest.raises(selftests.SelftestError, match="has no arm64 KVM selftest hello_el2"):
-        selftests.build(src, ["hello_el2"])
+    src = selftest_build.Source(tree=t, key="x", label="linux-source-6.12 test", version="6.12.0")
+    with pytest.raises(selftest_build.SelftestError, match="has no arm64 KVM selftest hello_el2"):
+        selftest_build.build(src, ["hello_el2"])
 
 
 def test_tree_version_reads_the_top_makefile(tmp_path):
-    assert selftests.tree_version(tree(tmp_path, "Makefile", MAKEFILE_612)) == "7.3.4"
+    assert selftest_build.tree_version(tree(tmp_path, "Makefile", MAKEFILE_612)) == "7.3.4"
 
 
 def test_tree_hash_changes_with_a_source_file_but_not_with_build_artifacts(tmp_path):
     t = tree(tmp_path, "Makefile.kvm", MAKEFILE_KVM_73)
-    h0 = selftests.hash_tree(t)
-    kvm = t / selftests.KVM_DIR
+    h0 = selftest_build.hash_tree(t)
+    kvm = t / selftest_build.KVM_DIR
     (kvm / "smccc_filter.o").write_bytes(b"obj")
     (kvm / "smccc_filter.d").write_text("deps")
     (kvm / "smccc_filter").write_bytes(b"\x7fELF" + b"\0" * 60)
-    assert selftests.hash_tree(t) == h0
+    assert selftest_build.hash_tree(t) == h0
     (kvm / "smccc_filter.c").write_text("int main(void) { return 0; }\n")
-    assert selftests.hash_tree(t) != h0
+    assert selftest_build.hash_tree(t) != h0
 
 
 def test_a_directory_without_kvm_selftests_is_refused_with_a_hint(tmp_path):
-    with pytest.raises(selftests.SelftestError, match="not a kernel tree with KVM selftests"):
-        selftests.tree_source(tmp_path)
+    with pytest.raises(selftest_build.SelftestError, match="not a kernel tree with KVM selftests"):
+        selftest_build.tree_source(tmp_path)
 
 
 def test_the_debian_source_label_follows_the_locked_kernel():
@@ -84,8 +84,8 @@ def test_the_debian_source_label_follows_the_locked_kernel():
 
 
 def test_a_file_kernel_without_a_source_tree_is_refused():
-    with pytest.raises(selftests.SelftestError, match="is a file"):
-        selftests.resolve_source(None, "/boot/Image")
+    with pytest.raises(selftest_build.SelftestError, match="is a file"):
+        selftest_build.resolve_source(None, "/boot/Image")
 
 
 def _run(text_out: str, rc: int) -> selftests.SelftestRun:
