@@ -345,17 +345,17 @@ def section_suite(kernel_spec: str, results: dict, cold_too: bool, ci_too: bool)
 
 # ---- experiments ---------------------------------------------------------------------------------------
 def section_experiments(a: Assets, n: int, results: dict) -> None:
-    from harness.machine import snapshot
+    from harness.machine import snapshot_store
     out("== experiments ==")
     smp2 = [cold_phases(a, smp=2) for _ in range(n)]
     out(f"  cold boot -smp 2: agent ready median {statistics.median(r['agent_ready'] for r in smp2):.3f} s, "
         f"first result {statistics.median(r['first_result'] for r in smp2):.3f} s ({n} runs)")
     full = []
-    os.environ[snapshot.FULL_ARGV_ENV] = "1"
+    os.environ[snapshot_store.FULL_ARGV_ENV] = "1"
     try:
         full = [warm_phases(a) for _ in range(n)]
     finally:
-        del os.environ[snapshot.FULL_ARGV_ENV]
+        del os.environ[snapshot_store.FULL_ARGV_ENV]
     restored = [r for r in full if r["qmp"] is not None]
     if restored:
         out(f"  restore with the real -kernel/-initrd (SMCCC_SNAPSHOT_FULL_ARGV=1): QMP up median "
@@ -383,8 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     t_all = time.monotonic()
     a = Assets(args.kernel)
-    from harness.machine import snapshot
-    qv = snapshot.qemu_version("qemu-system-aarch64")
+    from harness.machine import snapshot_store
+    qv = snapshot_store.qemu_version("qemu-system-aarch64")
     size = a.initrd.stat().st_size
     out(f"host: {os.cpu_count()} CPUs, load average {loadavg()}; {qv}")
     out(f"kernel: {a.kernel.version} ({a.kernel.image.stat().st_size / 1e6:.1f} MB Image)")

@@ -51,7 +51,7 @@ class GuestOptions:
     @classmethod
     def from_args(cls, args, **over) -> GuestOptions:
         """The CLI's common arguments (harness/cli.py ``common``)."""
-        from .snapshot import disabled_by_env
+        from .snapshot_store import disabled_by_env
         return dataclasses.replace(cls(
             kernel=str(args.kernel), accel=args.accel, qemu_bin=args.qemu_bin,
             smp=getattr(args, "smp", 1), memory_mb=getattr(args, "memory", 1024),

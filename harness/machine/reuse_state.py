@@ -225,7 +225,7 @@ def wanted(kernel: Path, *, append: str = "", accel: str = "tcg", smp: int = 1, 
            qemu_bin: str = "qemu-system-aarch64", ssh: bool = False, rootfs: dict | None = None) -> Wanted:
     """What a run with these options needs, without building the initramfs (guest code is pushed instead)."""
     from ..images import assets, initramfs
-    from .snapshot import file_sha256, qemu_version
+    from .snapshot_store import file_sha256, qemu_version
     if rootfs is None:
         rootfs = assets.ensure_rootfs(progress=quiet)
     extra = append

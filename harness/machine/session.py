@@ -21,9 +21,10 @@ from pathlib import Path
 from .. import protocol as P
 from ..errors import BootError, GuestError
 from ..model.results import ScenarioResult
+from ..model.splats import scan_failures
 from .channel import Channel, ChannelError
 from .config import MachineConfig, default_cmdline
-from .console import ConsoleFailure, scan_failures
+from .console import ConsoleFailure
 from .detached import DetachedMachine
 from .process import Machine
 

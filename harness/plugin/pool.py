@@ -13,7 +13,7 @@ import pytest
 from .. import paths
 from ..errors import HarnessError
 from ..machine.accel import resolve_accel
-from ..machine.console import scan_failures
+from ..model.splats import scan_failures
 from .keys import MARK_KEY, POOL_KEY
 
 PREP_REPORT_S = 1.0  # a preparation step that took this long is reported on the terminal

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ..machine.console import scan_failures
+from ..model.splats import scan_failures
 from .keys import AFTER_LAST_KEY, MARK_KEY, POOL_KEY
 
 # ---- console scanning: every byte of every pool guest's console scanned once, attributed -------------------

@@ -23,9 +23,9 @@ from harness.errors import HarnessError
 from harness.guest import psci
 from harness.images import assets, l2
 from harness.images.kernel import resolve_kernel
-from harness.machine.console import scan_failures
 from harness.machine.guests import GuestOptions, guest_assets, new_session
 from harness.model.results import ScenarioResult
+from harness.model.splats import scan_failures
 from harness.paths import new_run_dir
 
 pytestmark = [pytest.mark.linux_guest, pytest.mark.psci, pytest.mark.slow]

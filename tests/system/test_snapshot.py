@@ -14,7 +14,7 @@ from harness import paths
 from harness.errors import GuestError
 from harness.guest import kvm
 from harness.images.payloads import get_payload
-from harness.machine import snapshot
+from harness.machine import snapshot, snapshot_store
 from harness.machine.session import GuestSession
 from harness.model import payload_abi as abi
 from harness.model.scenarios import PSCI_FWD, scenario
@@ -144,7 +144,7 @@ def test_a_cache_miss_boots_saves_and_keeps_the_guest_then_the_next_start_restor
     a = guest_pool.resolve_assets()
     dead = []
     for attempt in range(5):
-        store = snapshot.SnapshotStore(tmp_path / f"snapshots-{attempt}")
+        store = snapshot_store.SnapshotStore(tmp_path / f"snapshots-{attempt}")
         sessions = [GuestSession.create(a["kernel"].image, a["initrd"], paths.new_run_dir("guest")) for _ in range(2)]
         try:
             first = snapshot.warm_start(sessions[0], store)

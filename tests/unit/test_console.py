@@ -14,14 +14,8 @@ import pytest
 
 import harness.machine.console as console_mod
 from harness.errors import BootError
-from harness.machine.console import (
-    FAILURE_PATTERNS,
-    PANIC_CONTEXT_LINES,
-    Console,
-    ConsoleFailure,
-    match_line,
-    scan_failures,
-)
+from harness.machine.console import Console, ConsoleFailure
+from harness.model.splats import FAILURE_PATTERNS, PANIC_CONTEXT_LINES, match_line, scan_failures
 from harness.protocol import READY_BANNER
 
 DATA = Path(__file__).parent / "data" / "console"

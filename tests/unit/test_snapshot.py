@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from harness.machine import snapshot
+from harness.machine import snapshot, snapshot_store
 from harness.machine.config import MachineConfig
 
 QEMU_V = "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)"
@@ -38,7 +38,7 @@ def config(files, run="run1", **kw):
 
 
 def key(cfg, qemu=QEMU_V):
-    return snapshot.snapshot_key(snapshot.key_inputs(cfg, qemu_version_string=qemu))
+    return snapshot_store.snapshot_key(snapshot_store.key_inputs(cfg, qemu_version_string=qemu))
 
 
 # ---- the key ---------------------------------------------------------------------------------------
@@ -94,7 +94,7 @@ def test_key_changes_with_the_machine_config(files, change):
 
 def test_normalized_argv_has_no_per_run_paths(files):
     cfg = config(files, incoming="defer")
-    argv = " ".join(snapshot.normalized_argv(cfg))
+    argv = " ".join(snapshot_store.normalized_argv(cfg))
     for p in (cfg.control_socket, cfg.qmp_socket, cfg.kernel, cfg.initrd):
         assert str(p) not in argv
     assert "-incoming" not in argv
@@ -103,45 +103,45 @@ def test_normalized_argv_has_no_per_run_paths(files):
 
 def test_file_digest_is_recomputed_after_a_change(files, cache):
     p = files / "Image"
-    first = snapshot.file_sha256(p)
-    assert (cache / "snapshots" / snapshot.DIGESTS).is_file()
-    assert snapshot.file_sha256(p) == first
+    first = snapshot_store.file_sha256(p)
+    assert (cache / "snapshots" / snapshot_store.DIGESTS).is_file()
+    assert snapshot_store.file_sha256(p) == first
     time.sleep(0.01)
     p.write_bytes(b"different")
-    assert snapshot.file_sha256(p) != first
+    assert snapshot_store.file_sha256(p) != first
 
 
 def test_qemu_version_is_the_first_line_of_qemu_version():
     if not shutil.which("qemu-system-aarch64"):
         pytest.skip("qemu-system-aarch64 is not installed (smccc-harness setup installs it)")
-    assert snapshot.qemu_version("qemu-system-aarch64").startswith("QEMU emulator version ")
+    assert snapshot_store.qemu_version("qemu-system-aarch64").startswith("QEMU emulator version ")
 
 
 def test_snapshot_disabled_by_env(monkeypatch):
     monkeypatch.setenv("SMCCC_NO_SNAPSHOT", "1")
-    assert snapshot.disabled_by_env()
+    assert snapshot_store.disabled_by_env()
     monkeypatch.setenv("SMCCC_NO_SNAPSHOT", "0")
-    assert not snapshot.disabled_by_env()
+    assert not snapshot_store.disabled_by_env()
 
 
 # ---- the cache layout ------------------------------------------------------------------------------
 def fake_build(tmp):
-    (tmp / snapshot.STATE_FILE).write_bytes(b"state")
-    (tmp / snapshot.META_FILE).write_text(json.dumps({"caps": {"kvm": True}}))
+    (tmp / snapshot_store.STATE_FILE).write_bytes(b"state")
+    (tmp / snapshot_store.META_FILE).write_text(json.dumps({"caps": {"kvm": True}}))
 
 
 def test_create_puts_a_complete_snapshot_under_its_key(cache):
-    store = snapshot.SnapshotStore()
+    store = snapshot_store.SnapshotStore()
     snap = store.create("k1", fake_build)
     assert snap.path == cache / "snapshots" / "k1"
-    assert (snap.path / snapshot.STATE_FILE).read_bytes() == b"state"
+    assert (snap.path / snapshot_store.STATE_FILE).read_bytes() == b"state"
     assert snap.meta() == {"caps": {"kvm": True}}
     assert store.lookup("k1") == snap
     assert [p.name for p in (cache / "snapshots").iterdir() if p.name.startswith(".build-")] == []
 
 
 def test_create_reuses_an_existing_snapshot(cache):
-    store = snapshot.SnapshotStore()
+    store = snapshot_store.SnapshotStore()
     store.create("k1", fake_build)
 
     def must_not_build(tmp):
@@ -150,28 +150,28 @@ def test_create_reuses_an_existing_snapshot(cache):
 
 
 def test_a_failed_build_leaves_nothing_behind(cache):
-    store = snapshot.SnapshotStore()
+    store = snapshot_store.SnapshotStore()
 
     def broken(tmp):
-        (tmp / snapshot.STATE_FILE).write_bytes(b"half")
-        raise snapshot.SnapshotError("migration failed")
-    with pytest.raises(snapshot.SnapshotError):
+        (tmp / snapshot_store.STATE_FILE).write_bytes(b"half")
+        raise snapshot_store.SnapshotError("migration failed")
+    with pytest.raises(snapshot_store.SnapshotError):
         store.create("k1", broken)
     assert store.lookup("k1") is None
     assert list((cache / "snapshots").iterdir()) == []
 
 
 def test_an_incomplete_build_is_refused(cache):
-    store = snapshot.SnapshotStore()
-    with pytest.raises(snapshot.SnapshotError, match="no state.ram"):
-        store.create("k1", lambda tmp: (tmp / snapshot.META_FILE).write_text("{}"))
+    store = snapshot_store.SnapshotStore()
+    with pytest.raises(snapshot_store.SnapshotError, match="no state.ram"):
+        store.create("k1", lambda tmp: (tmp / snapshot_store.META_FILE).write_text("{}"))
     assert store.lookup("k1") is None
 
 
 def test_lookup_ignores_a_directory_without_state(cache):
     (cache / "snapshots" / "k1").mkdir(parents=True)
-    (cache / "snapshots" / "k1" / snapshot.META_FILE).write_text("{}")
-    assert snapshot.SnapshotStore().lookup("k1") is None
+    (cache / "snapshots" / "k1" / snapshot_store.META_FILE).write_text("{}")
+    assert snapshot_store.SnapshotStore().lookup("k1") is None
 
 
 def _slow_build_in_process(cache_dir, counter):
@@ -182,7 +182,7 @@ def _slow_build_in_process(cache_dir, counter):
             f.write("built\n")
         time.sleep(0.5)
         fake_build(tmp)
-    snapshot.SnapshotStore().create("shared", build)
+    snapshot_store.SnapshotStore().create("shared", build)
 
 
 def test_concurrent_creators_build_once(cache, tmp_path):
@@ -195,31 +195,31 @@ def test_concurrent_creators_build_once(cache, tmp_path):
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0, 0]
     assert counter.read_text() == "built\n"
-    assert snapshot.SnapshotStore().lookup("shared") is not None
+    assert snapshot_store.SnapshotStore().lookup("shared") is not None
 
 
 def test_prune_keeps_the_most_recently_used(cache):
-    store = snapshot.SnapshotStore()
+    store = snapshot_store.SnapshotStore()
     old = time.time() - 3600
     for i in range(5):
         s = store.create(f"k{i}", fake_build)
-        os.utime(s.path / snapshot.LAST_USED, (old + i, old + i))
+        os.utime(s.path / snapshot_store.LAST_USED, (old + i, old + i))
     store.prune(max_keep=2)
     assert sorted(s.key for s in store.entries()) == ["k3", "k4"]
 
 
 def test_create_prunes_down_to_keep(cache):
-    store = snapshot.SnapshotStore()
+    store = snapshot_store.SnapshotStore()
     old = time.time() - 3600
-    for i in range(snapshot.KEEP + 2):
+    for i in range(snapshot_store.KEEP + 2):
         s = store.create(f"k{i}", fake_build)
-        os.utime(s.path / snapshot.LAST_USED, (old + i, old + i))
-    assert len(store.entries()) == snapshot.KEEP
-    assert store.lookup(f"k{snapshot.KEEP + 1}") is not None
+        os.utime(s.path / snapshot_store.LAST_USED, (old + i, old + i))
+    assert len(store.entries()) == snapshot_store.KEEP
+    assert store.lookup(f"k{snapshot_store.KEEP + 1}") is not None
 
 
 def test_prune_spares_recently_used_snapshots(cache):
-    store = snapshot.SnapshotStore()
+    store = snapshot_store.SnapshotStore()
     for i in range(3):
         store.create(f"k{i}", fake_build)
     assert store.prune(max_keep=1) == []
@@ -227,17 +227,17 @@ def test_prune_spares_recently_used_snapshots(cache):
 
 
 def test_restore_config_swaps_in_the_stub_boot_files(files, cache):
-    snap = snapshot.SnapshotStore().create("k1", fake_build)
-    (snap.path / snapshot.STUB_KERNEL).write_bytes((files / "Image").read_bytes()[:64])
-    (snap.path / snapshot.STUB_INITRD).write_bytes(b"")
+    snap = snapshot_store.SnapshotStore().create("k1", fake_build)
+    (snap.path / snapshot_store.STUB_KERNEL).write_bytes((files / "Image").read_bytes()[:64])
+    (snap.path / snapshot_store.STUB_INITRD).write_bytes(b"")
     cfg = snapshot.restore_config(config(files), snap, stubs=True)
     assert cfg.argv()[-2:] == ["-incoming", "defer"]
-    assert (cfg.kernel, cfg.initrd) == (snap.path / snapshot.STUB_KERNEL, snap.path / snapshot.STUB_INITRD)
+    assert (cfg.kernel, cfg.initrd) == (snap.path / snapshot_store.STUB_KERNEL, snap.path / snapshot_store.STUB_INITRD)
     assert cfg.control_socket == config(files).control_socket
 
 
 def test_restore_config_keeps_the_real_files_without_stubs(files, cache):
-    snap = snapshot.SnapshotStore().create("k1", fake_build)
+    snap = snapshot_store.SnapshotStore().create("k1", fake_build)
     cfg = snapshot.restore_config(config(files), snap, stubs=True)     # this snapshot has no stub files
     assert (cfg.kernel, cfg.initrd) == (files / "Image", files / "abc.cpio")
     assert snapshot.restore_config(config(files), snap, stubs=False).kernel == files / "Image"
