@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import paths
 from .errors import HarnessError
+from .machine.leftovers import keep_runs_arg
 
 SUITE_MARKERS = "not slow"
 # The main job: forwarding behaviour only (PSCI, the filter, both conduits, EL1 and nested EL2); the fault,
@@ -147,19 +148,6 @@ def cmd_boot(args) -> int:
     return 0
 
 
-def _parse_filter(text: str) -> list[dict]:
-    from .model.scenarios import PSCI_FWD
-    if text == "psci":
-        return list(PSCI_FWD)
-    try:
-        rng, _, action = text.partition(":")
-        base, _, nr = rng.partition("+")
-        return [{"base": int(base, 0), "nr": int(nr or "1", 0), "action": action or "fwd"}]
-    except ValueError:
-        raise HarnessError(f"--forward {text!r}: not a range",
-                           hint="use 'psci', or BASE[+NR][:fwd|deny|handle], e.g. 0xC2000000+0x100:fwd") from None
-
-
 def payload_params(args) -> list[int]:
     """The parameter block (u64 words at PARAM_BASE) from ``--params FILE`` with each ``--param OFFSET=VALUE``
     written over it, in order."""
@@ -172,7 +160,8 @@ def cmd_run_payload(args) -> int:
     from .images.payloads import load_elf
     from .model.scenarios import scenario
     p = load_elf(args.elf, vcpus=args.vcpus)
-    filters = [f for text in args.forward for f in _parse_filter(text)]
+    from .model.filter_model import parse_forward
+    filters = [f for text in args.forward for f in parse_forward(text)]
     from .model.filter_model import check_filters
     check_filters(filters, what="--forward range")      # before anything boots: KVM would refuse it
     params = payload_params(args)                        # bad input: an error before anything boots
@@ -193,21 +182,6 @@ def _vm_dirs(args) -> list[Path]:
     if getattr(args, "all", False):
         return reuse_state.all_vm_dirs(root)
     return [reuse_state.vm_dir(args.name, root)]
-
-
-def _print_vm(info: dict) -> None:
-    state = "running" if info["running"] else f"not running ({info.get('problem', '?')})"
-    print(f"reusable VM {info['name']!r}: {state}")
-    if "pid" in info:
-        up = info["uptime_s"]
-        print(f"  pid            {info['pid']} (up {int(up // 3600)}h{int(up % 3600 // 60):02d}m{int(up % 60):02d}s, "
-              f"idle timeout {info['idle_s']:.0f} s)")
-        print(f"  kernel         {info.get('release') or '?'} ({info['kernel']})")
-        print(f"  control socket {info['control_socket']}")
-        print(f"  console socket {info['console_socket']}")
-    print(f"  console log    {info['console_log']}")
-    if info.get("ssh"):
-        print(f"  ssh            {info['ssh']}")
 
 
 def cmd_vm(args) -> int:
@@ -233,7 +207,7 @@ def cmd_vm(args) -> int:
                 _progress(f"started pid {info['pid']}: guest ready in {info['boot_s']} s")
         finally:
             s.close()
-        _print_vm(reuse.status(Path(info["vm_dir"])))
+        print(reuse_state.format_status(reuse.status(Path(info["vm_dir"]))))
         return 0
     dirs = _vm_dirs(args)
     if args.action == "status":
@@ -243,7 +217,7 @@ def cmd_vm(args) -> int:
             return 1
         infos = [reuse.status(d) for d in dirs if (d / reuse_state.STATE_FILE).exists()]
         for info in infos:
-            _print_vm(info)
+            print(reuse_state.format_status(info))
         return 0 if all(i["running"] for i in infos) else 1
     for d in dirs:
         if not d.is_dir():
@@ -279,16 +253,6 @@ def cmd_assets(args) -> int:
 
 
 # ---- main -------------------------------------------------------------------------------------------
-def _keep_runs(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a count of run directories (0 keeps all)")
-    return n
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="smccc-harness", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -303,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--qemu-bin", default=os.environ.get("QEMU", "qemu-system-aarch64"))
         p.add_argument("--boot-timeout", type=float, default=120.0)
         p.add_argument("--results-dir", default=None, help="where run directories go [env SMCCC_HARNESS_RESULTS, ./runs]")
-        p.add_argument("--keep-runs", type=_keep_runs, default=None, metavar="N",
+        p.add_argument("--keep-runs", type=keep_runs_arg, default=None, metavar="N",
                        help="keep the newest N run directories under the results dir, never a live run's "
                             "(0: keep all) [env SMCCC_KEEP_RUNS, default 50]")
         p.add_argument("--no-snapshot", action="store_true",

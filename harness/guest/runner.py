@@ -17,7 +17,6 @@ KVM_ARM_VCPU_INIT (warm reset) and sets PC/x0 itself — a vCPU is only ever tou
 from __future__ import annotations
 
 import base64
-import ctypes
 import errno
 import os
 import threading
@@ -27,6 +26,7 @@ from .. import protocol as P
 from . import kvm, psci, smccc
 from .trace import Trace
 from .vm import Vcpu, Vm
+from .vmsetup import install_filters, probe_attrs, vcpu_features
 
 MAX_EXITS_DEFAULT = 100_000     # per scenario: more KVM_RUN exits than this end the run as "exit_storm"
 TRACE_LIMIT_DEFAULT = 4096      # trace records sent back per scenario; later ones are counted, the last kept
@@ -82,49 +82,6 @@ class ScenarioRun:
         self.replies = {int(k, 0) & 0xFFFF_FFFF: v for k, v in self.spec["replies"].items()}
 
     # ---- setup ---------------------------------------------------------------------------------------
-    def _features(self) -> tuple[int, ...]:
-        s = self.spec
-        feats = []
-        if s.get("psci_0_2", True):
-            feats.append(kvm.KVM_ARM_VCPU_PSCI_0_2)
-        if s["el2"]:
-            feats.append(kvm.KVM_ARM_VCPU_HAS_EL2)
-        if s["e2h0"]:
-            feats.append(kvm.KVM_ARM_VCPU_HAS_EL2_E2H0)
-        return tuple(feats)
-
-    def _install_filters(self, filters) -> list[dict]:
-        out = []
-        for f in filters:
-            f = P.validate_filter(f)    # late_filters are not checked by validate_scenario: shapes, action names, pad
-            rec = {"base": f["base"], "nr": f["nr"], "action": f["action"], "errno": None}
-            try:
-                self.filter.install(self.vm.fd, f["base"], f["nr"], f["action"], f["pad"])
-            except kvm.KvmError as e:
-                rec["errno"] = e.errname
-            out.append(rec)
-        return out
-
-    def _probes(self, probes) -> list[dict]:
-        """VM-fd device-attribute probes: ``{"ioctl": "has"|"get", "group", "attr"}`` → errno or None.
-
-        (vm.rst §6: HAS answers 0 for the filter; other groups/attrs ENXIO; the VM fd has no GET.)
-        """
-        out = []
-        for pr in probes:
-            kind = pr.get("ioctl", "has")
-            buf = ctypes.create_string_buffer(64)
-            attr = kvm.DeviceAttr(flags=0, group=pr.get("group", 0), attr=pr.get("attr", 0),
-                                  addr=ctypes.addressof(buf))
-            req = {"has": kvm.KVM_HAS_DEVICE_ATTR, "get": kvm.KVM_GET_DEVICE_ATTR}[kind]
-            rec = {"ioctl": kind, "group": attr.group, "attr": attr.attr, "errno": None}
-            try:
-                kvm.ioctl(self.vm.fd, req, attr)
-            except kvm.KvmError as e:
-                rec["errno"] = e.errname
-            out.append(rec)
-        return out
-
     def setup(self) -> None:
         s = self.spec
         self.vm = Vm(self.sys_fd)
@@ -134,9 +91,9 @@ class ScenarioRun:
             self.mem.write(seg["addr"], P.unb64(seg["data"]))
         if s["params"]:
             self.mem.write_u64s(P.PARAM_BASE, s["params"])
-        self.probe_results = self._probes(s.get("probes", []))
-        self.filter_results = self._install_filters(s["filters"])
-        feats = self._features()
+        self.probe_results = probe_attrs(self.vm.fd, s.get("probes", []))
+        self.filter_results = install_filters(self.filter, self.vm.fd, s["filters"])
+        feats = vcpu_features(s)
         for _ in range(s["vcpus"]):
             self.vm.add_vcpu(feats)
         if s.get("in_kernel_gic", s["el2"]):

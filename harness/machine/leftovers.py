@@ -361,3 +361,15 @@ def prune_at_start(root: Path) -> list[Path]:
         return prune_runs(root, keep)
     except OSError:
         return []
+
+
+def keep_runs_arg(text: str) -> int:
+    """argparse type of ``--keep-runs N``: a count of run directories, 0 keeps all."""
+    import argparse
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count of run directories (0 keeps all)")
+    return n

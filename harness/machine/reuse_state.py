@@ -291,3 +291,20 @@ def stale_state(vmdir: Path) -> bool:
     except ReuseError:
         return True
     return st is None or detached_gone(st.pid, st.pid_start) or process_problem(st) is not None
+
+
+def format_status(info: dict) -> str:
+    """``smccc-harness vm status``: a reusable VM's :func:`harness.machine.reuse.status` as lines for a person."""
+    state = "running" if info["running"] else f"not running ({info.get('problem', '?')})"
+    out = [f"reusable VM {info['name']!r}: {state}"]
+    if "pid" in info:
+        up = info["uptime_s"]
+        out += [(f"  pid            {info['pid']} (up {int(up // 3600)}h{int(up % 3600 // 60):02d}m{int(up % 60):02d}s, "
+                 f"idle timeout {info['idle_s']:.0f} s)"),
+                f"  kernel         {info.get('release') or '?'} ({info['kernel']})",
+                f"  control socket {info['control_socket']}",
+                f"  console socket {info['console_socket']}"]
+    out.append(f"  console log    {info['console_log']}")
+    if info.get("ssh"):
+        out.append(f"  ssh            {info['ssh']}")
+    return "\n".join(out)

@@ -162,3 +162,17 @@ def check_filters(filters: Iterable[Mapping], *, what: str = "filter") -> None:
                                   f"KVM would refuse it with {v.errno}: {v.reason}",
                                   errno=v.errno, index=i, hint=hint)
         m.insert(base, nr, action, pad)
+
+
+def parse_forward(text: str) -> list[dict]:
+    """``run-payload --forward``: 'psci' (the PSCI ranges) or ``BASE[+NR][:fwd|deny|handle]`` -> filter ranges."""
+    from .scenarios import PSCI_FWD
+    if text == "psci":
+        return list(PSCI_FWD)
+    try:
+        rng, _, action = text.partition(":")
+        base, _, nr = rng.partition("+")
+        return [{"base": int(base, 0), "nr": int(nr or "1", 0), "action": action or "fwd"}]
+    except ValueError:
+        raise HarnessError(f"--forward {text!r}: not a range",
+                           hint="use 'psci', or BASE[+NR][:fwd|deny|handle], e.g. 0xC2000000+0x100:fwd") from None
