@@ -98,6 +98,17 @@ def validate_filter(f: dict) -> dict:
     return {"base": base, "nr": nr, "action": action, "pad": pad}
 
 
+# Every key a ``run`` request may carry; harness/guest/runner.py reads nothing else.  The last group is read
+# only inside the guest: in_kernel_gic (default: el2), probes (VM-fd attribute probes), set_regs (registers set
+# before the first KVM_RUN), psci_minor (the emulator's PSCI 1.x minor), migrate (save/restore the VM at a
+# pause point), max_exits / max_trace (limits of the run and of its trace).
+SCENARIO_KEYS = frozenset({
+    "name", "payload", "vcpus", "el2", "e2h0", "ram_size", "filters", "late_filters", "handler", "replies",
+    "params", "deadline_s", "psci_0_2",
+    "in_kernel_gic", "probes", "set_regs", "psci_minor", "migrate", "max_exits", "max_trace",
+})
+
+
 def validate_scenario(s: dict) -> dict:
     """Check a ``run`` request before it crosses the channel (host) and again on arrival (guest).
 
@@ -108,6 +119,13 @@ def validate_scenario(s: dict) -> dict:
     """
     if not isinstance(s, dict):
         raise ProtocolError("scenario must be an object")
+    unknown = sorted(set(s) - SCENARIO_KEYS)
+    if unknown:                     # a misspelt key would otherwise be carried to the guest and ignored there
+        import difflib
+        close = {k: difflib.get_close_matches(k, SCENARIO_KEYS, 1) for k in unknown}
+        raise ProtocolError("unknown scenario key(s): " + ", ".join(
+            k + (f" (did you mean {close[k][0]!r}?)" if close[k] else "") for k in unknown)
+            + "; known: " + ", ".join(sorted(SCENARIO_KEYS)))
     name = s.get("name")
     if not isinstance(name, str) or not name:
         raise ProtocolError("scenario needs a non-empty 'name'")

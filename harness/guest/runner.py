@@ -365,7 +365,7 @@ class ScenarioRun:
         t1 = time.monotonic()
         stuck, vcpus = self._run_vcpus()
         t2 = time.monotonic()
-        late = self._install_filters(self.spec.get("late_filters", [])) if not stuck else []
+        late = install_filters(self.filter, self.vm.fd, self.spec.get("late_filters", [])) if not stuck else []
         block = self.mem.read(P.RESULT_BASE, P.RESULT_BLOCK_SIZE).rstrip(b"\0")
         result = {
             "name": self.spec["name"], "outcome": self.outcome, "exit_code": self.exit_code,
