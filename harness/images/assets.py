@@ -203,7 +203,7 @@ def clean_cache(everything: bool = False, progress=print) -> int:
     return freed
 
 
-if __name__ == "__main__":  # python -m harness.assets [spec]
+if __name__ == "__main__":  # python -m harness.images.assets [spec]
     k = ensure_kernel(sys.argv[1] if len(sys.argv) > 1 else "default")
     print(k)
     print(ensure_rootfs())

@@ -181,7 +181,7 @@ _MACHINES = {
     "EM_S390": "an s390 binary",
     "EM_MIPS": "a MIPS binary",
 }
-_LINK_HINT = ("build payloads with harness.payloads.build_payloads(), i.e. aarch64-linux-gnu-as and "
+_LINK_HINT = ("build payloads with harness.images.payloads.build_payloads(), i.e. aarch64-linux-gnu-as and "
               "aarch64-linux-gnu-ld -T firmware/payload.ld")
 
 
@@ -288,7 +288,7 @@ def load_elf(path: Path | str, *, name: str | None = None, ram_size: int = proto
         if machine != "EM_AARCH64":
             what = _MACHINES.get(machine, "not an AArch64 binary")
             raise PayloadError(f"{path}: e_machine is {machine}: this is {what}; payloads must be EM_AARCH64",
-                               hint="build payloads with aarch64-linux-gnu-as (harness.payloads.build_payloads)")
+                               hint="build payloads with aarch64-linux-gnu-as (harness.images.payloads.build_payloads)")
         etype = elf["e_type"]
         if etype != "ET_EXEC":
             why = {"ET_REL": "an unlinked object file", "ET_DYN": "position-independent (PIE or shared object)",

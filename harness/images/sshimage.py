@@ -112,7 +112,7 @@ def load_group(manifest: Path | None = None) -> SshGroup:
 
 # ---- the kernel's modules ----------------------------------------------------------------------------
 def kernel_release(image: Path) -> str | None:
-    """The uname -r of a Debian kernel extracted by harness.assets (``usr/lib/modules/<release>/vmlinuz`` or
+    """The uname -r of a Debian kernel extracted by harness.images.assets (``usr/lib/modules/<release>/vmlinuz`` or
     ``boot/vmlinuz-<release>``), else None."""
     image = Path(image)
     if image.name == "vmlinuz" and image.parent.parent.name == "modules":

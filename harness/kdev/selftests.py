@@ -3,7 +3,7 @@
 Build (``smccc-harness selftests build [SRC]``)
     SRC is a kernel tree, or nothing: Debian's ``linux-source-X.Y`` whose version equals the kernel under test
     (``7.3.4-1~bpo13+1`` for the default kernel), fetched through the harness's private apt and unpacked once
-    under ``<cache>/ksrc/<sha16>/`` (the layout harness.kbuild uses, so the two share one tree).  Nothing is
+    under ``<cache>/ksrc/<sha16>/`` (the layout harness.kdev.kbuild uses, so the two share one tree).  Nothing is
     written into the tree when it is clean: the UAPI headers are installed with ``O=`` into the build
     directory, the selftests are built with ``OUTPUT=`` there.  A tree that was built in place (it has a
     ``.config``) cannot take ``O=``; its headers are then made in place, as ``make kselftest`` would.
@@ -20,7 +20,7 @@ Run (``smccc-harness selftests run``, ``tests/system/test_upstream_selftests.py`
     and run by the ``exec`` op under ``busybox timeout`` with a deadline, stdout and stderr merged.  Its exit
     code and output are written up the way kselftest's ``runner.sh`` does (``ok 1 selftests: kvm: NAME``,
     ``# SKIP`` for exit 4, ``# TIMEOUT``, ``# exit=N``, the program's output ``# ``-prefixed), and that KTAP
-    document is parsed by :mod:`harness.tap`: a program that prints its own KTAP gets one result per case.
+    document is parsed by :mod:`harness.kdev.tap`: a program that prints its own KTAP gets one result per case.
 
 Variants: upstream's library gives every vCPU ``KVM_ARM_VCPU_HAS_EL2`` when ``KVM_CAP_ARM_EL2`` is present,
 unless ``NV=0`` is in the environment (lib/arm64/processor.c ``vm_supports_el2()``).  Tests whose vCPUs come

@@ -60,7 +60,7 @@ def _qopt(path: Path) -> str:
 
 def truncated_image(path: Path) -> str | None:
     """Why an arm64 Image (``ARM\\x64`` at 0x38) with a PE/EFI header is shorter than its own section table
-    says (a truncated copy or download), else None.  Other formats are not judged here (harness.kernel)."""
+    says (a truncated copy or download), else None.  Other formats are not judged here (harness.images.kernel)."""
     import struct
     try:
         size = path.stat().st_size

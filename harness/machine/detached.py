@@ -53,7 +53,7 @@ def proc_argv(pid: int) -> list[str] | None:
 
 
 class _SocketChild(fdspawn):
-    """The console socket as a pexpect child for :class:`harness.console.Console`; "alive" is the QEMU's.
+    """The console socket as a pexpect child for :class:`harness.machine.console.Console`; "alive" is the QEMU's.
 
     A thread pumps the socket into a pipe that the Console reads (buffering in memory while the pipe is full):
     QEMU's PL011 writes the console byte by byte, every byte is an skb on the unix socket, and the socket's
@@ -140,7 +140,7 @@ class DetachedMachine(Machine):
     ``<run_dir>/qemu.out``, the serial console on ``config.console_socket`` (QEMU logs it to
     ``config.console_logfile`` itself, attached or not).  Built with ``pid``/``pid_start`` (from a state file),
     :meth:`attach` connects the console of a QEMU that an earlier process started.  ``console`` is a
-    :class:`harness.console.Console` over the socket; output printed while nobody was attached is only in the
+    :class:`harness.machine.console.Console` over the socket; output printed while nobody was attached is only in the
     log.  :meth:`detach` closes the console and QMP and leaves QEMU running; :meth:`stop` kills its process
     group (after checking that ``pid`` is still that QEMU) and removes its sockets.  ``on_release``: callables
     run once by whichever of the two comes first.

@@ -90,7 +90,7 @@ def qemu_processes(marker: str | os.PathLike | None = None) -> list[Proc]:
 
 def _markers(marker: str | os.PathLike) -> list[str]:
     """``marker`` plus the private socket dirs its run directories point to (``<run_dir>/sockets``, written
-    by harness.session.sock_dir when a run dir is too deep for a unix socket path)."""
+    by harness.machine.session.sock_dir when a run dir is too deep for a unix socket path)."""
     out = [str(marker)]
     d = Path(marker)
     if d.is_dir():
@@ -176,7 +176,7 @@ def sweep_stale_sockets(root: Path) -> list[Path]:
                 if s.is_socket() and not any(str(d) in " ".join(p.argv) for p in qemu_processes(d)):
                     s.unlink()
                     removed.append(s)
-        pointer = d / "sockets"         # a private socket dir (harness.session.sock_dir) of that run
+        pointer = d / "sockets"         # a private socket dir (harness.machine.session.sock_dir) of that run
         with contextlib.suppress(OSError):
             sd = Path(pointer.read_text().strip())
             if sd.name.startswith("smccc-sock-") and sd.is_dir() and not qemu_processes(sd):
@@ -189,7 +189,7 @@ ORPHAN_AGE_S = 600.0     # a private socket dir this old with no QEMU using it b
 
 
 def sweep_orphan_socket_dirs(tmp: Path | None = None, min_age_s: float = ORPHAN_AGE_S) -> list[Path]:
-    """Remove ``$TMPDIR/smccc-sock-*`` dirs (harness.session.sock_dir) of runs that died without cleaning up
+    """Remove ``$TMPDIR/smccc-sock-*`` dirs (harness.machine.session.sock_dir) of runs that died without cleaning up
     and whose run directory is gone too (a deleted ``--results-dir``): ours, older than ``min_age_s``, and
     named by no live QEMU's argv."""
     removed = []
@@ -266,7 +266,7 @@ def run_dirs(root: Path) -> list[Path]:
 
 
 def _held(lock: Path) -> bool:
-    """Someone holds an flock on ``lock`` (fcntl.flock, as harness.reuse does)."""
+    """Someone holds an flock on ``lock`` (fcntl.flock, as harness.machine.reuse does)."""
     try:
         fd = os.open(lock, os.O_RDONLY)
     except OSError:

@@ -61,7 +61,7 @@ class Machine:
     """A running QEMU for ``config``, its artifacts in ``run_dir`` (console.log, qemu-cmd.sh).
 
     Use as a context manager, or call :meth:`start` / :meth:`stop`.  After :meth:`start`: ``pid``,
-    ``console`` (a :class:`harness.console.Console`), :meth:`alive`, :meth:`qmp`.
+    ``console`` (a :class:`harness.machine.console.Console`), :meth:`alive`, :meth:`qmp`.
     """
 
     TERM_GRACE_S = 2.0   # SIGTERM -> SIGKILL

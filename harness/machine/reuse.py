@@ -1,7 +1,7 @@
 """The reusable VM (``pytest --reuse-vm``, ``smccc-harness vm start|status|stop``; docs/reuse-vm.md).
 
 A guest that outlives one pytest run, for the kernel developer's edit-test loop: the first run boots it
-detached (harness.qemu.DetachedMachine: its own session, no PDEATHSIG, console on a unix socket that QEMU
+detached (harness.machine.detached.DetachedMachine: its own session, no PDEATHSIG, console on a unix socket that QEMU
 logs itself), later runs attach to it in a fraction of a second, push the guest code that changed since it
 booted (the agent's ``put`` into /opt/smccc/harness, then ``reload``) and run their tests.
 
@@ -17,7 +17,7 @@ is not that QEMU any more (pid reuse: start time and cmdline are checked), when 
 differs (kernel sha256, rootfs packages, /init, kernel command line, accel, smp, memory, QEMU binary and
 version, SSH), when the agent does not answer, and when changed guest code cannot be loaded because the agent
 keeps nested VMs alive (a reload would destroy them; that is never done).  A session that broke (agent
-timeout, QEMU died, a kernel splat) kills it on close (harness.session.GuestSession.close).  A VM nobody uses
+timeout, QEMU died, a kernel splat) kills it on close (harness.machine.session.GuestSession.close).  A VM nobody uses
 powers itself off after ``idle_s`` (the agent, ``smccc.idle=`` on the kernel command line; default 30 min).
 """
 

@@ -88,7 +88,7 @@ class VmState:
     kernel: str
     kernel_sha256: str
     initrd: str
-    rootfs_key: str                # harness.initramfs.base_key of the rootfs packages
+    rootfs_key: str                # harness.images.initramfs.base_key of the rootfs packages
     init_sha256: str               # images/init (not pushable: a change means a new VM)
     cmdline: str                   # without smccc.idle=
     idle_s: float

@@ -81,9 +81,9 @@ class GuestSession:
     timings: dict = field(default_factory=dict)
     scenario_count: int = 0
     broken: str | None = None       # why this guest can no longer serve requests (the pool boots a new one)
-    snapshots: bool = False         # start() restores a cached snapshot (harness.snapshot); cold boot as fallback
-    ssh_keys: object = None         # harness.ssh.SshKeys when booted with ssh=True (opt-in, docs/ssh.md)
-    ssh: object = None              # harness.ssh.SshChannel, connected by boot() when ssh_keys is set
+    snapshots: bool = False         # start() restores a cached snapshot (harness.machine.snapshot); cold boot as fallback
+    ssh_keys: object = None         # harness.machine.ssh.SshKeys when booted with ssh=True (opt-in, docs/ssh.md)
+    ssh: object = None              # harness.machine.ssh.SshChannel, connected by boot() when ssh_keys is set
     detached: Path | None = None    # boot() starts a DetachedMachine there (the reusable VM's dir, harness/machine/reuse.py)
     keep_vm: bool = False           # close() detaches from a healthy detached VM instead of killing it
     reuse: dict | None = None       # how the reusable VM was got: started / attached / replaced (harness/machine/reuse.py)

@@ -18,7 +18,7 @@ RESULT_BLOCK_SIZE = P.RESULT_BLOCK_SIZE
 class ScenarioResult:
     """The agent's answer for one scenario, with helpers for assertions."""
     raw: dict
-    payload: object = None          # harness.payloads.Payload, for symbolizing PCs
+    payload: object = None          # harness.images.payloads.Payload, for symbolizing PCs
     console: str = ""               # console output printed while the scenario ran
     trace_path: Path | None = None
 

@@ -28,7 +28,7 @@ PSCI_FWD = (fwd(PSCI_BASE32, PSCI_NR), fwd(PSCI_BASE64, PSCI_NR))
 def scenario(name: str, payload, *, filters=(), el2: bool = False, e2h0: bool = False, vcpus: int = 1,
              handler: str = "psci", replies: dict | None = None, params=(), deadline_s: float = 10.0,
              **extra) -> dict:
-    """A validated ``run`` request for ``payload`` (a :class:`harness.payloads.Payload`)."""
+    """A validated ``run`` request for ``payload`` (a :class:`harness.images.payloads.Payload`)."""
     spec = {"name": name, "payload": payload.to_wire(), "filters": list(filters), "el2": el2, "e2h0": e2h0,
             "vcpus": vcpus, "handler": handler,
             "replies": {f"{int(k):#x}" if not isinstance(k, str) else k: list(v) for k, v in (replies or {}).items()},

@@ -38,10 +38,10 @@ def pytest_addoption(parser):
     g.addoption("--no-snapshot", action="store_true",
                 default=os.environ.get("SMCCC_NO_SNAPSHOT", "") not in ("", "0"),
                 help="cold-boot every guest instead of restoring the cached snapshot of a booted guest "
-                     "(harness.snapshot) [env SMCCC_NO_SNAPSHOT=1]")
+                     "(harness.machine.snapshot) [env SMCCC_NO_SNAPSHOT=1]")
     g.addoption("--ssh", action="store_true", default=os.environ.get("SMCCC_SSH", "") not in ("", "0"),
                 help="boot the pool's guests with the SSH channel (dropbear, virtio-net, hostfwd on 127.0.0.1; "
-                     "cold boot, no snapshot; docs/ssh.md); session.ssh is a harness.ssh.SshChannel [env SMCCC_SSH=1]")
+                     "cold boot, no snapshot; docs/ssh.md); session.ssh is a harness.machine.ssh.SshChannel [env SMCCC_SSH=1]")
     g.addoption("--reuse-vm", action="store_true",
                 default=os.environ.get("SMCCC_REUSE_VM", "") not in ("", "0"),
                 help="attach to the guest VM an earlier --reuse-vm run left running (push changed guest code, reload "

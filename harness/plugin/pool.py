@@ -70,7 +70,7 @@ def _guest_death(dead) -> BaseException | None:
 class GuestPool:
     """Hands each test a healthy booted guest; boots a new one when the previous guest died.
 
-    Guests are restored from the cached snapshot of a booted guest (harness.snapshot; built on the first
+    Guests are restored from the cached snapshot of a booted guest (harness.machine.snapshot; built on the first
     use, ~0.5 s per restore afterwards) unless ``--no-snapshot``; a failed restore falls back to a cold boot
     with a warning.  :meth:`fresh` throws the current guest away and hands out a new one.
 

@@ -2,7 +2,7 @@
 ``smccc-harness`` command line, and nothing lost or left behind (no QEMU, no half-written cache entry).
 
 Most of these are refused before QEMU starts.  The payload rules are harness.protocol.validate_scenario's
-memory map (docs/design.md); the filter rules are docs/kvm-smccc-abi.md §1.1 (harness.filter_model).  The cache
+memory map (docs/design.md); the filter rules are docs/kvm-smccc-abi.md §1.1 (harness.model.filter_model).  The cache
 tests use a private cache (SMCCC_HARNESS_CACHE) and fetch small Debian packages from the mirror.
 """
 
@@ -265,7 +265,7 @@ def test_corrupted_cache_entry_is_detected_and_fetched_again(tmp_path, monkeypat
 
 FETCH_ONE = """
 import sys
-from harness.images import assets
+from harness.images import store as stores
 s = stores.Store(lambda m: print(m, flush=True))
 e = s.fetch("libexpat1", s.m.rootfs_suite)
 s.extract(e)

@@ -1,4 +1,4 @@
-"""harness.filter_model against the real kernel: the harness's own filter validation must agree with KVM.
+"""harness.model.filter_model against the real kernel: the harness's own filter validation must agree with KVM.
 
 docs/kvm-smccc-abi.md §1.1: KVM_SET_DEVICE_ATTR(KVM_ARM_VM_SMCCC_CTRL, KVM_ARM_VM_SMCCC_FILTER) checks pad -> EINVAL,
 nr == 0 / wrap / action >= 3 -> EINVAL, a vCPU already ran -> EBUSY, overlap (with earlier ranges or the

@@ -1,4 +1,4 @@
-"""Guests restored from the cached snapshot of a booted guest (harness.snapshot) are real, working guests.
+"""Guests restored from the cached snapshot of a booted guest (harness.machine.snapshot) are real, working guests.
 
 ABI under test, through a restored guest: docs/kvm-smccc-abi.md §1.2 (KVM_EXIT_HYPERCALL: nr = function id,
 flags bit 0 = SMC, the x0 the VMM writes is what the guest sees) at EL1, and §1.3/§2.2 at vEL2 (a HAS_EL2

@@ -1,4 +1,4 @@
-"""harness.assets: the pure parts (Debian versions, apt output parsing, kernel choice, lock merging)."""
+"""harness.images.assets: the pure parts (Debian versions, apt output parsing, kernel choice, lock merging)."""
 
 import json
 from pathlib import Path

@@ -4,7 +4,7 @@ import pytest
 
 from bench import run as bench
 
-# GuestSession.timings after harness.snapshot.warm_start ...
+# GuestSession.timings after harness.machine.snapshot.warm_start ...
 RESTORED = {"snapshot": "k", "qemu_to_qmp_s": 0.11, "load_s": 0.08, "cont_to_ping_s": 0.05, "boot_s": 0.24,
             "ready_s": 0.24, "snapshot_created": False, "warm_start_s": 0.3}
 CREATED = {"boot_s": 4.4, "ready_s": 4.6, "snapshot": "k", "snapshot_created": True, "warm_start_s": 5.1}

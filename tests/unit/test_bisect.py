@@ -138,7 +138,7 @@ def test_a_kernel_crash_in_a_module_fixture_bisects_bad(tmp_path):
     """The fixture's scenario hit a panic (a GuestError carrying the console finding): 1, not 125."""
     rc, c = _run_with_plugin(tmp_path, """
         import pytest
-        from harness.machine.console import scan_failures
+        from harness.model.splats import scan_failures
         from harness.errors import GuestError
         @pytest.fixture(scope="module")
         def run():
@@ -156,7 +156,8 @@ def test_a_guest_that_never_booted_bisects_skip(tmp_path):
     """A boot failure (the pool tags it smccc_phase=boot), even one whose console shows a panic: 125."""
     rc, c = _run_with_plugin(tmp_path, """
         import pytest
-        from harness.machine.console import ConsoleFailure, scan_failures
+        from harness.machine.console import ConsoleFailure
+        from harness.model.splats import scan_failures
         @pytest.fixture
         def booted():
             e = ConsoleFailure("kernel panic after 1.2 s", kind="failure",

@@ -1,4 +1,4 @@
-"""harness.console: failure patterns on recorded arm64 console logs, and real waits on a pexpect child.
+"""harness.machine.console: failure patterns on recorded arm64 console logs, and real waits on a pexpect child.
 
 The waits run against ``cat``/``sh`` children under a pty, so the deadline, EOF and failure paths are the
 real ones, without QEMU.

@@ -1,4 +1,4 @@
-"""harness.filter_model: the errno KVM_ARM_VM_SMCCC_FILTER returns, by the check order of docs/kvm-smccc-abi.md §1.1.
+"""harness.model.filter_model: the errno KVM_ARM_VM_SMCCC_FILTER returns, by the check order of docs/kvm-smccc-abi.md §1.1.
 
 The same model is property-tested against the real kernel in tests/system/test_filter_model.py.
 """

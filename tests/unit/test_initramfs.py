@@ -1,4 +1,4 @@
-"""harness.cpio + harness.initramfs: the pure parts (newc layout, determinism, file selection, cache keys)."""
+"""harness.images.cpio + harness.images.initramfs: the pure parts (newc layout, determinism, file selection, cache keys)."""
 
 import io
 import random

@@ -1,4 +1,4 @@
-"""harness.payloads: build firmware/*.S, load and check ELF files, call-table encodings."""
+"""harness.images.payloads: build firmware/*.S, load and check ELF files, call-table encodings."""
 
 from __future__ import annotations
 

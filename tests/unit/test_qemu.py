@@ -1,4 +1,4 @@
-"""harness.qemu: MachineConfig validation and rendering; Machine lifecycle against the real QEMU binary."""
+"""harness.machine.config: MachineConfig validation and rendering; Machine lifecycle against the real QEMU binary."""
 
 from __future__ import annotations
 
@@ -263,7 +263,8 @@ def test_qemu_dies_with_its_host_process(tmp_path: Path, kernel: Path) -> None:
     code = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from harness.qemu import Machine, MachineConfig\n"
+        "from harness.machine.config import MachineConfig\n"
+        "from harness.machine.process import Machine\n"
         f"m = Machine(MachineConfig(kernel=Path({str(kernel)!r}), extra_args=('-S',)), Path({str(tmp_path / 'run')!r}))\n"
         "m.start(startup_check_s=0.3)\n"
         "print(m.pid, flush=True)\n"

@@ -1,5 +1,5 @@
-"""harness.reuse (the --reuse-vm state file, config matching, pid-reuse defence) and the detached QEMU's
-command line (harness.qemu console_socket); the agent's idle/code/put bits.  No QEMU is started."""
+"""harness.machine.reuse (the --reuse-vm state file, config matching, pid-reuse defence) and the detached QEMU's
+command line (harness.machine.config console_socket); the agent's idle/code/put bits.  No QEMU is started."""
 
 from __future__ import annotations
 

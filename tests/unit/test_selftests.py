@@ -1,4 +1,4 @@
-"""harness.selftests without a guest or a compiler: test discovery in a tree, the tree hash, labels, case lists."""
+"""harness.kdev.selftests without a guest or a compiler: test discovery in a tree, the tree hash, labels, case lists."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""harness.snapshot without QEMU: the snapshot key (changes with every input that determines the saved
+"""harness.machine.snapshot without QEMU: the snapshot key (changes with every input that determines the saved
 guest, and only with those) and the cache layout (atomic creation, one builder per key, pruning)."""
 
 import json

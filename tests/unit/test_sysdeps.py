@@ -1,4 +1,4 @@
-"""harness.sysdeps: the pure parts (version parsing, release -> QEMU source, mirror discovery)."""
+"""harness.images.sysdeps: the pure parts (version parsing, release -> QEMU source, mirror discovery)."""
 
 import pytest
 

@@ -1,10 +1,10 @@
-"""harness.tap: the TAP 13 / KTAP 1 parser, on recorded kselftest output and on KTAP from the spec.
+"""harness.kdev.tap: the TAP 13 / KTAP 1 parser, on recorded kselftest output and on KTAP from the spec.
 
 Recorded under tests/unit/data/tap/:
 * smccc_filter_pass.tap, set_id_regs_nested.tap, kvm_binary_stats_nested.tap (7.3.4 selftests on 7.3.4),
   hello_el2_skip.tap and psci_test_assert_fail.tap (7.3.4 selftests on the 6.12.117 kernel: no
   KVM_CAP_ARM_EL2; PSCI 1.1 < 1.3), smccc_filter_timeout.tap (el2 with a 5 s deadline): real runs of
-  upstream's arm64 KVM selftests in the guest, written up by harness.selftests.runner_tap the way
+  upstream's arm64 KVM selftests in the guest, written up by harness.kdev.selftests.runner_tap the way
   kselftest's runner.sh does;
 * ktap_nested_indented.ktap: KTAP 1 with indented subtests (Documentation/dev-tools/ktap.rst layout);
 * bail_out.tap, missing_plan.tap, directives_plan_last.tap: small documents for the edge cases.
@@ -176,7 +176,7 @@ def test_diagnostics_without_tap_do_not_become_subtests():
     assert r.subtests is None and r.diagnostics == ["Random seed: 0x1", "ok, that went well"]
 
 
-# ---- runner write-up and outcomes (harness.selftests, pure) ---------------------------------------
+# ---- runner write-up and outcomes (harness.kdev.selftests, pure) ---------------------------------------
 def _run(rc: int, output: str, timed_out: bool = False) -> selftests.SelftestRun:
     text = selftests.runner_tap("psci_test", rc, output, 300, timed_out)
     return selftests.SelftestRun(test="psci_test", variant="el1", rc=rc, output=output, seconds=1.0,

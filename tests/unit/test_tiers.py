@@ -26,7 +26,7 @@ TESTS = {
 
 @pytest.fixture
 def project(pytester, monkeypatch):
-    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")   # only harness.tiers: no xdist/benchmark/hypothesis
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")   # only harness.plugin.tiers: no xdist/benchmark/hypothesis
     pytester.makeini(INI)
     pytester.makepyfile(**{name[:-3]: text for name, text in TESTS.items()})
     return pytester
