@@ -15,6 +15,7 @@
 //           when the PSCI range is FWD_TO_USER; otherwise answered in-kernel.
 //     REPORT slot 4 <- x0 after the SMC
 //     REPORT slot 5 <- number of exceptions logged (1 expected)
+//     REPORT slot 7 <- HCR_EL2 as first read back (an MMIO exit before the second read-back)
 //     DONE 0
 // Parameter block at PARAM_BASE: u64 flags; bit 0 = set HCR_EL2.HCD (read-modify-write of the reset value)
 // before the HVC.  HCD is RES0 while KVM advertises EL3 (ID_AA64PFR0_EL1.EL3 != 0), so the HVC still lands
@@ -29,7 +30,11 @@
 // Result block at RESULT_BASE (harness.payloads.decode_el2_vectors):
 //     +0x00  number of exceptions taken (counts beyond the 16 logged entries too)
 //     +0x08  HCR_EL2 as read back before the HVC (after setting HCD when asked)
-//     +0x10..+0x3F  0 (reserved)
+//     +0x10  HCR_EL2 read back again after an exit to the VMM (REPORT slot 7, which carries the first value):
+//            under NV2 the vEL2 write lands in the VNCR page as written; KVM rewrites that copy, with its
+//            RES0 masks applied, on every exit from vEL2 (arch/arm64/kvm/hyp/vhe/switch.c, "Publish the latest
+//            HCR_EL2 to the emulation"), so only this second value is deterministic
+//     +0x18..+0x3F  0 (reserved)
 //     entry k at +0x40 + k*0x40, k < 16:
 //         +0x00 vector offset   +0x08 ESR_EL2   +0x10 ELR_EL2   +0x18 FAR_EL2
 //         +0x20 SPSR_EL2        +0x28 x0 at the exception       +0x30 x0 returned (0 if fatal)
@@ -67,6 +72,9 @@ _start:
     isb
     mrs x2, hcr_el2
 7:  str x2, [x19, #0x08]
+    REPORT 7, x2                    // a full exit to the VMM (KVM_EXIT_MMIO) between the two read-backs
+    mrs x2, hcr_el2
+    str x2, [x19, #0x10]
 
     LI x0, PSCI_VERSION
     .global hvc_insn

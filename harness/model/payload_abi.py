@@ -164,11 +164,12 @@ def _trap_entry(block: bytes, off: int, fields: Sequence[str]) -> dict:
 
 
 def decode_el2_vectors(block: bytes) -> dict:
-    """``{"count": exceptions taken, "traps": [{vector, esr, ec, iss, elr, far, spsr, x0_in, x0_out}]}``."""
+    """``{"count": exceptions taken, "hcr_el2": read back right after the write, "hcr_el2_after_exit": read back
+    after an exit to the VMM, "traps": [{vector, esr, ec, iss, elr, far, spsr, x0_in, x0_out}]}``."""
     _need(block, EV_RESULT_SIZE, "el2_vectors results")
-    count, hcr = _q(block, 0, 2)
+    count, hcr, hcr_after_exit = _q(block, 0, 3)
     traps = [_trap_entry(block, EV_TRAP_LOG + k * EV_TRAP_SIZE, _EV_FIELDS) for k in range(min(count, EV_MAX_TRAPS))]
-    return {"count": count, "hcr_el2": hcr, "traps": traps}
+    return {"count": count, "hcr_el2": hcr, "hcr_el2_after_exit": hcr_after_exit, "traps": traps}
 
 
 def encode_el2_vectors_params(*, hcd: bool = False) -> list[int]:

@@ -27,6 +27,7 @@ VARIANTS = [pytest.param(False, id="e2h"), pytest.param(True, id="e2h0", marks=p
 HANDLER_MARK = 0x5EED_0001            # what the Python handler answers to PSCI_VERSION: KVM never says this
 PSCI_VERSION = psci.PSCI_VERSION
 CTX = 0xC0FFEE
+HCR_HCD = 1 << 29                     # HCR_EL2.HCD (firmware/common.inc)
 HCR_E2H = 1 << 34
 ID_AA64PFR0_EL3 = 0xF << 12          # ID_AA64PFR0_EL1.EL3, bits [15:12]
 MODE_MASK, MODE_EL1H, MODE_EL2H = 0xF, 0x5, 0x9
@@ -226,8 +227,14 @@ def test_hcd_is_res0_at_vel2_while_kvm_advertises_el3(guest, nested, e2h0):
     assert hello.reports[2] & ID_AA64PFR0_EL3, f"guest ID_AA64PFR0_EL1 = {hello.reports[2]:#x}: no EL3 advertised"
     r = ok(nested.get(guest, "vectors_hcd", e2h0))
     v = abi.decode_el2_vectors(block(r))
-    # v["hcr_el2"] (the read-back) is not asserted: HCD is RES0 here and reads back either way across runs
     assert [(t["vector"], t["ec"]) for t in v["traps"]] == [(VEC_CUR_SPX, pl.EC_HVC64)], r.describe()
+    # After an exit KVM has rewritten vEL2's HCR_EL2 with its RES0 masks (HCD is RES0 with EL3 advertised:
+    # arch/arm64/kvm/config.c NEEDS_FEAT(HCR_EL2_HCD, not_feat_aa64el3); rewritten at every exit from vEL2 in
+    # arch/arm64/kvm/hyp/vhe/switch.c).  The read-back right after the write (v["hcr_el2"]) shows HCD set when
+    # no exit fell between the MSR and the MRS and clear when one did (a host tick under TCG): see
+    # docs/nested-routing.md "HCR_EL2.HCD read-back".
+    assert not v["hcr_el2_after_exit"] & HCR_HCD, f"HCR_EL2 after an exit = {v['hcr_el2_after_exit']:#x}\n{r.describe()}"
+    assert r.reports[7] == v["hcr_el2"], r.describe()
     assert r.reports[0] == pl.HVC_MARKER, r.describe()
 
 
@@ -257,6 +264,9 @@ def test_hcd_makes_vel2_hvc_undef_once_the_vmm_hides_el3(guest, nested, e2h0):
     v = abi.decode_el2_vectors(block(r))
     assert [(t["vector"], t["ec"]) for t in v["traps"]] == [(VEC_CUR_SPX, pl.EC_UNKNOWN)], r.describe()
     assert r.reports[0] == pl.UNDEF_MARKER, r.describe()
+    # with EL3 hidden HCD is a real bit: it survives KVM's rewrite at an exit, both read-backs show it set
+    assert v["hcr_el2"] & HCR_HCD and v["hcr_el2_after_exit"] & HCR_HCD, (
+        f"HCR_EL2 {v['hcr_el2']:#x} then {v['hcr_el2_after_exit']:#x} after an exit\n{r.describe()}")
     assert [h for h in r.hypercalls if h["conduit"] == "hvc"] == [], r.describe()
 
 
