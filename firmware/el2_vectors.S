@@ -32,7 +32,7 @@
 //     +0x08  HCR_EL2 as read back before the HVC (after setting HCD when asked)
 //     +0x10  HCR_EL2 read back again after an exit to the VMM (REPORT slot 7, which carries the first value):
 //            under NV2 the vEL2 write lands in the VNCR page as written; KVM rewrites that copy, with its
-//            RES0 masks applied, on every exit from vEL2 (arch/arm64/kvm/hyp/vhe/switch.c, "Publish the latest
+//            RES0 masks applied, on every exit from vEL2 (arch/arm64/kvm/hyp/vhe/switch.c fixup_nv_guest_exit, "Publish the latest
 //            HCR_EL2 to the emulation"), so only this second value is deterministic
 //     +0x18..+0x3F  0 (reserved)
 //     entry k at +0x40 + k*0x40, k < 16:

@@ -230,7 +230,7 @@ def test_hcd_is_res0_at_vel2_while_kvm_advertises_el3(guest, nested, e2h0):
     assert [(t["vector"], t["ec"]) for t in v["traps"]] == [(VEC_CUR_SPX, pl.EC_HVC64)], r.describe()
     # After an exit KVM has rewritten vEL2's HCR_EL2 with its RES0 masks (HCD is RES0 with EL3 advertised:
     # arch/arm64/kvm/config.c NEEDS_FEAT(HCR_EL2_HCD, not_feat_aa64el3); rewritten at every exit from vEL2 in
-    # arch/arm64/kvm/hyp/vhe/switch.c).  The read-back right after the write (v["hcr_el2"]) shows HCD set when
+    # arch/arm64/kvm/hyp/vhe/switch.c fixup_nv_guest_exit).  The read-back right after the write (v["hcr_el2"]) shows HCD set when
     # no exit fell between the MSR and the MRS and clear when one did (a host tick under TCG): see
     # docs/nested-routing.md "HCR_EL2.HCD read-back".
     assert not v["hcr_el2_after_exit"] & HCR_HCD, f"HCR_EL2 after an exit = {v['hcr_el2_after_exit']:#x}\n{r.describe()}"
