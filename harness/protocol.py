@@ -36,6 +36,7 @@ RAM_SIZE_DEFAULT = 0x20_0000  # 2 MiB
 PARAM_BASE = 0x4010_0000      # parameter block written by the handler before the first run
 RESULT_BASE = 0x4010_8000     # result block written by the payload
 RESULT_BLOCK_SIZE = 0x4000   # bytes at RESULT_BASE the VMM returns: covers every payload's result block
+U64_MASK = 0xFFFF_FFFF_FFFF_FFFF   # a 64-bit register's value: what the guest and the host mask with
 STACK_SIZE = 0x1000
 MAX_VCPUS = 8
 

@@ -11,6 +11,8 @@ docs/kvm-smccc-abi.md §2.3) so that the differential tests compare like with li
 
 from __future__ import annotations
 
+from .. import protocol as P
+
 # ---- function ids (include/uapi/linux/psci.h) ------------------------------------------------------
 PSCI_VERSION = 0x8400_0000
 CPU_SUSPEND = 0x8400_0001
@@ -71,7 +73,7 @@ def version(major: int, minor: int) -> int:
 
 
 def _regs(x0: int) -> list[int]:
-    return [x0 & 0xFFFF_FFFF_FFFF_FFFF, 0, 0, 0]
+    return [x0 & P.U64_MASK, 0, 0, 0]
 
 
 def name(fid: int) -> str:
@@ -79,7 +81,7 @@ def name(fid: int) -> str:
 
 
 def _u64(v: int) -> int:
-    return v & 0xFFFF_FFFF_FFFF_FFFF
+    return v & P.U64_MASK
 
 
 # Plain classes, not dataclasses: importing dataclasses (inspect, ast, dis, tokenize) was a quarter of the

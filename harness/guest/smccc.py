@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 
+from .. import protocol as P
 from . import kvm
 
 # ---- function id fields (DEN0028 §2.5) --------------------------------------------------------------
@@ -35,7 +36,6 @@ SMCCC_RET_NOT_REQUIRED = -2
 SMCCC_RET_INVALID_PARAMETER = -3
 
 # Ranges KVM reserves for itself: the Arm Architecture Calls (vm.rst §6; hypercalls.c).
-RESERVED_RANGES = ((0x8000_0000, 0x1_0000), (0xC000_0000, 0x1_0000))
 
 ACTION_NAMES = {kvm.KVM_SMCCC_FILTER_HANDLE: "handle", kvm.KVM_SMCCC_FILTER_DENY: "deny",
                 kvm.KVM_SMCCC_FILTER_FWD_TO_USER: "fwd"}
@@ -64,7 +64,7 @@ def conduit(flags: int) -> str:
 
 
 def to_u64(v: int) -> int:
-    return v & 0xFFFF_FFFF_FFFF_FFFF
+    return v & P.U64_MASK
 
 
 def narrow(fid: int, value: int) -> int:

@@ -59,9 +59,6 @@ class Trace:
                   "dropped": self.dropped, "kept_tail": len(self.tail)}
         return list(self.records) + [marker] + list(self.tail)
 
-    def of_kind(self, kind: str) -> list[dict]:
-        return [r for r in self.records if r["kind"] == kind]
-
     def close(self) -> None:
         if self._file:
             self._file.close()

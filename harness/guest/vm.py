@@ -14,6 +14,7 @@ import signal
 import struct
 import threading
 
+from .. import protocol as P
 from . import kvm
 
 _KICK_SIGNAL = signal.SIGUSR1
@@ -56,7 +57,7 @@ class Memory:
 
     def write_u64s(self, addr: int, values) -> None:
         values = list(values)
-        self.write(addr, struct.pack(f"<{len(values)}Q", *[v & 0xFFFF_FFFF_FFFF_FFFF for v in values]))
+        self.write(addr, struct.pack(f"<{len(values)}Q", *[v & P.U64_MASK for v in values]))
 
     def close(self) -> None:
         del self._anchor
@@ -93,7 +94,7 @@ class Vcpu:
         return val.value
 
     def set_reg(self, reg_id: int, value: int) -> None:
-        val = ctypes.c_uint64(value & 0xFFFF_FFFF_FFFF_FFFF)
+        val = ctypes.c_uint64(value & P.U64_MASK)
         kvm.ioctl(self.fd, kvm.KVM_SET_ONE_REG, kvm.OneReg(id=reg_id, addr=ctypes.addressof(val)))
 
     def get_x(self, n: int) -> int:
@@ -153,7 +154,7 @@ class Vcpu:
         return addr, data[:length], length, bool(is_write)
 
     def set_mmio_read_data(self, value: int, length: int) -> None:
-        self.run[kvm.RUN_UNION + 8:kvm.RUN_UNION + 16] = struct.pack("<Q", value & 0xFFFF_FFFF_FFFF_FFFF)
+        self.run[kvm.RUN_UNION + 8:kvm.RUN_UNION + 16] = struct.pack("<Q", value & P.U64_MASK)
 
     def system_event(self) -> tuple[int, list[int]]:
         typ, ndata, *data = kvm.SYSTEM_EVENT.unpack_from(self.run, kvm.RUN_UNION)

@@ -110,13 +110,6 @@ def ensure_rootfs(progress=print) -> dict[str, Path]:
     return out
 
 
-def rootfs_entries() -> dict[str, LockEntry]:
-    """The lock entries of the rootfs packages (call after ensure_rootfs)."""
-    store = Store(lambda *_: None)
-    lock = store.read_lock()
-    return {n: lock.packages[n] for n in store.m.rootfs_packages if n in lock.packages}
-
-
 def asset_summary() -> dict:
     """Versions + hashes of what this process ensured (else what images/lock.json pins): for reports."""
     if _summary:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from .. import protocol
 from ..errors import PayloadError, SetupError
+from ..guest import psci
 from ..paths import FIRMWARE_DIR, cache_dir
 
 # ---- toolchain ------------------------------------------------------------------------------------
@@ -61,7 +62,7 @@ DONE_WRONG_EL = 0xE4           # payload needs another exception level
 HVC_MARKER = 0xE1E1_0000       # x0 = HVC_MARKER | imm16 after an HVC taken to the payload's own vEL2 vector
 SMC_MARKER = 0x5C5C_0000       # x0 = SMC_MARKER | imm16 after an SMC trapped to the guest hypervisor (TSC)
 UNDEF_MARKER = 0x0DEF_0000     # x0 after an UNDEF handled by el2_guest_hyp's inner EL1 vector
-PSCI_VERSION = 0x8400_0000
+PSCI_VERSION = psci.PSCI_VERSION   # harness/guest/psci.py
 
 
 EC_UNKNOWN, EC_HVC64, EC_SMC64 = 0x00, 0x16, 0x17

@@ -170,9 +170,6 @@ class Build:
     log: Path | None = None
     meta: dict = field(default_factory=dict)
 
-    def unstripped(self, test: str) -> Path:
-        return self.dir / "obj" / "kvm" / self.paths[test]
-
 
 def _toolchain_id() -> str:
     try:

@@ -23,13 +23,12 @@ from ..errors import BootError, GuestError
 from ..model.results import ScenarioResult
 from ..model.splats import scan_failures
 from .channel import Channel, ChannelError
-from .config import MachineConfig, default_cmdline
+from .config import SUN_PATH_MAX, MachineConfig, default_cmdline
 from .console import ConsoleFailure
 from .detached import DetachedMachine
 from .process import Machine
 
 SOCK_PREFIX = "smccc-sock-"
-SUN_PATH_MAX = 107          # sockaddr_un.sun_path, minus the NUL
 
 
 def sock_dir(run_dir: Path) -> Path:

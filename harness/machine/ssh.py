@@ -208,12 +208,3 @@ def reload_agent(session, deadline_s: float = 60.0) -> dict:
     session.caps = hello.get("caps", session.caps)
     return session.caps
 
-
-def update_guest(session, deadline_s: float = 60.0) -> dict:
-    """:func:`push_guest_code` + :func:`reload_agent` when anything changed; timings in the result."""
-    t0 = time.monotonic()
-    written = push_guest_code(session)
-    t1 = time.monotonic()
-    if written:
-        reload_agent(session, deadline_s)
-    return {"written": written, "push_s": round(t1 - t0, 3), "reload_s": round(time.monotonic() - t1, 3)}

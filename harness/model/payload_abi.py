@@ -61,7 +61,7 @@ def call_pattern(i: int, reg: int) -> int:
 def _u64(v: int, what: str) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or not -(1 << 63) <= v < (1 << 64):
         raise ValueError(f"{what} must be an integer that fits in 64 bits, got {v!r}")
-    return v & 0xFFFF_FFFF_FFFF_FFFF
+    return v & protocol.U64_MASK
 
 
 @dataclass(frozen=True)
@@ -301,7 +301,7 @@ def _check_param(offset: int, value: int, what: str, hint: str) -> tuple[int, in
                            f"{PARAM_BLOCK_SIZE - 8:#x})", hint=hint)
     if not -(1 << 63) <= value < (1 << 64):
         raise PayloadError(f"{what}: value {value:#x} does not fit in 64 bits", hint=hint)
-    return offset, value & 0xFFFF_FFFF_FFFF_FFFF
+    return offset, value & protocol.U64_MASK
 
 
 def parse_param(text: str) -> tuple[int, int]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from .. import protocol as P
+
 OP_HVC, OP_SMC, OP_POLL_HVC, OP_POLL_SMC, OP_WAIT_SECONDARY, OP_WAIT_ACTION = range(6)
 SEC_PARK, SEC_CPU_OFF, SEC_DONE, SEC_CPU_ON_OTHER = range(4)
 MAX_ENTRIES = 48
@@ -18,7 +20,7 @@ RECORD_SIZE = 0x40
 SEC_BASE = 0x1000
 SMP_MAGIC = 0x00504D5349435350
 SEC_MAGIC = 0x5EC0ED
-U64 = 0xFFFF_FFFF_FFFF_FFFF
+U64 = P.U64_MASK
 
 
 @dataclass(frozen=True)
