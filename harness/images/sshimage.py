@@ -1,6 +1,6 @@
 """The guest side of the opt-in SSH channel: what ``--ssh`` adds to the initramfs.
 
-Only a session that asks for SSH (``GuestSession.create(..., ssh=True)``, pytest ``--ssh``, ``smccc-harness
+Only a session that asks for SSH (``GuestOptions(ssh=True)``, pytest ``--ssh``, ``smccc-harness
 boot --ssh``) uses any of this; the default initramfs, its /init and its snapshot key are untouched.
 
 Transport (as harness/images/l2.py does it): the kernel unpacks *concatenated* newc archives into one rootfs, so the

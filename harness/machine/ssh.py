@@ -179,7 +179,7 @@ def push_guest_code(session, files: dict[str, Path] | None = None, timeout: floa
     from ..images.initramfs import guest_sources
     ch: SshChannel = session.ssh
     if ch is None:
-        raise GuestError("this guest was not booted with SSH", hint="GuestSession.create(..., ssh=True) / --ssh")
+        raise GuestError("this guest was not booted with SSH", hint="GuestOptions(ssh=True) (harness/machine/guests.py) / --ssh")
     files = files if files is not None else guest_sources()
     paths = " ".join(shlex.quote("/" + g) for g in sorted(files))
     _rc, out, _err = ch.run(f"sha256sum {paths} 2>/dev/null; true", timeout)

@@ -2,10 +2,12 @@
 skip conditions.  A kernel that should offer KVM_CAP_ARM_EL2, E2H0 or the SMCCC filter and does not fails here,
 naming the table's line, instead of turning the tests that need it into quiet skips."""
 
+import dataclasses
+
 import pytest
 
 from harness import paths
-from harness.machine.session import GuestSession
+from harness.machine.guests import new_session
 from harness.model.capabilities import EXPECTED_CAPS, expected_caps, missing_caps, release_version
 
 
@@ -45,9 +47,9 @@ def test_expectation_lines_name_their_source():
 @pytest.mark.infra   # a second boot with another command line: the harness's capability plumbing
 def test_kernel_without_kvm_is_reported_as_missing_kvm(guest_pool):
     """kvm-arm.mode=none: KVM does not initialise, /dev/kvm is absent → tests skip with that reason."""
-    a = guest_pool.resolve_assets()
-    run_dir = paths.new_run_dir("nokvm")
-    with GuestSession.create(a["kernel"].image, a["initrd"], run_dir, append="kvm-arm.mode=none") as g:
+    guest_pool.resolve_assets()
+    opts = dataclasses.replace(guest_pool.options, append="kvm-arm.mode=none", snapshots=False)
+    with new_session(opts, paths.new_run_dir("nokvm"), assets=guest_pool.guest_assets) as g:
         assert g.caps["kvm"] is False, g.caps
         assert "/dev/kvm is absent" in g.caps["reason"]
         with pytest.raises(Exception, match="dev/kvm"):
