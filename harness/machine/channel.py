@@ -52,7 +52,7 @@ class Channel:
                 time.sleep(0.02)
         raise ChannelError(f"cannot connect to the control socket {self.path} within {deadline_s:.0f} s: {last}")
 
-    def _readline(self, deadline: float) -> dict:
+    def read_message(self, deadline: float) -> dict:
         assert self.sock is not None
         while b"\n" not in self.buf:
             left = deadline - time.monotonic()
@@ -74,7 +74,7 @@ class Channel:
         return msg
 
     def wait_hello(self, deadline_s: float) -> dict:
-        msg = self._readline(time.monotonic() + deadline_s)
+        msg = self.read_message(time.monotonic() + deadline_s)
         if msg.get("type") != "hello":
             raise ChannelError(f"expected the agent's hello, got {msg!r}")
         self.hello = msg
@@ -93,7 +93,7 @@ class Channel:
             raise ChannelError(f"cannot send to the guest agent: {e}", kind="eof") from e
         deadline = time.monotonic() + deadline_s
         while True:
-            resp = self._readline(deadline)
+            resp = self.read_message(deadline)
             if resp.get("type") == "response" and resp.get("id") == rid:
                 break
         if not resp.get("ok"):

@@ -9,8 +9,10 @@ harness/machine/detached.py (``DetachedMachine``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -239,3 +241,18 @@ class MachineConfig:
     def shell_command(self) -> str:
         """:meth:`argv` as one shell-quoted line (``shlex.split`` gives :meth:`argv` back)."""
         return shlex.join(self.argv())
+
+
+SOCK_PREFIX = "smccc-sock-"
+
+
+def sock_dir(run_dir: Path) -> Path:
+    """Where a run's QMP and control sockets live: the run directory itself (0700), unless that path is too
+    long for a unix socket (deep pytest/xdist tmp dirs, matrix output dirs): then a private 0700 temp dir,
+    removed by :meth:`GuestSession.close`, with a pointer to it left in the run directory."""
+    if len(str(Path(run_dir) / "ctl.sock")) <= SUN_PATH_MAX:
+        return Path(run_dir)
+    d = Path(tempfile.mkdtemp(prefix=SOCK_PREFIX))
+    with contextlib.suppress(OSError):
+        (Path(run_dir) / "sockets").write_text(f"{d}\n")
+    return d

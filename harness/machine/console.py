@@ -314,3 +314,20 @@ class Console:
         """Stop logging (the child itself belongs to whoever spawned it)."""
         if self._log is not None and not self._log.closed:
             self._log.close()
+
+
+def silent_kernel(err: ConsoleFailure, kernel: Path) -> BootError | None:
+    """A boot timeout with not one line from the kernel: say that the Image is the likely culprit."""
+    if err.kind != "timeout" or err.log_path is None:
+        return None
+    try:
+        lines = Path(err.log_path).read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    if any(ln.strip() and not ln.startswith(("qemu-system", "[smccc-harness]")) for ln in lines):
+        return None
+    return BootError(f"the kernel {kernel} printed nothing on the serial console: {err}",
+                     hint="the Image is probably corrupt, truncated, or not built for QEMU 'virt' with a PL011 "
+                          "console (CONFIG_SERIAL_AMBA_PL011_CONSOLE); rebuild it, or run 'smccc-harness cache "
+                          f"verify' for a cached kernel; add --append earlycon to see early output; console log: "
+                          f"{err.log_path}")

@@ -243,6 +243,10 @@ class DetachedMachine(Machine):
         self._child = _SocketChild(s, self)
         self.console = Console(self._child, None, name="QEMU", started=started)
 
+    def wait_status(self) -> int | None:
+        """QEMU's exit status once it has exited (negative: the signal), None while it runs."""
+        return self._reap()
+
     def _reap(self) -> int | None:
         if self._proc is not None and self.exit_status is None:
             rc = self._proc.poll()

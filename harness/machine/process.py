@@ -150,6 +150,10 @@ class Machine:
         lines = self.console.text.split("\n")[:-1]
         return any(ln.strip() and not ln.startswith(prefix) for ln in lines)
 
+    def wait_status(self) -> int | None:
+        """QEMU's exit status once it has exited (negative: the signal), None while it runs."""
+        return self._reap()
+
     def _reap(self) -> int | None:
         """Reap QEMU if it has exited; its exit status (negative = signal), else None."""
         child = self._child

@@ -222,10 +222,8 @@ def start(want: Wanted, vmdir: Path, run_dir: Path, *, idle_s: float = DEFAULT_I
                  caps=s.caps, created=created, boot_s=s.timings.get("ready_s", 0.0))
     write_state(vmdir, st)
     m.on_release.append(_released(vmdir, m.pid))
-    s.keep_vm = True
-    s.reuse = {"how": "started", "name": st.name, "vm_dir": str(vmdir), "pid": m.pid,
-               "boot_s": st.boot_s, "uptime_s": 0.0, "pushed": [], "idle_s": float(idle_s)}
-    return s
+    return s.keep_running({"how": "started", "name": st.name, "vm_dir": str(vmdir), "pid": m.pid,
+                           "boot_s": st.boot_s, "uptime_s": 0.0, "pushed": [], "idle_s": float(idle_s)})
 
 
 def _sync(ch: Channel, deadline_s: float) -> dict:
@@ -235,7 +233,7 @@ def _sync(ch: Channel, deadline_s: float) -> dict:
     ch.sock.sendall(P.encode({"type": "request", "id": rid, "op": "code", "args": {}}))
     stop = time.monotonic() + deadline_s
     while True:
-        msg = ch._readline(stop)
+        msg = ch.read_message(stop)
         if msg.get("type") == "response" and msg.get("id") == rid:
             if not msg.get("ok"):
                 err = msg.get("error") or {}
@@ -309,14 +307,14 @@ def _attach(st: VmState, want: Wanted, vmdir: Path, run_dir: Path, idle_s: float
     if cfg.argv() != st.argv:
         raise _Replace("the state file does not match its own command line")
     m = DetachedMachine(cfg, vmdir, pid=st.pid, pid_start=st.pid_start)
-    s = GuestSession(config=cfg, run_dir=Path(run_dir), machine=m, caps=dict(st.caps), detached=vmdir)
-    try:
+    ch, ssh_keys, ssh_chan, caps = None, None, None, dict(st.caps)
+    try:                    # everything over the channel first; the session is made once, whole, at the end
         _link_console(run_dir, Path(st.console_log))
         m.attach()
-        s.channel = Channel(cfg.control_socket)
-        s.channel.connect(2.0)
+        ch = Channel(cfg.control_socket)
+        ch.connect(2.0)
         try:
-            code = _sync(s.channel, ATTACH_DEADLINE_S)
+            code = _sync(ch, ATTACH_DEADLINE_S)
         except ChannelError as e:
             raise _Replace(f"its agent did not answer ({e})") from None
         t_sync = time.monotonic()
@@ -327,37 +325,38 @@ def _attach(st: VmState, want: Wanted, vmdir: Path, run_dir: Path, idle_s: float
                 raise _Replace(f"{len(stale)} guest module(s) changed but the agent keeps "
                                f"{code['graveyard_vms']} nested VM(s) alive (a reload would destroy them)")
             for gpath, data in stale.items():
-                s.request("put", {"path": gpath, "data": P.b64(data), "mode": 0o644}, 30.0)
+                ch.request("put", {"path": gpath, "data": P.b64(data), "mode": 0o644}, 30.0)
                 pushed.append(gpath)
             t_push = time.monotonic() - t_sync
             if stale:
-                from .ssh import reload_agent
-                try:
-                    reload_agent(s, 60.0)
+                try:        # the agent re-execs with the code now on disk; its new hello has the caps
+                    ch.request("reload", {}, 10.0)
+                    caps = ch.wait_hello(60.0).get("caps", caps)
                 except HarnessError as e:
                     raise _Replace(f"the agent did not come back after a reload ({str(e).splitlines()[0]})") from None
                 t_reload = time.monotonic() - t_sync - t_push
-                st.caps = dict(s.caps)
-        s.request("idle", {"seconds": float(idle_s)}, 10.0)
+                st.caps = dict(caps)
+        ch.request("idle", {"seconds": float(idle_s)}, 10.0)
         if st.idle_s != float(idle_s) or pushed:
             st.idle_s = float(idle_s)
             write_state(vmdir, st)
         if st.ssh_port is not None and st.ssh_dir is not None:
             from .ssh import SshChannel
-            s.ssh_keys = _load_ssh_keys(Path(st.ssh_dir))
-            s.ssh = SshChannel(st.ssh_port, s.ssh_keys).connect(10.0, alive=m.alive)
+            ssh_keys = _load_ssh_keys(Path(st.ssh_dir))
+            ssh_chan = SshChannel(st.ssh_port, ssh_keys).connect(10.0, alive=m.alive)
     except BaseException:
-        s.close_links()
+        if ch is not None:
+            ch.close()
         m.detach()
         raise
     m.on_release.append(_released(vmdir, m.pid))
-    s.keep_vm = True
-    s.timings["ready_s"] = round(time.monotonic() - t0, 3)
-    s.reuse = {"how": "attached", "name": st.name, "vm_dir": str(vmdir), "pid": st.pid,
-               "attach_s": s.timings["ready_s"], "uptime_s": round(time.time() - st.created, 1),
-               "boot_s": st.boot_s, "pushed": pushed, "push_s": round(t_push, 3), "reload_s": round(t_reload, 3),
-               "idle_s": float(idle_s)}
-    return s
+    ready = round(time.monotonic() - t0, 3)
+    return GuestSession(config=cfg, run_dir=Path(run_dir), machine=m, channel=ch, caps=caps, detached=vmdir,
+                        ssh_keys=ssh_keys, ssh=ssh_chan, keep_vm=True, timings={"ready_s": ready},
+                        reuse={"how": "attached", "name": st.name, "vm_dir": str(vmdir), "pid": st.pid,
+                               "attach_s": ready, "uptime_s": round(time.time() - st.created, 1),
+                               "boot_s": st.boot_s, "pushed": pushed, "push_s": round(t_push, 3),
+                               "reload_s": round(t_reload, 3), "idle_s": float(idle_s)})
 
 
 def open_vm(kernel: Path, run_dir: Path, *, name: str | None = None, root: Path | None = None,

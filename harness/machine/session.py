@@ -10,10 +10,10 @@ detached by ``close()`` while it is healthy, and killed like any other guest onc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,25 +23,10 @@ from ..errors import BootError, GuestError
 from ..model.results import ScenarioResult
 from ..model.splats import scan_failures
 from .channel import Channel, ChannelError
-from .config import SUN_PATH_MAX, MachineConfig, default_cmdline
-from .console import ConsoleFailure
+from .config import SOCK_PREFIX, MachineConfig, default_cmdline, sock_dir
+from .console import ConsoleFailure, silent_kernel
 from .detached import DetachedMachine
 from .process import Machine
-
-SOCK_PREFIX = "smccc-sock-"
-
-
-def sock_dir(run_dir: Path) -> Path:
-    """Where a run's QMP and control sockets live: the run directory itself (0700), unless that path is too
-    long for a unix socket (deep pytest/xdist tmp dirs, matrix output dirs): then a private 0700 temp dir,
-    removed by :meth:`GuestSession.close`, with a pointer to it left in the run directory."""
-    if len(str(Path(run_dir) / "ctl.sock")) <= SUN_PATH_MAX:
-        return Path(run_dir)
-    d = Path(tempfile.mkdtemp(prefix=SOCK_PREFIX))
-    with contextlib.suppress(OSError):
-        (Path(run_dir) / "sockets").write_text(f"{d}\n")
-    return d
-
 
 READY_RE = re.compile(re.escape(P.READY_BANNER) + r" (\{.*\})")
 
@@ -50,23 +35,6 @@ def _file_name(name: str) -> str:
     """A scenario name as a file name inside the run directory: no '/', no '..', nothing but [\\w.-]."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:80].lstrip(".")
     return safe or "scenario"
-
-
-def _silent_kernel(err: ConsoleFailure, kernel: Path) -> BootError | None:
-    """A boot timeout with not one line from the kernel: say that the Image is the likely culprit."""
-    if err.kind != "timeout" or err.log_path is None:
-        return None
-    try:
-        lines = Path(err.log_path).read_text(errors="replace").splitlines()
-    except OSError:
-        return None
-    if any(ln.strip() and not ln.startswith(("qemu-system", "[smccc-harness]")) for ln in lines):
-        return None
-    return BootError(f"the kernel {kernel} printed nothing on the serial console: {err}",
-                     hint="the Image is probably corrupt, truncated, or not built for QEMU 'virt' with a PL011 "
-                          "console (CONFIG_SERIAL_AMBA_PL011_CONSOLE); rebuild it, or run 'smccc-harness cache "
-                          f"verify' for a cached kernel; add --append earlycon to see early output; console log: "
-                          f"{err.log_path}")
 
 
 @dataclass
@@ -111,15 +79,40 @@ class GuestSession:
                    ssh_keys=keys)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
-    def start(self) -> GuestSession:
-        """Warm start from a snapshot (``snapshots``), else :meth:`boot`."""
+    def start(self, store=None) -> GuestSession:
+        """Warm start from a snapshot (``snapshots``; ``store``: a SnapshotStore, default the cache's):
+        harness/machine/snapshot.py decides, this session adopts what it started or boots itself; else
+        :meth:`boot`."""
         try:
-            if self.snapshots:
-                from .snapshot import warm_start
-                return warm_start(self)
-            return self.boot()
+            if not self.snapshots:
+                return self.boot()
+            from .snapshot import warm_start
+            w = warm_start(self, store)
+            if w.started is not None:
+                self.machine, self.channel, self.caps = w.started.machine, w.started.channel, w.started.caps
+            elif w.cold_boot:          # the restore failed: throw away what it left and boot cold
+                self.close()
+                self.machine, self.channel = None, None
+                self.config = dataclasses.replace(self.config, incoming=None)
+                self.boot()
+            self.timings.update(w.timings)
+            return self
         except ConsoleFailure as e:
-            raise _silent_kernel(e, self.config.kernel) or e from e
+            raise silent_kernel(e, self.config.kernel) or e from e
+
+    def keep_running(self, reuse: dict) -> GuestSession:
+        """Make this the session of a reusable VM (harness/machine/reuse.py): :meth:`close` detaches from it while
+        it is healthy; ``reuse`` records how it was got (started / attached / replaced)."""
+        self.keep_vm, self.reuse = True, reuse
+        return self
+
+    def reload_agent(self, deadline_s: float = 60.0) -> dict:
+        """Ask the agent to re-exec itself (the ``reload`` op: same pid under /init, the code now on disk) and
+        wait for its new hello on the same control channel; returns the new capabilities."""
+        self.request("reload", {}, 10.0)
+        hello = self.channel.wait_hello(deadline_s)
+        self.caps = hello.get("caps", self.caps)
+        return self.caps
 
     def boot(self) -> GuestSession:
         """Cold boot: QEMU start -> the agent's ready banner -> the control channel's hello."""
@@ -133,8 +126,6 @@ class GuestSession:
                 except BootError as e:   # another process took the free port first: pick another one
                     if "host forwarding rule" not in str(e) or attempt == 2:
                         raise
-                    import dataclasses
-
                     from .ssh import free_port
                     self.config = dataclasses.replace(self.config, ssh_port=free_port())
                     self.machine = self._new_machine()
@@ -272,7 +263,7 @@ class GuestSession:
             e.finding = f       # a kernel crash, not infrastructure: harness/plugin/scanning.py _error_kind, bisect "crash"
             return e
         if not self.machine.alive():
-            st = self.machine._reap()
+            st = self.machine.wait_status()
             how = "" if st is None else (f" (killed by signal {-st})" if st < 0 else f" (exit status {st})")
             return GuestError(f"QEMU exited{how} while the agent was busy with the {op!r} request ({err})\n{where}")
         if err.kind == "timeout":

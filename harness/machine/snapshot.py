@@ -47,6 +47,7 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BootError, HarnessError
@@ -160,53 +161,65 @@ class DeadTimerSnapshot(SnapshotError):
     """
 
 
-def restore(session, snap: Snapshot, *, stubs: bool | None = None) -> None:
-    """Start ``session`` (not yet started) from ``snap``: QEMU with ``-incoming defer``, load, cont, ping.
+@dataclass
+class Started:
+    """A guest a boot strategy brought up: its running machine and connected control channel, what it reported
+    and how long it took.  The session adopts it (:meth:`GuestSession.start`); nothing else sets its fields."""
+    machine: object
+    channel: Channel
+    caps: dict
+    timings: dict
+
+
+def restore(config: MachineConfig, run_dir: Path, snap: Snapshot, *, stubs: bool | None = None) -> Started:
+    """A guest of ``config`` started from ``snap``: QEMU with ``-incoming defer``, load, cont, ping, timer probe.
 
     ``stubs`` (default :func:`stub_boot_files`): pass the snapshot's stub kernel/initrd to QEMU instead of
-    the real ones (they are never used on an incoming migration; see the module docstring).
+    the real ones (they are never used on an incoming migration; see the module docstring).  Any failure stops
+    what was started and raises SnapshotError (DeadTimerSnapshot when the restored tick is dead).
     """
     t0 = time.monotonic()
     snap.touch()            # before the state file is opened: prune() leaves recently used snapshots alone
     meta = snap.meta()
-    cfg = restore_config(session.config, snap, stub_boot_files() if stubs is None else stubs)
+    cfg = restore_config(config, snap, stub_boot_files() if stubs is None else stubs)
     if cfg.qmp_socket is None or cfg.control_socket is None:
         raise SnapshotError("a restore needs both the QMP and the control socket in the machine config")
-    _note(session.run_dir, f"restored from snapshot {snap.key} ({snap.path}); the serial console of a restored "
-                           f"guest starts here; the boot console is {snap.path / BOOT_LOG}")
-    session.machine = Machine(cfg, session.run_dir)
+    _note(run_dir, f"restored from snapshot {snap.key} ({snap.path}); the serial console of a restored "
+                   f"guest starts here; the boot console is {snap.path / BOOT_LOG}")
+    machine, channel = Machine(cfg, run_dir), None
     try:
-        session.machine.start(startup_check_s=0.0)
-        q = session.machine.qmp(timeout_s=RESTORE_DEADLINE_S)
+        machine.start(startup_check_s=0.0)
+        q = machine.qmp(timeout_s=RESTORE_DEADLINE_S)
         t1 = time.monotonic()
         q.cmd("migrate-set-capabilities", capabilities=MAPPED_RAM)
         q.cmd("migrate-incoming", uri=f"file:{snap.state}")
         _wait_migration(q, RESTORE_DEADLINE_S, f"restoring snapshot {snap.key} (migrate-incoming)")
         t2 = time.monotonic()
         q.cmd("cont")
-        session.channel = Channel(cfg.control_socket)
-        session.channel.connect(PING_DEADLINE_S)
-        pong = session.channel.request("ping", None, PING_DEADLINE_S)
+        channel = Channel(cfg.control_socket)
+        channel.connect(PING_DEADLINE_S)
+        pong = channel.request("ping", None, PING_DEADLINE_S)
         if not pong.get("pong"):
             raise SnapshotError(f"the restored agent answered ping with {pong!r}")
         try:
-            session.channel.request("timer_probe", None, TIMER_PROBE_DEADLINE_S)
+            channel.request("timer_probe", None, TIMER_PROBE_DEADLINE_S)
         except HarnessError as e:
             raise DeadTimerSnapshot(
                 f"snapshot {snap.key}: the restored guest's timer interrupt is dead (a 20 ms sleep did not end "
                 f"in {TIMER_PROBE_DEADLINE_S:.0f} s); QEMU did not re-arm the guest's EL2 timer on this "
                 f"restore, the snapshot is discarded") from e
-    except SnapshotError:
-        session.close()
-        raise
-    except Exception as e:   # QMP/channel errors of every kind: the caller falls back
-        session.close()
+    except BaseException as e:
+        if channel is not None:
+            channel.close()
+        machine.stop()
+        if isinstance(e, SnapshotError) or not isinstance(e, Exception):
+            raise
         raise SnapshotError(f"restoring snapshot {snap.key} failed: {type(e).__name__}: {e}") from e
     t3 = time.monotonic()
-    session.caps = dict(meta.get("caps") or {})
-    session.timings.update({"snapshot": snap.key, "qemu_to_qmp_s": round(t1 - t0, 3),
-                            "load_s": round(t2 - t1, 3), "cont_to_ping_s": round(t3 - t2, 3),
-                            "boot_s": round(t3 - t0, 3), "ready_s": round(t3 - t0, 3)})
+    return Started(machine=machine, channel=channel, caps=dict(meta.get("caps") or {}),
+                   timings={"snapshot": snap.key, "qemu_to_qmp_s": round(t1 - t0, 3), "load_s": round(t2 - t1, 3),
+                            "cont_to_ping_s": round(t3 - t2, 3), "boot_s": round(t3 - t0, 3),
+                            "ready_s": round(t3 - t0, 3)})
 
 
 # ==== warm start ====================================================================================
@@ -229,12 +242,24 @@ def _build(session, tmp: Path, inputs: dict) -> None:
     (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
 
-def warm_start(session, store: SnapshotStore | None = None):
-    """Start ``session`` from its snapshot (built by a cold boot on a cache miss); cold boot if that fails.
+@dataclass
+class WarmStart:
+    """What :func:`warm_start` decided: ``started`` to adopt (a restore), or ``booted`` (the session cold-booted
+    itself to build the snapshot and runs on), or ``cold_boot`` (fall back: the session boots cold); plus the
+    timings and notes for the session's record."""
+    started: Started | None = None
+    booted: bool = False
+    cold_boot: bool = False
+    timings: dict = field(default_factory=dict)
+
+
+def warm_start(session, store: SnapshotStore | None = None) -> WarmStart:
+    """How ``session`` (not started) comes up from its snapshot: restore it (built by a cold boot of the session
+    itself on a cache miss), or fall back to a cold boot.
 
     A boot failure of the cold boot that would have been saved is raised as is (the guest does not boot:
     a second cold boot would only repeat it).  Any other failure (QMP, migration, channel) is logged, noted
-    in the console log and in ``session.timings["snapshot_fallback"]``, and the session boots cold.
+    in the console log and in the timings (``snapshot_fallback``), and the answer is a cold boot.
     """
     store = store or SnapshotStore()
     t0 = time.monotonic()
@@ -247,14 +272,12 @@ def warm_start(session, store: SnapshotStore | None = None):
             snap = store.create(key, lambda tmp: built.append(True) or _build(session, tmp, inputs))
             if built:       # this session was cold-booted and saved, and runs on
                 _note(session.run_dir, f"this boot was saved as snapshot {key} ({snap.path})")
-                session.timings.update({"snapshot": key, "snapshot_created": True,
-                                        "ready_s": round(time.monotonic() - t0, 3),
-                                        "warm_start_s": round(time.monotonic() - t0, 3)})
-                return session
-        restore(session, snap)
-        session.timings["snapshot_created"] = False
-        session.timings["warm_start_s"] = round(time.monotonic() - t0, 3)
-        return session
+                dt = round(time.monotonic() - t0, 3)
+                return WarmStart(booted=True, timings={"snapshot": key, "snapshot_created": True, "ready_s": dt,
+                                                       "warm_start_s": dt})
+        started = restore(session.config, session.run_dir, snap)
+        started.timings.update(snapshot_created=False, warm_start_s=round(time.monotonic() - t0, 3))
+        return WarmStart(started=started, timings=started.timings)
     except BootError:
         raise
     except (SnapshotError, HarnessError, OSError) as e:
@@ -266,14 +289,9 @@ def warm_start(session, store: SnapshotStore | None = None):
             session.channel.request("ping", None, PING_DEADLINE_S)
             log.warning("saving the snapshot failed; the cold-booted guest goes on: %s", reason)
             _note(session.run_dir, f"saving the snapshot failed ({reason}); the cold-booted guest goes on")
-            session.timings["snapshot_fallback"] = reason
-            return session
+            return WarmStart(booted=True, timings={"snapshot_fallback": reason})
         except HarnessError:
             pass
     log.warning("snapshot restore failed, cold boot instead: %s", reason)
     _note(session.run_dir, f"snapshot restore failed ({reason}); cold boot")
-    session.timings["snapshot_fallback"] = reason
-    session.close()
-    session.machine, session.channel = None, None
-    session.config = dataclasses.replace(session.config, incoming=None)
-    return session.boot()
+    return WarmStart(cold_boot=True, timings={"snapshot_fallback": reason})

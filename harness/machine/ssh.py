@@ -173,7 +173,7 @@ def push_guest_code(session, files: dict[str, Path] | None = None, timeout: floa
     """Copy the host's current guest code (harness/initramfs.guest_sources: harness/protocol.py,
     harness/guest/*.py) into the running guest over SSH; only files whose sha256 differs are sent, and their
     stale ``__pycache__`` entries (unchecked-hash .pyc, which Python would otherwise keep using) are removed.
-    Returns the guest paths written.  The running agent still has the old code: see :func:`reload_agent`."""
+    Returns the guest paths written.  The running agent still has the old code: see :meth:`GuestSession.reload_agent`."""
     import hashlib
 
     from ..images.initramfs import guest_sources
@@ -198,13 +198,3 @@ def push_guest_code(session, files: dict[str, Path] | None = None, timeout: floa
         ch.run(f"rm -f {shlex.quote(d)}/__pycache__/{shlex.quote(stem)}.*.pyc", timeout)
         written.append("/" + gpath)
     return written
-
-
-def reload_agent(session, deadline_s: float = 60.0) -> dict:
-    """Ask the agent to re-exec itself (the ``reload`` op: same pid under /init, the code now on disk) and
-    wait for its new hello on the same control channel; returns the new capabilities."""
-    session.request("reload", {}, 10.0)
-    hello = session.channel.wait_hello(deadline_s)
-    session.caps = hello.get("caps", session.caps)
-    return session.caps
-

@@ -16,7 +16,7 @@ from harness import paths
 from harness.errors import GuestError
 from harness.guest import kvm
 from harness.images.payloads import get_payload
-from harness.machine import snapshot, snapshot_store
+from harness.machine import snapshot_store
 from harness.machine.guests import new_session
 from harness.model import payload_abi as abi
 from harness.model.scenarios import PSCI_FWD, scenario
@@ -144,20 +144,20 @@ def test_a_cache_miss_boots_saves_and_keeps_the_guest_then_the_next_start_restor
     discard and the cold-boot fallback are checked, and the whole cycle is tried again with an empty store,
     at most 5 times (all 5 dead, which happened once in 2 runs: an xfail naming the QEMU bug)."""
     guest_pool.resolve_assets()
-    opts = dataclasses.replace(guest_pool.options, snapshots=False)
+    opts = dataclasses.replace(guest_pool.options, snapshots=True)
     dead = []
     for attempt in range(5):
         store = snapshot_store.SnapshotStore(tmp_path / f"snapshots-{attempt}")
         sessions = [new_session(opts, paths.new_run_dir("guest"), assets=guest_pool.guest_assets) for _ in range(2)]
         try:
-            first = snapshot.warm_start(sessions[0], store)
+            first = sessions[0].start(store)
             assert first.timings.get("snapshot_created") is True, first.timings
             assert first.request("ping")["pong"] is True
             key = first.timings["snapshot"]
             assert store.lookup(key) is not None
             assert {"state.ram", "meta.json", "boot-console.log", "stub-kernel"} <= {
                 p.name for p in store.lookup(key).path.iterdir()}
-            second = snapshot.warm_start(sessions[1], store)
+            second = sessions[1].start(store)
             if "DeadTimerSnapshot" in str(second.timings.get("snapshot_fallback", "")):
                 assert store.lookup(key) is None, "a dead-timer snapshot must be discarded"
                 assert second.request("ping")["pong"] is True, "the fallback cold boot must serve"

@@ -97,7 +97,7 @@ def test_reload_runs_pushed_guest_code_without_a_new_initramfs(ssh_guest, tmp_pa
     t0 = time.monotonic()
     written = ssh.push_guest_code(ssh_guest, {**files, target: tmp_path / "protocol.py"})
     t1 = time.monotonic()
-    ssh.reload_agent(ssh_guest)
+    ssh_guest.reload_agent()
     t2 = time.monotonic()
     record_property("push_s", round(t1 - t0, 3))
     record_property("reload_s", round(t2 - t1, 3))
@@ -108,7 +108,7 @@ def test_reload_runs_pushed_guest_code_without_a_new_initramfs(ssh_guest, tmp_pa
     # the re-exec'd agent is the same process under /init (exec, not a new child), serving the same channel
     assert ssh_guest.request("stats", {})["pid"] == pid_before
     ssh.push_guest_code(ssh_guest)      # back to the checked-out code
-    ssh.reload_agent(ssh_guest)
+    ssh_guest.reload_agent()
 
 
 def test_default_guest_has_no_network_interface(guest, request):
