@@ -29,7 +29,7 @@ class PrivateApt:
         self.archs = [manifest.arch]  # arm64 only; falls back to the host's arch + arm64 if apt refuses
 
     @property
-    def _updated(self) -> bool:  # one update per process is enough, whichever Store asked for it
+    def updated(self) -> bool:  # one update per process is enough, whichever Store asked for it
         return str(self.root) in _UPDATED_LISTS
 
     def _opts(self) -> list[str]:
@@ -93,7 +93,7 @@ class PrivateApt:
 
     def ensure_lists(self, fresh: bool = False) -> None:
         """Lists present (and, with ``fresh``, younger than the manifest's max age)."""
-        if self._updated:
+        if self.updated:
             return
         if not self.have_lists() or (fresh and self.lists_age_hours() > self.m.lists_max_age_hours):
             self.update()

@@ -152,10 +152,10 @@ def _modules_root(release: str, progress=print) -> Path:
         raise SetupError(f"--ssh needs the {NET_MODULE} module of kernel {release}, which is not a Debian kernel "
                          "known to images/lock.json",
                          hint="use a Debian kernel (--kernel default/7.2/6.12), or build virtio_net in (=y)")
-    d = store.extract(store._get(kpkg.name, kpkg.version, kpkg.suite)) / "usr/lib/modules" / release
+    d = store.extract(store.fetch_exact(kpkg.name, kpkg.version, kpkg.suite)) / "usr/lib/modules" / release
     if (d / "kernel").is_dir():
         return d
-    mods = store._get(f"linux-modules-{release}", kpkg.version, kpkg.suite)
+    mods = store.fetch_exact(f"linux-modules-{release}", kpkg.version, kpkg.suite)
     d = store.extract(mods) / "usr/lib/modules" / release
     if not (d / "kernel").is_dir():
         raise SetupError(f"linux-modules-{release} {kpkg.version} has no kernel/ under {d}")

@@ -121,7 +121,7 @@ class Store:
         self.apt.ensure_lists(fresh=True)
         cands = [a for a in self.apt.madison([name]) if a.name == name and a.suite == suite
                  and a.arch in (self.m.arch, "all")]
-        if not cands and not self.apt._updated:
+        if not cands and not self.apt.updated:
             self.apt.update()
             cands = [a for a in self.apt.madison([name]) if a.name == name and a.suite == suite
                      and a.arch in (self.m.arch, "all")]
@@ -133,7 +133,7 @@ class Store:
         """apt-get download into a temp dir, verify against the index, move into debs/<sha256>.deb."""
         self.apt.ensure_lists()
         meta = self.apt.show(name, version)
-        if not meta and not self.apt._updated:
+        if not meta and not self.apt.updated:
             self.apt.update()
             meta = self.apt.show(name, version)
         if not meta:
@@ -254,9 +254,9 @@ class Store:
                 self.progress(stale_warning(f"kernel {spec!r} = {pinned[0]}", lock.packages[pinned[0]].version
                                             if pinned[0] in lock.packages else "?", f"{choice.package} {choice.version}"))
             self.progress(f"kernel {spec!r} -> {choice.package} {choice.version} ({choice.suite})")
-            entries = [self._get(choice.package, choice.version, choice.suite)]
+            entries = [self.fetch_exact(choice.package, choice.version, choice.suite)]
             if choice.config_package:
-                entries.append(self._get(choice.config_package, choice.version, choice.suite))
+                entries.append(self.fetch_exact(choice.config_package, choice.version, choice.suite))
             self.record(entries, {spec: [e.name for e in entries]})
             return entries
 
@@ -266,7 +266,7 @@ class Store:
             raise AssetError(f"{e.name} {e.version}: sha256 {got.sha256} != locked {e.sha256}")
         return e
 
-    def _get(self, name: str, version: str, suite: str) -> LockEntry:
+    def fetch_exact(self, name: str, version: str, suite: str) -> LockEntry:
         """``name`` at exactly ``version`` (a kernel's own modules package): from the cache, else downloaded,
         checked against its pin when images/lock.json has one, and pinned."""
         with self.flock:

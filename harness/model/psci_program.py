@@ -91,7 +91,7 @@ def guest_view(result, steps: list[Step]) -> dict:
     events = [(e["name"], e["data"][:1]) for e in result.events if e["kind"] == "system_event"]
     return {
         "outcome": result.outcome,
-        "exit_code": result.raw.get("exit_code"),
+        "exit_code": result.exit_code,
         "records": [{k: v for k, v in r.items() if k != "iters"} for r in d["records"]],
         "secondaries": d["secondaries"],
         "system_events": events,

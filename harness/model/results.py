@@ -58,6 +58,50 @@ class ScenarioResult:
     def reports_of(self, vcpu: int) -> dict[int, int]:
         return {e["slot"]: e["value"] for e in self.events if e["kind"] == "report" and e.get("vcpu") == vcpu}
 
+    # ---- what the agent reported, by name (the wire format stays the agent's JSON: harness/guest/runner.py) ----
+    @property
+    def name(self) -> str:
+        return self.raw.get("name", "")
+
+    @property
+    def exit_code(self) -> int | None:
+        """The payload's DONE value (None: it never wrote DONE)."""
+        return self.raw.get("exit_code")
+
+    @property
+    def errors(self) -> list[str]:
+        return self.raw.get("errors", [])
+
+    @property
+    def vcpus(self) -> list[dict]:
+        """Each vCPU's final state: {index, pc, pstate, x: [x0..x30]}."""
+        return self.raw.get("vcpus", [])
+
+    @property
+    def late_filters(self) -> list[dict]:
+        """Filter ranges installed after the first KVM_RUN, each with the errno KVM answered."""
+        return self.raw.get("late_filters", [])
+
+    @property
+    def probes(self) -> list[dict]:
+        """VM-fd device-attribute probes, each with its errno."""
+        return self.raw.get("probes", [])
+
+    @property
+    def migrations(self) -> list[dict]:
+        """Save/restore cycles the VMM did during the run (harness/guest/migrate.py)."""
+        return self.raw.get("migrations", [])
+
+    @property
+    def exits(self) -> int | None:
+        """KVM_RUN exits the run took."""
+        return self.raw.get("exits")
+
+    @property
+    def trace_dropped(self) -> int:
+        """Trace records dropped beyond the trace limit."""
+        return self.raw.get("trace_dropped", 0)
+
     @property
     def filters(self) -> list[dict]:
         return self.raw.get("filters", [])
@@ -92,11 +136,11 @@ class ScenarioResult:
         return "\n".join(lines)
 
     def describe(self) -> str:
-        out = [f"scenario {self.raw.get('name')}: outcome={self.outcome} exit_code={self.raw.get('exit_code')}",
+        out = [f"scenario {self.name}: outcome={self.outcome} exit_code={self.exit_code}",
                "handler trace:", self.format_trace() or "  (empty)"]
-        if self.raw.get("errors"):
-            out.append("errors: " + "; ".join(self.raw["errors"]))
-        for v in self.raw.get("vcpus", []):
+        if self.errors:
+            out.append("errors: " + "; ".join(self.errors))
+        for v in self.vcpus:
             out.append(f"vcpu{v['index']}: pc={self.symbol(v['pc'])} pstate={v['pstate']:#x} "
                        f"x0..x3={' '.join(hex(x) for x in v['x'][:4])}")
         if self.trace_path:

@@ -152,12 +152,12 @@ def test_hypercall_storm_is_bounded_and_reported_with_the_count(victim, guest_po
     p = get_payload("storm")
     r = g.run(scenario("storm", p, filters=PSCI_FWD, max_exits=150, max_trace=40, deadline_s=60.0), payload=p)
     assert r.outcome == "exit_storm", r.describe()
-    assert r.raw["exits"] == 151, r.describe()
+    assert r.exits == 151, r.describe()
     storm = [e for e in r.events if e["kind"] == "exit_storm"]
     assert storm and storm[0]["exits"] == 151 and storm[0]["max_exits"] == 150, r.describe()
     assert r.symbol(storm[0]["pc"]) == "storm_hvc+0x4"
     # the trace sent back is bounded: 40 records, a truncation marker, the last 32
-    assert r.raw["trace_dropped"] > 0 and len(r.events) <= 40 + 1 + 32, len(r.events)
+    assert r.trace_dropped > 0 and len(r.events) <= 40 + 1 + 32, len(r.events)
     assert any(e["kind"] == "trace_truncated" for e in r.events)
     assert guest_pool.get() is g and g.alive()
     assert leftovers.problems([], temp_before) == []

@@ -55,14 +55,14 @@ def test_has_device_attr_probes_the_filter(guest, calls):
     r = guest.run(scenario("probe", calls, params=[0], probes=[
         {"ioctl": "has", "group": 0, "attr": 0}, {"ioctl": "has", "group": 0, "attr": 1},
         {"ioctl": "has", "group": 1, "attr": 0}, {"ioctl": "get", "group": 0, "attr": 0}]), payload=calls)
-    assert errnos(r, "probes")[:3] == [None, "ENXIO", "ENXIO"], r.raw["probes"]
+    assert errnos(r, "probes")[:3] == [None, "ENXIO", "ENXIO"], r.probes
 
 
 def test_filter_attribute_is_write_only(guest, calls):
     """arm.c handles only HAS and SET on the VM fd: GET fails, so a VMM must remember what it installed."""
     r = guest.run(scenario("probe_get", calls, params=[0], probes=[{"ioctl": "get", "group": 0, "attr": 0}]),
                   payload=calls)
-    assert errnos(r, "probes") == ["EINVAL"], r.raw["probes"]
+    assert errnos(r, "probes") == ["EINVAL"], r.probes
 
 
 # ---- EINVAL / EEXIST / accepted -------------------------------------------------------------------------

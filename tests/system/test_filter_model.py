@@ -58,7 +58,7 @@ def _run(g, filters, late):
     p = get_payload("psci_version")
     r = g.run(scenario("filter_model", p, filters=filters, late_filters=late, deadline_s=10.0), payload=p)
     assert r.outcome == "done", r.describe()
-    return [f["errno"] for f in r.filters], [f["errno"] for f in r.raw["late_filters"]], r
+    return [f["errno"] for f in r.filters], [f["errno"] for f in r.late_filters], r
 
 
 @pytest.mark.filter

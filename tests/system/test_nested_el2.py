@@ -95,7 +95,7 @@ def nested():
 
 def ok(r):
     """The run ended with the payload's DONE 0 (and no vCPU error)."""
-    assert r.outcome == "done" and r.raw.get("exit_code") == pl.DONE_OK and not r.raw.get("errors"), r.describe()
+    assert r.outcome == "done" and r.exit_code == pl.DONE_OK and not r.errors, r.describe()
     return r
 
 

@@ -232,7 +232,7 @@ def test_cpu_suspend_returns_success_with_registers_preserved(guest, smp):
     rec = pp.decode(r.result_block, steps)["records"][0]
     assert rec["x0"] == psci.SUCCESS, r.describe()
     assert [rec["x0"], rec["x1"], rec["x2"], rec["x3"]] == h["reply"], "x0..x3 are not what the handler wrote"
-    final = r.raw["vcpus"][0]["x"]
+    final = r.vcpus[0]["x"]
     assert final[4:16] == SEED, ("x4..x15 changed across the forwarded CPU_SUSPEND:\n"
                                  + "\n".join(f"x{n}: {SEED[n - 4]:#x} -> {final[n]:#x}" for n in range(4, 16)
                                              if final[n] != SEED[n - 4]))

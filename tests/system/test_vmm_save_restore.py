@@ -37,7 +37,7 @@ def three_calls(guest, calls, name, **kw):
 @pytest.mark.smc
 def test_forwarded_calls_keep_working_after_restore(guest, calls):
     r, rec = three_calls(guest, calls, "migrate_replay", migrate={"after_hypercalls": 1})
-    m = r.raw["migrations"]
+    m = r.migrations
     assert len(m) == 1 and m[0]["filter_replayed"] == 1, r.describe()
     assert [h["args"][1] for h in r.hypercalls] == [1, 2, 3], r.describe()
     assert [x["ret"] for x in rec] == [[0x600D, 0x11, 0x22, 0x33]] * 3
@@ -57,7 +57,7 @@ def test_without_replay_the_restored_vm_answers_in_kernel(guest, calls):
 @pytest.mark.hvc
 def test_replaying_the_filter_after_the_first_run_is_ebusy(guest, calls):
     r, _ = three_calls(guest, calls, "migrate_late", migrate={"after_hypercalls": 1}, late_filters=[fwd(SIP)])
-    assert [f["errno"] for f in r.raw["late_filters"]] == ["EBUSY"], r.describe()
+    assert [f["errno"] for f in r.late_filters] == ["EBUSY"], r.describe()
 
 
 @pytest.mark.hvc
@@ -71,6 +71,6 @@ def test_psci_power_state_survives_restore(guest):
     r = guest.run(scenario("migrate_psci", smp, vcpus=2, filters=PSCI_FWD, params=pp.encode(steps),
                            migrate={"after_hypercalls": 1}), payload=smp)
     view = pp.guest_view(r, steps)
-    assert r.raw["migrations"] and r.outcome == "done", r.describe()
+    assert r.migrations and r.outcome == "done", r.describe()
     assert [x["x0"] for x in view["records"]] == [0, 1, psci.AFFINITY_ON, psci.ALREADY_ON & U64], r.describe()
     assert view["secondaries"][1]["context_id"] == 0xAB

@@ -231,7 +231,7 @@ def test_the_optional_ssh_group_is_part_of_the_manifest():
 
 class _FullDiskApt:
     """apt-get download as it behaves on a full disk: part of the file written, then ENOSPC."""
-    _updated = True
+    updated = True
 
     def __init__(self, size: int) -> None:
         self.size = size
