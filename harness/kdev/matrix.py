@@ -10,7 +10,9 @@ passed, 1 failed, 0 errors, 3 skipped, 0 xfailed (pytest exit 1, 95.2 s)``.  The
 (links relative to OUT: the directory can be copied, e.g. as a CI artifact) and prints the same scenario x
 kernel table.  Exit code:
 0 when every kernel ran and nothing failed, 1 when a test failed or errored, 2 when a kernel's run broke
-(pytest usage/internal error or no JUnit file).
+(pytest usage/internal error or no JUnit file).  With ``--baseline PREV_DIR`` (an earlier matrix's OUT) it also
+prints and reports the regressions against it (harness/kdev/regressions.py), and the exit code is theirs: 0 nothing
+regressed, 1 a regression, 2 a kernel's run broke or the baseline is not a matrix output.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 
 from .. import paths
+from . import regressions
 from .report import KernelRun, format_matrix, read_junit, write_html
 
 DEFAULT_KERNELS = ("6.12", "7.2", "default")
@@ -124,6 +127,8 @@ def main(args) -> int:
     def say(msg: str) -> None:
         print(f"[smccc-harness matrix] {msg}", flush=True)
 
+    # the baseline is read first: a bad one fails before the runs (exit 2, with a hint)
+    baseline = regressions.read_matrix_dir(Path(args.baseline), "--baseline") if args.baseline else None
     if args.report_only:
         out = Path(args.report_only).resolve()
         runs = [read_junit(out / label_dir(k) / "junit.xml", k) for k in args.kernels
@@ -133,10 +138,18 @@ def main(args) -> int:
                           accel=args.accel, extra=list(args.pytest_args), progress=say)
     table = format_matrix(runs)
     (out / "report.txt").write_text(table + "\n")
-    write_html(runs, out)     # links relative to out (logs from elsewhere copied under out/logs)
+    cmp = None
+    if baseline is not None:
+        cmp = regressions.compare_runs(baseline, {label_dir(r.label): r for r in runs if r.junit is not None},
+                                       str(Path(args.baseline).resolve()), str(out))
+    # links relative to out (logs from elsewhere copied under out/logs)
+    write_html(runs, out, regressions=regressions.render_html(cmp) if cmp is not None else "")
     print(format_matrix(runs, brief=True) if args.brief else table)
+    if cmp is not None:
+        print(regressions.format_comparison(cmp))
     say(f"report: {out / 'report.html'} (text: {out / 'report.txt'})")
-    return exit_status(runs)
+    status = exit_status(runs)
+    return status if cmp is None or status == 2 else cmp.exit_code()
 
 
 def add_cli(sub) -> None:
@@ -153,5 +166,9 @@ def add_cli(sub) -> None:
                    help="terminal table: only scenarios that did not pass everywhere (report.txt/html stay complete)")
     p.add_argument("--report-only", metavar="DIR", default=None,
                    help="no runs: rebuild the table and report.html from DIR/*/junit.xml of an earlier matrix")
+    p.add_argument("--baseline", metavar="PREV_DIR", default=None,
+                   help="an earlier matrix's --out directory: print and report what newly fails, was fixed, is new "
+                        "or gone; the exit code then says whether anything regressed (see `compare`)")
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     p.set_defaults(func=main)
+    regressions.add_cli(sub)     # smccc-harness compare OLD NEW

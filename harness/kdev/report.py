@@ -232,23 +232,26 @@ def link_logs(runs: list[KernelRun], report_dir: Path) -> dict[str, str]:
     return links
 
 
-def write_html(runs: list[KernelRun], report_dir: Path, title: str = "smccc-harness kernel matrix") -> Path:
+def write_html(runs: list[KernelRun], report_dir: Path, title: str = "smccc-harness kernel matrix", *,
+               regressions: str = "") -> Path:
     """``report_dir/report.html`` with relative links only (see :func:`link_logs`)."""
     report_dir = Path(report_dir)
     path = report_dir / "report.html"
-    path.write_text(render_html(runs, title, links=link_logs(runs, report_dir), base=report_dir))
+    path.write_text(render_html(runs, title, links=link_logs(runs, report_dir), base=report_dir,
+                                regressions=regressions))
     return path
 
 
 def render_html(runs: list[KernelRun], title: str = "smccc-harness kernel matrix", *,
-                links: dict[str, str] | None = None, base: Path | None = None) -> str:
+                links: dict[str, str] | None = None, base: Path | None = None, regressions: str = "") -> str:
     """The report as HTML.  ``links``: console log -> href (:func:`link_logs`; none without it).  ``base``:
-    the report's directory (JUnit paths under it are shown relative to it)."""
+    the report's directory (JUnit paths under it are shown relative to it).  ``regressions``: the section
+    against a baseline (harness/kdev/regressions.py ``render_html``), shown above the table."""
     e = html.escape
     links = links or {}
     scen = _scenarios(runs)
     parts = [f"<!doctype html><meta charset=utf-8><title>{e(title)}</title><style>{_CSS}</style>",
-             f"<h1>{e(title)}</h1><table><tr><th>scenario</th>"]
+             f"<h1>{e(title)}</h1>", regressions, "<table><tr><th>scenario</th>"]
     parts += [f"<th>{e(column_title(r))}</th>" for r in runs]
     parts.append("</tr>")
     for s in scen:

@@ -1,0 +1,241 @@
+"""Regressions against an earlier matrix: ``smccc-harness compare OLD NEW`` and ``matrix --baseline OLD``.
+
+Both sides are matrix output directories (``<dir>/<kernel>/junit.xml``, harness/kdev/matrix.py); kernels are
+matched by their directory name, tests by scenario name (``test_module::test_name[param]``).  Per kernel
+each test that differs falls in one kind (``KINDS``):
+
+* ``newly failing`` — failed or errored now, did not before (passed, skipped or xfailed): a regression;
+* ``fixed`` — failed or errored before, passes (or xfails) now;
+* ``new`` — only in NEW; one that fails or errors is a regression too (nothing says it ever worked, but
+  nightly CI must not stay green over it);
+* ``gone`` — only in OLD;
+* ``changed`` — any other change of outcome: skip <-> pass, pass <-> xfail, failed <-> error, failed -> skipped.
+
+Exit codes (``EXIT``; README has the same table):
+
+| outcome | exit |
+|---|---|
+| nothing regressed | 0 |
+| a regression: a test newly fails, or a new test fails | 1 |
+| bad input: not a matrix output directory (no `<kernel>/junit.xml`), or a JUnit file that is not JUnit XML | 2 |
+
+``classify()`` and ``compare_runs()`` are pure (outcomes in, a :class:`Comparison` out);
+``read_matrix_dir()`` reads a directory; ``format_comparison()`` / ``render_html()`` show the result.
+"""
+
+from __future__ import annotations
+
+import html
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import HarnessError
+from .report import SYMBOL, KernelRun, read_junit
+
+EXIT = {"ok": 0, "regressed": 1, "bad_input": 2}
+KINDS = ("newly failing", "fixed", "new", "gone", "changed")
+BAD = ("failed", "error")
+GOOD = ("passed", "xfailed")
+JUNIT = "junit.xml"
+
+
+# ---- pure comparison ---------------------------------------------------------------------------------------
+def classify(old: str | None, new: str | None) -> str | None:
+    """The kind of change of one test from outcome ``old`` to ``new`` (None: absent on that side), or None
+    when nothing changed."""
+    if old is None and new is None:
+        return None
+    if old is None:
+        return "new"
+    if new is None:
+        return "gone"
+    if old == new:
+        return None
+    if new in BAD and old not in BAD:
+        return "newly failing"
+    if old in BAD and new in GOOD:
+        return "fixed"
+    return "changed"
+
+
+@dataclass
+class Change:
+    scenario: str
+    kind: str               # one of KINDS
+    old: str | None         # outcome in OLD (None: not there)
+    new: str | None         # outcome in NEW
+    message: str = ""       # NEW's failure message, if any
+
+    @property
+    def regressed(self) -> bool:
+        return self.kind == "newly failing" or (self.kind == "new" and self.new in BAD)
+
+
+@dataclass
+class KernelDiff:
+    kernel: str
+    changes: list[Change] = field(default_factory=list)
+    only_in: str = ""       # "OLD" / "NEW": the kernel is on one side only (then changes is empty)
+    tests: int = 0          # tests on the side(s) that has it
+
+    def of_kind(self, kind: str) -> list[Change]:
+        return [c for c in self.changes if c.kind == kind]
+
+
+@dataclass
+class Comparison:
+    kernels: list[KernelDiff] = field(default_factory=list)
+    old: str = ""           # where the sides came from, for the header
+    new: str = ""
+
+    @property
+    def regressions(self) -> list[tuple[str, Change]]:
+        return [(k.kernel, c) for k in self.kernels for c in k.changes if c.regressed]
+
+    def counts(self) -> dict[str, int]:
+        return {kind: sum(len(k.of_kind(kind)) for k in self.kernels) for kind in KINDS}
+
+    def exit_code(self) -> int:
+        return EXIT["regressed"] if self.regressions else EXIT["ok"]
+
+
+def compare_kernel(kernel: str, old: KernelRun, new: KernelRun) -> KernelDiff:
+    diff = KernelDiff(kernel, tests=len(new.results))
+    names = list(old.results) + [s for s in new.results if s not in old.results]
+    for s in names:
+        o, n = old.results.get(s), new.results.get(s)
+        kind = classify(o.outcome if o else None, n.outcome if n else None)
+        if kind:
+            diff.changes.append(Change(s, kind, o.outcome if o else None, n.outcome if n else None,
+                                       n.message if n is not None and n.outcome in BAD else ""))
+    return diff
+
+
+def compare_runs(old: dict[str, KernelRun], new: dict[str, KernelRun], old_name: str = "OLD",
+                 new_name: str = "NEW") -> Comparison:
+    """Kernel directory name -> run, for both sides."""
+    cmp = Comparison(old=old_name, new=new_name)
+    for k in list(new) + [k for k in old if k not in new]:
+        if k in old and k in new:
+            cmp.kernels.append(compare_kernel(k, old[k], new[k]))
+        elif k in new:
+            cmp.kernels.append(KernelDiff(k, only_in="NEW", tests=len(new[k].results)))
+        else:
+            cmp.kernels.append(KernelDiff(k, only_in="OLD", tests=len(old[k].results)))
+    return cmp
+
+
+# ---- reading a matrix directory ----------------------------------------------------------------------------
+def read_run(path: Path, label: str) -> KernelRun:
+    """One kernel's JUnit file; HarnessError when it cannot be read as pytest's JUnit XML."""
+    hint = (f"{path.parent.parent} should be the --out directory of `smccc-harness matrix` (each kernel's "
+            f"pytest writes <kernel>/{JUNIT}); rerun that matrix, or rebuild with `smccc-harness matrix --report-only`")
+    try:
+        root = ET.parse(path).getroot()
+    except (ET.ParseError, OSError) as e:
+        raise HarnessError(f"cannot read {path} as JUnit XML: {e}", hint) from None
+    if root.tag not in ("testsuites", "testsuite"):
+        raise HarnessError(f"{path} is XML but not JUnit (root element <{root.tag}>, expected <testsuites>)", hint)
+    return read_junit(path, label)
+
+
+def read_matrix_dir(d: Path, side: str = "") -> dict[str, KernelRun]:
+    """``d/<kernel>/junit.xml`` for every kernel directory: kernel directory name -> run."""
+    d = Path(d)
+    what = f"{side} " if side else ""
+    if not d.is_dir():
+        raise HarnessError(f"{what}{d} is not a directory",
+                           "pass the --out directory of an earlier `smccc-harness matrix` run")
+    junits = sorted(p for p in d.glob(f"*/{JUNIT}"))
+    if not junits:
+        raise HarnessError(f"{what}{d} is not a matrix output directory: no <kernel>/{JUNIT} in it",
+                           f"pass the --out directory of `smccc-harness matrix` (it holds one directory per kernel "
+                           f"with a {JUNIT}, next to report.html)")
+    return {p.parent.name: read_run(p, p.parent.name) for p in junits}
+
+
+def compare_dirs(old: Path, new: Path) -> Comparison:
+    return compare_runs(read_matrix_dir(old, "OLD"), read_matrix_dir(new, "NEW"), str(old), str(new))
+
+
+# ---- showing it ------------------------------------------------------------------------------------------
+def _sym(outcome: str | None) -> str:
+    return SYMBOL.get(outcome, outcome or "-")
+
+
+def _line(c: Change) -> str:
+    if c.kind == "new":
+        what = _sym(c.new)
+    elif c.kind == "gone":
+        what = f"was {_sym(c.old)}"
+    else:
+        what = f"{_sym(c.old)} -> {_sym(c.new)}"
+    msg = c.message.strip().splitlines()[0][:160] if c.message.strip() else ""
+    return f"{c.scenario}  {what}" + (f": {msg}" if msg else "")
+
+
+def summary_line(cmp: Comparison) -> str:
+    n = cmp.counts()
+    counts = ", ".join(f"{n[k]} {k}" for k in KINDS)
+    verdict = f"{len(cmp.regressions)} regressed" if cmp.regressions else "nothing regressed"
+    return f"{verdict} ({counts})"
+
+
+def format_comparison(cmp: Comparison) -> str:
+    """The terminal view: per kernel, each kind with its tests; last line the verdict."""
+    out = [f"regressions: {cmp.old} -> {cmp.new}"]
+    for k in cmp.kernels:
+        if k.only_in:
+            out.append(f"kernel {k.kernel}: only in {k.only_in} ({k.tests} tests), not compared")
+            continue
+        if not k.changes:
+            out.append(f"kernel {k.kernel}: no changes ({k.tests} tests)")
+            continue
+        out.append(f"kernel {k.kernel}:")
+        for kind in KINDS:
+            cs = k.of_kind(kind)
+            if cs:
+                out.append(f"  {kind} ({len(cs)}):")
+                out += [f"    {_line(c)}" + ("  [REGRESSION]" if kind == "new" and c.regressed else "") for c in cs]
+    out.append(summary_line(cmp))
+    return "\n".join(out)
+
+
+def render_html(cmp: Comparison) -> str:
+    """The same view as an HTML section, ``<section id="regressions">``, for report.html."""
+    e = html.escape
+    head = (f'<section id="regressions"><h2>Regressions</h2><p>against <code>{e(cmp.old)}</code>: '
+            f"<b>{e(summary_line(cmp))}</b></p>")
+    parts = [head]
+    for k in cmp.kernels:
+        if k.only_in:
+            parts.append(f"<p>{e(k.kernel)}: only in {k.only_in} ({k.tests} tests), not compared</p>")
+            continue
+        if not k.changes:
+            parts.append(f"<p>{e(k.kernel)}: no changes ({k.tests} tests)</p>")
+            continue
+        parts.append(f'<h3>{e(k.kernel)}</h3><table class="regressions"><tr><th>change</th><th>scenario</th>'
+                     "<th>before</th><th>now</th></tr>")
+        for kind in KINDS:
+            for c in k.of_kind(kind):
+                tip = f' title="{e(c.message[:500])}"' if c.message else ""
+                parts.append(f'<tr data-kind="{e(kind)}"><td>{e(kind)}</td><td class=s>{e(c.scenario)}</td>'
+                             f"<td class={c.old or 'none'}>{_sym(c.old)}</td>"
+                             f"<td class={c.new or 'none'}{tip}>{_sym(c.new)}</td></tr>")
+        parts.append("</table>")
+    return "".join(parts) + "</section>"
+
+
+# ---- smccc-harness compare ---------------------------------------------------------------------------------
+def main(args) -> int:
+    cmp = compare_dirs(Path(args.old), Path(args.new))
+    print(format_comparison(cmp))
+    return cmp.exit_code()
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("compare", help="regressions between two matrix output directories (exit 1 if any)")
+    p.add_argument("old", help="the earlier matrix's --out directory (e.g. last night's)")
+    p.add_argument("new", help="the later matrix's --out directory")
+    p.set_defaults(func=main)
