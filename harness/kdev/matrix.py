@@ -148,6 +148,9 @@ def main(args) -> int:
     if cmp is not None:
         print(regressions.format_comparison(cmp))
     say(f"report: {out / 'report.html'} (text: {out / 'report.txt'})")
+    if args.kcidb:     # KCIDB JSON from the same JUnit files (harness/kdev/kcidb.py); bad input: exit 2
+        from . import kcidb
+        say(kcidb.write_kcidb([(r.junit, r.label) for r in runs if r.junit is not None], Path(args.kcidb)))
     status = exit_status(runs)
     return status if cmp is None or status == 2 else cmp.exit_code()
 
@@ -162,6 +165,8 @@ def add_cli(sub) -> None:
     p.add_argument("-k", default=None, help="pytest -k expression")
     p.add_argument("-n", "--workers", type=int, default=1, help="pytest-xdist workers per kernel (each boots its VM)")
     p.add_argument("--accel", default=os.environ.get("SMCCC_ACCEL", "auto"), choices=("auto", "tcg", "kvm"))
+    p.add_argument("--kcidb", metavar="FILE", default=None,
+                   help="also write the results as KernelCI KCIDB JSON (from the JUnit files; harness/kdev/kcidb.py)")
     p.add_argument("--brief", action="store_true",
                    help="terminal table: only scenarios that did not pass everywhere (report.txt/html stay complete)")
     p.add_argument("--report-only", metavar="DIR", default=None,

@@ -50,6 +50,9 @@ def pytest_addoption(parser):
     g.addoption("--reuse-vm-idle", type=float, default=None, metavar="SECONDS",
                 help="a reused VM powers itself off after this long without a request (0: never) "
                      "[env SMCCC_REUSE_VM_IDLE, default 1800]")
+    g.addoption("--kcidb", default=None, metavar="FILE",
+                help="after the run, write its results as KernelCI KCIDB JSON, read from the JUnit file "
+                     "(--junitxml; FILE.junit.xml when not given) (harness/kdev/kcidb.py)")
 
 
 def pytest_configure(config):
@@ -78,6 +81,13 @@ def pytest_configure(config):
             resolve_accel("kvm")
         except HarnessError as e:
             raise pytest.UsageError(str(e)) from None
+    kcidb = config.getoption("--kcidb", None)
+    if kcidb and not hasattr(config, "workerinput"):     # the controller (or the only process) writes it
+        from .summary import KcidbReport
+        if not config.option.xmlpath:
+            config.option.xmlpath = str(Path(kcidb).resolve()) + ".junit.xml"
+        config.pluginmanager.register(KcidbReport(Path(kcidb), Path(config.option.xmlpath), config.option.kernel),
+                                      "smccc-harness-kcidb")
     _install_sigterm_handler()
 
 

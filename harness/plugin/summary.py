@@ -51,6 +51,27 @@ def pytest_sessionfinish(session):
         xml.add_global_property(name, value)
 
 
+class KcidbReport:
+    """``--kcidb FILE``: once pytest has written the JUnit file (its own session-finish hook), the same results
+    as KCIDB JSON (harness/kdev/kcidb.py); a JUnit file it cannot read fails the session (exit 3)."""
+
+    def __init__(self, path: Path, junit: Path, kernel: str) -> None:
+        self.path, self.junit, self.kernel, self.line = path, junit, kernel, ""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session):
+        from ..kdev import kcidb
+        try:
+            self.line = kcidb.write_kcidb([(self.junit, self.kernel)], self.path)
+        except HarnessError as e:
+            self.line = f"error: {e}"
+            session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
+
+    def pytest_terminal_summary(self, terminalreporter):
+        if self.line:
+            terminalreporter.write_line(self.line, red=self.line.startswith("error"))
+
+
 def _is_xdist_controller(config) -> bool:
     return bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
 
