@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import paths
+from ..errors import HarnessError
 
 SYMBOL = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped": "SKIP", "xfailed": "XFAIL", None: "-"}
 
@@ -116,7 +117,11 @@ def scenario_name(classname: str, name: str) -> str:
 
 def read_junit(path: Path, label: str) -> KernelRun:
     run = KernelRun(label=label, junit=Path(path))
-    root = ET.parse(path).getroot()
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as e:      # a pytest killed while writing it, or not XML at all
+        raise HarnessError(f"{path} is not readable JUnit XML ({e})",
+                           hint="re-run that kernel's matrix entry, or leave it out with --kernels") from None
     for suite in root.iter("testsuite"):
         for prop in suite.findall("properties/property"):
             run.properties[prop.get("name", "")] = prop.get("value", "")

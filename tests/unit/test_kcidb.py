@@ -226,3 +226,16 @@ def test_pytest_kcidb_option_writes_kcidb_after_the_junit_file(tmp_path):
         "smccc.test_k.test_skip": "SKIP", "smccc.test_k.test_xf": "FAIL"}
     assert doc["checkouts"][0]["misc"]["kernel_label"] == "7.3"
     assert [i["issue_id"] for i in doc["incidents"]] == ["smccc_harness:known_bad:hcd_undef_elr_after_hvc"]
+
+
+def test_matrix_report_only_on_truncated_junit_exits_2_with_a_hint(tmp_path):
+    """A junit.xml cut short (pytest killed while writing it) is bad input, not a traceback."""
+    import subprocess
+    import sys
+    d = tmp_path / "mx" / "default"
+    d.mkdir(parents=True)
+    (d / "junit.xml").write_text('<?xml version="1.0"?><testsuites><testsuite name="pytest"><testcase')
+    r = subprocess.run([sys.executable, "-m", "harness.cli", "matrix", "--kernels", "default", "--report-only",
+                        str(tmp_path / "mx")], capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "is not readable JUnit XML" in r.stderr and "hint:" in r.stderr and "Traceback" not in r.stderr
