@@ -12,7 +12,8 @@ kernel table.  Exit code:
 0 when every kernel ran and nothing failed, 1 when a test failed or errored, 2 when a kernel's run broke
 (pytest usage/internal error or no JUnit file).  With ``--baseline PREV_DIR`` (an earlier matrix's OUT) it also
 prints and reports the regressions against it (harness/kdev/regressions.py), and the exit code is theirs: 0 nothing
-regressed, 1 a regression, 2 a kernel's run broke or the baseline is not a matrix output.
+regressed, 1 a regression, 2 a kernel's run broke or the baseline is not a matrix output.  Failures that
+images/known-issues.toml lists (``--known-issues FILE``; harness/kdev/known_issues.py) are known, not regressions.
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ def main(args) -> int:
 
     # the baseline is read first: a bad one fails before the runs (exit 2, with a hint)
     baseline = regressions.read_matrix_dir(Path(args.baseline), "--baseline") if args.baseline else None
+    known = regressions.known_issues_for_cli(args.known_issues) if args.baseline else None   # so is a bad file
     if args.report_only:
         out = Path(args.report_only).resolve()
         runs = [read_junit(out / label_dir(k) / "junit.xml", k) for k in args.kernels
@@ -141,7 +143,7 @@ def main(args) -> int:
     cmp = None
     if baseline is not None:
         cmp = regressions.compare_runs(baseline, {label_dir(r.label): r for r in runs if r.junit is not None},
-                                       str(Path(args.baseline).resolve()), str(out))
+                                       str(Path(args.baseline).resolve()), str(out), known)
     # links relative to out (logs from elsewhere copied under out/logs)
     write_html(runs, out, regressions=regressions.render_html(cmp) if cmp is not None else "")
     print(format_matrix(runs, brief=True) if args.brief else table)
@@ -171,6 +173,7 @@ def add_cli(sub) -> None:
                    help="terminal table: only scenarios that did not pass everywhere (report.txt/html stay complete)")
     p.add_argument("--report-only", metavar="DIR", default=None,
                    help="no runs: rebuild the table and report.html from DIR/*/junit.xml of an earlier matrix")
+    regressions.add_known_issues_option(p)      # with --baseline
     p.add_argument("--baseline", metavar="PREV_DIR", default=None,
                    help="an earlier matrix's --out directory: print and report what newly fails, was fixed, is new "
                         "or gone; the exit code then says whether anything regressed (see `compare`)")

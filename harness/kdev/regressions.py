@@ -11,13 +11,17 @@ each test that differs falls in one kind (``KINDS``):
 * ``gone`` — only in OLD;
 * ``changed`` — any other change of outcome: skip <-> pass, pass <-> xfail, failed <-> error, failed -> skipped.
 
+Known issues (images/known-issues.toml, harness/kdev/known_issues.py): a failure the file lists for that kernel is
+shown as known and is no regression; a listed test that passes is reported ("known issue no longer fails: remove
+the entry"); an expired entry fails the comparison (exit 1) naming it.
+
 Exit codes (``EXIT``; README has the same table):
 
 | outcome | exit |
 |---|---|
 | nothing regressed | 0 |
-| a regression: a test newly fails, or a new test fails | 1 |
-| bad input: not a matrix output directory (no `<kernel>/junit.xml`), or a JUnit file that is not JUnit XML | 2 |
+| a regression: a test newly fails, or a new test fails (not a listed known issue); or a known issue expired | 1 |
+| bad input: not a matrix output directory (no `<kernel>/junit.xml`), a JUnit file that is not JUnit XML, or a bad known-issues file | 2 |
 
 ``classify()`` and ``compare_runs()`` are pure (outcomes in, a :class:`Comparison` out);
 ``read_matrix_dir()`` reads a directory; ``format_comparison()`` / ``render_html()`` show the result.
@@ -31,6 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import HarnessError
+from .known_issues import KnownIssue, KnownIssues, failed_for_real
+from .known_issues import add_option as add_known_issues_option
+from .known_issues import for_cli as known_issues_for_cli
 from .report import SYMBOL, KernelRun, read_junit
 
 EXIT = {"ok": 0, "regressed": 1, "bad_input": 2}
@@ -66,10 +73,11 @@ class Change:
     old: str | None         # outcome in OLD (None: not there)
     new: str | None         # outcome in NEW
     message: str = ""       # NEW's failure message, if any
+    known: KnownIssue | None = None     # the known-issues entry that lists this failure
 
     @property
     def regressed(self) -> bool:
-        return self.kind == "newly failing" or (self.kind == "new" and self.new in BAD)
+        return self.known is None and (self.kind == "newly failing" or (self.kind == "new" and self.new in BAD))
 
 
 @dataclass
@@ -78,6 +86,8 @@ class KernelDiff:
     changes: list[Change] = field(default_factory=list)
     only_in: str = ""       # "OLD" / "NEW": the kernel is on one side only (then changes is empty)
     tests: int = 0          # tests on the side(s) that has it
+    known: list[tuple[str, str, KnownIssue]] = field(default_factory=list)   # (scenario, NEW outcome, entry)
+    stale: list[tuple[str, str, KnownIssue]] = field(default_factory=list)   # listed, but passes now
 
     def of_kind(self, kind: str) -> list[Change]:
         return [c for c in self.changes if c.kind == kind]
@@ -88,6 +98,7 @@ class Comparison:
     kernels: list[KernelDiff] = field(default_factory=list)
     old: str = ""           # where the sides came from, for the header
     new: str = ""
+    expired: list[KnownIssue] = field(default_factory=list)
 
     @property
     def regressions(self) -> list[tuple[str, Change]]:
@@ -97,10 +108,26 @@ class Comparison:
         return {kind: sum(len(k.of_kind(kind)) for k in self.kernels) for kind in KINDS}
 
     def exit_code(self) -> int:
-        return EXIT["regressed"] if self.regressions else EXIT["ok"]
+        return EXIT["regressed"] if self.regressions or self.expired else EXIT["ok"]
 
 
-def compare_kernel(kernel: str, old: KernelRun, new: KernelRun) -> KernelDiff:
+def apply_known(diff: KernelDiff, new: KernelRun, known: KnownIssues) -> None:
+    """Mark NEW's failures that ``known`` lists for this kernel (its ``kernel_version``, else its directory
+    name) as known; note the listed tests that pass."""
+    changes = {c.scenario: c for c in diff.changes}
+    for issue in known.for_kernel(new.properties.get("kernel_version") or diff.kernel):
+        r = new.results.get(issue.scenario)
+        if r is None or r.outcome == "skipped":
+            continue
+        if failed_for_real(r.outcome, r.message) or r.outcome == "xfailed":
+            diff.known.append((issue.scenario, r.outcome, issue))
+            if issue.scenario in changes:
+                changes[issue.scenario].known = issue
+        else:       # passed, or a strict XPASS (a failure pytest makes of a pass)
+            diff.stale.append((issue.scenario, r.outcome, issue))
+
+
+def compare_kernel(kernel: str, old: KernelRun, new: KernelRun, known: KnownIssues | None = None) -> KernelDiff:
     diff = KernelDiff(kernel, tests=len(new.results))
     names = list(old.results) + [s for s in new.results if s not in old.results]
     for s in names:
@@ -109,16 +136,22 @@ def compare_kernel(kernel: str, old: KernelRun, new: KernelRun) -> KernelDiff:
         if kind:
             diff.changes.append(Change(s, kind, o.outcome if o else None, n.outcome if n else None,
                                        n.message if n is not None and n.outcome in BAD else ""))
+    if known is not None:
+        apply_known(diff, new, known)
     return diff
 
 
 def compare_runs(old: dict[str, KernelRun], new: dict[str, KernelRun], old_name: str = "OLD",
-                 new_name: str = "NEW") -> Comparison:
-    """Kernel directory name -> run, for both sides."""
+                 new_name: str = "NEW", known: KnownIssues | None = None) -> Comparison:
+    """Kernel directory name -> run, for both sides.  ``known``: the known issues (an entry whose test the
+    runs have under other parameters only is a HarnessError)."""
     cmp = Comparison(old=old_name, new=new_name)
+    if known is not None:
+        known.check_against({s for side in (old, new) for run in side.values() for s in run.results})
+        cmp.expired = known.expired
     for k in list(new) + [k for k in old if k not in new]:
         if k in old and k in new:
-            cmp.kernels.append(compare_kernel(k, old[k], new[k]))
+            cmp.kernels.append(compare_kernel(k, old[k], new[k], known))
         elif k in new:
             cmp.kernels.append(KernelDiff(k, only_in="NEW", tests=len(new[k].results)))
         else:
@@ -155,8 +188,8 @@ def read_matrix_dir(d: Path, side: str = "") -> dict[str, KernelRun]:
     return {p.parent.name: read_run(p, p.parent.name) for p in junits}
 
 
-def compare_dirs(old: Path, new: Path) -> Comparison:
-    return compare_runs(read_matrix_dir(old, "OLD"), read_matrix_dir(new, "NEW"), str(old), str(new))
+def compare_dirs(old: Path, new: Path, known: KnownIssues | None = None) -> Comparison:
+    return compare_runs(read_matrix_dir(old, "OLD"), read_matrix_dir(new, "NEW"), str(old), str(new), known)
 
 
 # ---- showing it ------------------------------------------------------------------------------------------
@@ -172,14 +205,36 @@ def _line(c: Change) -> str:
     else:
         what = f"{_sym(c.old)} -> {_sym(c.new)}"
     msg = c.message.strip().splitlines()[0][:160] if c.message.strip() else ""
-    return f"{c.scenario}  {what}" + (f": {msg}" if msg else "")
+    return f"{c.scenario}  {what}" + (f": {msg}" if msg else "") + (f"  [known: {c.known.where}]" if c.known else "")
+
+
+STALE = "known issue no longer fails: remove the entry"
+
+
+def _known_line(scenario: str, outcome: str, e: KnownIssue) -> str:
+    return f"{scenario}  {_sym(outcome)}: {e.reason} ({e.link}; {e.where}, expires {e.expires.isoformat()})"
+
+
+def _stale_line(scenario: str, outcome: str, e: KnownIssue) -> str:
+    now = "XPASS(strict)" if outcome in BAD else _sym(outcome)
+    return f"{scenario}  {now}: {STALE}: {e.where} ({e.test}, kernel {e.kernel})"
+
+
+def _expired_line(e: KnownIssue) -> str:
+    return (f"expired known issue {e.where}: {e.test} (kernel {e.kernel}) expired on {e.expires.isoformat()}: "
+            "check whether it still fails, then renew its expires date or remove the entry")
 
 
 def summary_line(cmp: Comparison) -> str:
     n = cmp.counts()
     counts = ", ".join(f"{n[k]} {k}" for k in KINDS)
     verdict = f"{len(cmp.regressions)} regressed" if cmp.regressions else "nothing regressed"
-    return f"{verdict} ({counts})"
+    if cmp.expired:
+        verdict += f", {len(cmp.expired)} known issue(s) expired"
+    known = [(sum(len(k.known) for k in cmp.kernels), "known"),
+             (sum(len(k.stale) for k in cmp.kernels), "known no longer failing")]
+    extra = ", ".join(f"{c} {what}" for c, what in known if c)
+    return f"{verdict} ({counts})" + (f"; {extra}" if extra else "")
 
 
 def format_comparison(cmp: Comparison) -> str:
@@ -191,13 +246,20 @@ def format_comparison(cmp: Comparison) -> str:
             continue
         if not k.changes:
             out.append(f"kernel {k.kernel}: no changes ({k.tests} tests)")
-            continue
-        out.append(f"kernel {k.kernel}:")
+        else:
+            out.append(f"kernel {k.kernel}:")
         for kind in KINDS:
             cs = k.of_kind(kind)
             if cs:
                 out.append(f"  {kind} ({len(cs)}):")
                 out += [f"    {_line(c)}" + ("  [REGRESSION]" if kind == "new" and c.regressed else "") for c in cs]
+        if k.known:
+            out.append(f"  known ({len(k.known)}):")
+            out += [f"    {_known_line(*x)}" for x in k.known]
+        if k.stale:
+            out.append(f"  {STALE} ({len(k.stale)}):")
+            out += [f"    {_stale_line(*x)}" for x in k.stale]
+    out += [_expired_line(x) for x in cmp.expired]
     out.append(summary_line(cmp))
     return "\n".join(out)
 
@@ -212,7 +274,7 @@ def render_html(cmp: Comparison) -> str:
         if k.only_in:
             parts.append(f"<p>{e(k.kernel)}: only in {k.only_in} ({k.tests} tests), not compared</p>")
             continue
-        if not k.changes:
+        if not k.changes and not k.known and not k.stale:
             parts.append(f"<p>{e(k.kernel)}: no changes ({k.tests} tests)</p>")
             continue
         parts.append(f'<h3>{e(k.kernel)}</h3><table class="regressions"><tr><th>change</th><th>scenario</th>'
@@ -223,13 +285,19 @@ def render_html(cmp: Comparison) -> str:
                 parts.append(f'<tr data-kind="{e(kind)}"><td>{e(kind)}</td><td class=s>{e(c.scenario)}</td>'
                              f"<td class={c.old or 'none'}>{_sym(c.old)}</td>"
                              f"<td class={c.new or 'none'}{tip}>{_sym(c.new)}</td></tr>")
+        for kind, rows, line in (("known", k.known, _known_line), ("no longer fails", k.stale, _stale_line)):
+            for scenario, outcome, entry in rows:
+                parts.append(f'<tr data-kind="{kind}"><td>{kind}</td><td class=s>{e(scenario)}</td><td></td>'
+                             f'<td class={outcome} title="{e(line(scenario, outcome, entry))}">{_sym(outcome)}</td></tr>')
         parts.append("</table>")
+    parts += [f'<p class="expired"><b>{e(_expired_line(x))}</b></p>' for x in cmp.expired]
     return "".join(parts) + "</section>"
 
 
 # ---- smccc-harness compare ---------------------------------------------------------------------------------
 def main(args) -> int:
-    cmp = compare_dirs(Path(args.old), Path(args.new))
+    known = known_issues_for_cli(getattr(args, "known_issues", None))     # bad file: exit 2 before reading runs
+    cmp = compare_dirs(Path(args.old), Path(args.new), known)
     print(format_comparison(cmp))
     return cmp.exit_code()
 
@@ -238,4 +306,5 @@ def add_cli(sub) -> None:
     p = sub.add_parser("compare", help="regressions between two matrix output directories (exit 1 if any)")
     p.add_argument("old", help="the earlier matrix's --out directory (e.g. last night's)")
     p.add_argument("new", help="the later matrix's --out directory")
+    add_known_issues_option(p)
     p.set_defaults(func=main)
