@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 from .. import paths
-from . import regressions
+from ..errors import HarnessError
+from . import regressions, shards
 from .report import KernelRun, format_matrix, read_junit, write_html
 
 DEFAULT_KERNELS = ("6.12", "7.2", "default")
@@ -131,13 +132,27 @@ def main(args) -> int:
     # the baseline is read first: a bad one fails before the runs (exit 2, with a hint)
     baseline = regressions.read_matrix_dir(Path(args.baseline), "--baseline") if args.baseline else None
     known = regressions.known_issues_for_cli(args.known_issues) if args.baseline else None   # so is a bad file
-    if args.report_only:
+    if args.shard and (args.merge or args.report_only):
+        raise HarnessError("--shard runs one slice of the matrix; --merge and --report-only run nothing",
+                           "run each CI job with --shard i/N, then one job with --merge DIR... --out OUT")
+    broken = False
+    if args.merge:     # the --out directories of the N `--shard i/N` jobs -> one matrix directory (shards.py)
+        manifests, junits = shards.merge([Path(d) for d in args.merge], out, label_dir)
+        runs = [read_junit(j, label) for label, j in junits]
+        broken = any(m.get("status") == 2 for m in manifests)
+        say(f"merged {len(manifests)} shards ({manifests[0]['unit']}s; harness {manifests[0]['harness_commit']})")
+    elif args.report_only:
         out = Path(args.report_only).resolve()
         runs = [read_junit(out / label_dir(k) / "junit.xml", k) for k in args.kernels
                 if (out / label_dir(k) / "junit.xml").is_file()]
     else:
-        runs = run_matrix(list(args.kernels), out, markers=args.markers, k=args.k, workers=args.workers,
-                          accel=args.accel, extra=list(args.pytest_args), progress=say)
+        kernels = shards.plan(list(args.kernels), args.shard) if args.shard else list(args.kernels)
+        extra = shards.extra_args(args.shard, list(args.kernels)) if args.shard else []
+        runs = run_matrix(kernels, out, markers=args.markers, k=args.k, workers=args.workers,
+                          accel=args.accel, extra=extra + list(args.pytest_args), progress=say)
+        if args.shard:   # OUT/shard.json: which slice, which harness commit (harness/kdev/shards.py)
+            sel = shards.selection(args.markers, args.k, list(args.pytest_args))
+            say(f"shard {args.shard}: {shards.write_manifest(out, args.shard, list(args.kernels), sel, exit_status(runs))}")
     table = format_matrix(runs)
     (out / "report.txt").write_text(table + "\n")
     cmp = None
@@ -153,7 +168,7 @@ def main(args) -> int:
     if args.kcidb:     # KCIDB JSON from the same JUnit files (harness/kdev/kcidb.py); bad input: exit 2
         from . import kcidb
         say(kcidb.write_kcidb([(r.junit, r.label) for r in runs if r.junit is not None], Path(args.kcidb)))
-    status = exit_status(runs)
+    status = 2 if broken else exit_status(runs)
     return status if cmp is None or status == 2 else cmp.exit_code()
 
 
@@ -177,6 +192,12 @@ def add_cli(sub) -> None:
     p.add_argument("--baseline", metavar="PREV_DIR", default=None,
                    help="an earlier matrix's --out directory: print and report what newly fails, was fixed, is new "
                         "or gone; the exit code then says whether anything regressed (see `compare`)")
+    p.add_argument("--shard", metavar="i/N", type=shards.shard_arg, default=None,
+                   help="run slice i of N (one CI job of N): whole kernels when there are >= N, else the tests "
+                        "whose node id hashes to i; writes OUT/shard.json (harness/kdev/shards.py)")
+    p.add_argument("--merge", metavar="DIR", nargs="+", default=None,
+                   help="no runs: join the --out directories of all N --shard jobs into --out (one report, "
+                        "--kcidb file and --baseline view)")
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     p.set_defaults(func=main)
     regressions.add_cli(sub)     # smccc-harness compare OLD NEW
