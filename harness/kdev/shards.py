@@ -38,6 +38,7 @@ import argparse
 import copy
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -145,7 +146,7 @@ def _modifyitems(config, items):
     if record:     # under xdist every worker writes the same content: write whole files only
         p = Path(record)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.{id(config)}.tmp")
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"shard": str(shard), "selected": [it.nodeid for it in keep],
                                    "all": everything}, indent=1) + "\n")
         tmp.replace(p)
@@ -193,11 +194,15 @@ def read_manifest(d: Path) -> dict:
         raise HarnessError(f"{d} is not a shard directory: no {MANIFEST} in it", MERGE_HINT)
     try:
         doc = json.loads(p.read_text())
-        Shard(int(doc["index"]), int(doc["total"]))
-        for key in ("harness_commit", "kernels", "selection", "shard", "unit"):
-            doc[key]
-    except (ValueError, KeyError, TypeError) as e:
-        raise HarnessError(f"{p} is not a shard manifest ({e!r})", MERGE_HINT) from None
+    except ValueError as e:
+        raise HarnessError(f"{p} is not JSON ({e})", MERGE_HINT) from None
+    need = ("shard", "index", "total", "harness_commit", "unit", "kernels", "selection")
+    missing = [k for k in need if k not in doc] if isinstance(doc, dict) else list(need)
+    if missing:
+        raise HarnessError(f"{p} is not a shard manifest: no {', '.join(missing)}", MERGE_HINT)
+    if parse_shard(f"{doc['index']}/{doc['total']}") != parse_shard(str(doc["shard"])):
+        raise HarnessError(f"{p} is not a shard manifest: shard {doc['shard']} but index/total "
+                           f"{doc['index']}/{doc['total']}", MERGE_HINT)
     doc["dir"] = Path(d)
     return doc
 

@@ -374,3 +374,16 @@ def test_gitlab_example_fans_out_with_parallel_and_keeps_the_shards_for_the_merg
     assert shard["cache"]["paths"] == [".cache/smccc-harness/"]
     assert shard["artifacts"]["when"] == "always" and shard["artifacts"]["paths"] == ["shard-$CI_NODE_INDEX/"]
     assert merge["needs"] == ["matrix-shard"] and merge["artifacts"]["paths"] == ["merged/"]
+
+
+MISMATCHED = json.dumps({"shard": "1/2", "index": 2, "total": 2, "harness_commit": "x", "unit": "test", "kernels": [],
+                         "selection": {}})
+
+
+@pytest.mark.parametrize("manifest, says", [("{", "is not JSON"), ('{"shard": "1/2"}', "no index, total"),
+                                            (MISMATCHED, "but index/total 2/2")])
+def test_a_broken_manifest_is_bad_input_naming_the_file(tmp_path, manifest, says):
+    (tmp_path / S.MANIFEST).write_text(manifest)
+    with pytest.raises(HarnessError, match=re.escape(says)) as e:
+        S.read_manifest(tmp_path)
+    assert str(tmp_path / S.MANIFEST) in str(e.value)
