@@ -7,6 +7,7 @@ Each test runs the real command in a subprocess (its own pytest, its own QEMU) o
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -72,6 +73,39 @@ def test_matrix_writes_junit_with_properties_and_a_report(default_image, short_t
     assert re.fullmatch(r"\d+\.\d+\.\d+", props["qemu_version"]) and len(props["kernel_sha256"]) == 64
     html = (tmp_path / "report.html").read_text()
     assert html.count("<td class=passed") == 2
+
+
+def test_matrix_in_two_shards_merges_to_what_one_unsharded_run_gives(default_image, short_tmp):
+    """One kernel, fewer kernels than shards: each shard runs the tests whose node id hashes to it (the two
+    conduits' test split 1 and 1), and the merge has the unsharded run's outcomes, KCIDB tests and table."""
+    from harness.kdev import shards
+    sel = ("--kernels", default_image, "-k", "test_hypercall_flags_name_the_conduit")
+    whole, merged = short_tmp / "w", short_tmp / "m"
+    r = _cli("matrix", *sel, "--out", str(whole), "--kcidb", str(whole / "k.json"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    for i in (1, 2):
+        r = _cli("matrix", *sel, "--shard", f"{i}/2", "--out", str(short_tmp / f"s{i}"))
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+        ran = [tc.get("name") for tc in ET.parse(next((short_tmp / f"s{i}").glob("*/junit.xml"))).iter("testcase")]
+        assert ran == [["test_hypercall_flags_name_the_conduit[hvc-0]"],
+                       ["test_hypercall_flags_name_the_conduit[smc-1]"]][i - 1], ran
+        man = json.loads((short_tmp / f"s{i}" / shards.MANIFEST).read_text())
+        assert (man["shard"], man["unit"], man["harness_commit"]) == (f"{i}/2", "test", shards.git_commit())
+    r = _cli("matrix", "--merge", str(short_tmp / "s1"), str(short_tmp / "s2"), "--out", str(merged),
+             "--kcidb", str(merged / "k.json"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+
+    def rows(d: Path) -> list[list[str]]:
+        return [line.split() for line in (d / "report.txt").read_text().splitlines()
+                if line.startswith(("test_forwarding_el1::", "total"))]
+
+    def kcidb_tests(d: Path) -> dict[str, str]:
+        return {t["path"]: t["status"] for t in json.loads((d / "k.json").read_text())["tests"]}
+
+    assert rows(merged) == rows(whole) and [row[-1] for row in rows(merged)[:2]] == ["PASS", "PASS"]
+    assert rows(merged)[2] == ["total", "2P", "0F", "0E", "0S", "0X"]
+    assert kcidb_tests(merged) == kcidb_tests(whole) and len(kcidb_tests(merged)) == 2
+    assert (merged / "report.html").read_text().count("<td class=passed") == 2
 
 
 def test_parallel_workers_each_boot_their_own_guest(default_image, tmp_path):
