@@ -30,9 +30,9 @@ class KnownBad:
 
 KNOWN_BAD: dict[str, KnownBad] = {
     "hcd_undef_elr_after_hvc": KnownBad(
-        series=((7, 3),),
+        series=((7, 2), (7, 3)),
         what="handle_hvc() injects the HCD UNDEF after the HVC trap advanced the PC: ELR_EL2 = HVC + 4",
-        evidence="measured on 7.3.4; docs/nested-routing.md"),
+        evidence="measured on 7.2.13 and 7.3.4; docs/nested-routing.md"),
 }
 
 

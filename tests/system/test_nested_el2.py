@@ -18,6 +18,7 @@ from harness.guest import kvm, psci
 from harness.images import payloads as pl
 from harness.images.payloads import get_payload
 from harness.model import payload_abi as abi
+from harness.model.capabilities import release_version
 from harness.model.known_bad import KNOWN_BAD
 from harness.model.scenarios import PSCI_BASE32, PSCI_BASE64, PSCI_FWD, PSCI_NR, deny, handle, scenario
 
@@ -28,6 +29,9 @@ HANDLER_MARK = 0x5EED_0001            # what the Python handler answers to PSCI_
 PSCI_VERSION = psci.PSCI_VERSION
 CTX = 0xC0FFEE
 HCR_HCD = 1 << 29                     # HCR_EL2.HCD (firmware/common.inc)
+# Kernel series whose KVM re-masks vEL2's HCR_EL2 at every exit, so that a RES0 HCD written at vEL2 reads set until
+# the next exit and 0 after it (measured on 7.3.4; 7.2.13 keeps the written value): docs/nested-routing.md, surprise 5
+HCR_REMASKED_AT_EXIT = ((7, 3),)
 HCR_E2H = 1 << 34
 ID_AA64PFR0_EL3 = 0xF << 12          # ID_AA64PFR0_EL1.EL3, bits [15:12]
 MODE_MASK, MODE_EL1H, MODE_EL2H = 0xF, 0x5, 0x9
@@ -228,13 +232,19 @@ def test_hcd_is_res0_at_vel2_while_kvm_advertises_el3(guest, nested, e2h0):
     r = ok(nested.get(guest, "vectors_hcd", e2h0))
     v = abi.decode_el2_vectors(block(r))
     assert [(t["vector"], t["ec"]) for t in v["traps"]] == [(VEC_CUR_SPX, pl.EC_HVC64)], r.describe()
-    # After an exit KVM has rewritten vEL2's HCR_EL2 with its RES0 masks (HCD is RES0 with EL3 advertised:
-    # arch/arm64/kvm/config.c NEEDS_FEAT(HCR_EL2_HCD, not_feat_aa64el3); rewritten at every exit from vEL2 in
-    # arch/arm64/kvm/hyp/vhe/switch.c fixup_nv_guest_exit).  The read-back right after the write (v["hcr_el2"]) shows HCD set when
-    # no exit fell between the MSR and the MRS and clear when one did (a host tick under TCG): see
-    # docs/nested-routing.md "HCR_EL2.HCD read-back".
-    assert not v["hcr_el2_after_exit"] & HCR_HCD, f"HCR_EL2 after an exit = {v['hcr_el2_after_exit']:#x}\n{r.describe()}"
     assert r.reports[7] == v["hcr_el2"], r.describe()
+    first, after = v["hcr_el2"] & HCR_HCD, v["hcr_el2_after_exit"] & HCR_HCD
+    if release_version(guest.caps["uname"])[:2] in HCR_REMASKED_AT_EXIT:
+        # KVM rewrites vEL2's HCR_EL2 with its RES0 masks at every exit (arch/arm64/kvm/hyp/vhe/switch.c
+        # fixup_nv_guest_exit; HCD is RES0 with EL3 advertised: config.c NEEDS_FEAT(HCR_EL2_HCD, not_feat_aa64el3)):
+        # HCD reads 0 after an exit.  The read right after the write shows it set unless an exit fell between
+        # the MSR and the MRS (a host tick under TCG), so it is not asserted: docs/nested-routing.md, surprise 5.
+        assert not after, f"HCR_EL2 after an exit = {v['hcr_el2_after_exit']:#x}\n{r.describe()}"
+    else:
+        # a RES0 bit reads the same before and after an exit (7.2.13 keeps the written value both times)
+        assert first == after, (f"HCR_EL2 {v['hcr_el2']:#x}, then {v['hcr_el2_after_exit']:#x} after an exit: HCD changed "
+                                f"under the guest, as on the series in HCR_REMASKED_AT_EXIT (docs/nested-routing.md, "
+                                f"surprise 5); add this series there if that is this kernel's behaviour\n{r.describe()}")
     assert r.reports[0] == pl.HVC_MARKER, r.describe()
 
 

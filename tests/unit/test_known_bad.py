@@ -12,8 +12,8 @@ def test_zero_zero_errno_per_version(uname, want):
     assert zero_zero_errno(uname) == want
 
 
-@pytest.mark.parametrize("uname,applies", [("7.3.4+deb13-cloud-arm64", True), ("7.2.13+deb14-cloud-arm64", False),
-                                           ("7.4.0", False), (None, False)])
+@pytest.mark.parametrize("uname,applies", [("7.3.4+deb13-cloud-arm64", True), ("7.2.13+deb14-cloud-arm64", True),
+                                           ("7.1.0", False), ("7.4.0", False), (None, False)])
 def test_hcd_xfail_applies_only_to_the_measured_series(uname, applies):
     bad = KNOWN_BAD["hcd_undef_elr_after_hvc"]
     assert bad.applies(uname) is applies
