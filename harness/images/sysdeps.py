@@ -250,10 +250,6 @@ KBUILD_REQUIREMENTS = (
 )
 
 
-def missing_kbuild_requirements() -> list[Requirement]:
-    return [r for r in KBUILD_REQUIREMENTS if not _present(r.probe)]
-
-
 def ensure_packages(requirements, what: str, progress=print) -> list[str]:
     """Install the packages of ``requirements`` whose probe is missing; no network when none is.
 

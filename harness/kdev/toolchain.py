@@ -58,8 +58,13 @@ def llvm_packages(llvm: str) -> list[str]:
     """Debian packages that provide LLVM=<llvm>'s tools ([] for a path prefix: not Debian's to install)."""
     if llvm.endswith("/"):
         return []
-    suffix = llvm if llvm.startswith("-") else ""
-    return [f"clang{suffix}", f"lld{suffix}", f"llvm{suffix}"]
+    from ..images import sysdeps
+    return [r.package for r in sysdeps.llvm_requirements(_suffix(llvm))]
+
+
+def _suffix(llvm: str) -> str:
+    """LLVM=-19 -> "-19" (Debian's versioned package and command names); LLVM=1 -> ""."""
+    return llvm if llvm.startswith("-") else ""
 
 
 def which(cmd: str) -> str | None:
@@ -146,9 +151,7 @@ def resolve_toolchain(*, llvm: str | None = None, cross_compile: str | None = No
         tools = {t: llvm_tool(llvm, t) for t in ("clang", "ld.lld", "llvm-ar", "llvm-objcopy", "llvm-nm")}
         missing = [cmd for cmd in tools.values() if not which(cmd)]
         if missing and install_llvm and llvm_packages(llvm):
-            sysdeps.ensure_packages([sysdeps.Requirement(p, t) for p, t in
-                                     zip(llvm_packages(llvm), (tools["clang"], tools["ld.lld"], tools["llvm-ar"]))],
-                                    f"LLVM={llvm} toolchain", progress)
+            sysdeps.ensure_llvm_packages(_suffix(llvm), progress)
             missing = [cmd for cmd in tools.values() if not which(cmd)]
         if missing:
             pkgs = llvm_packages(llvm)

@@ -65,14 +65,19 @@ class GuestAssets:
     initrd: Path
 
 
-def guest_assets(opts: GuestOptions, progress=print) -> GuestAssets:
-    """Check QEMU, resolve the kernel, build the initramfs (cached): what a guest of ``opts`` boots."""
+def guest_assets(opts: GuestOptions, progress=print, step=None) -> GuestAssets:
+    """Check QEMU, resolve the kernel, build the initramfs (cached): what a guest of ``opts`` boots.
+
+    ``step(what, fn)`` runs each of the three steps ("kernel", "rootfs packages", "initramfs"); the pytest
+    pool passes one that reports how long a slow step took."""
     from ..images import assets, initramfs
     from ..images.kernel import resolve_kernel
     from ..images.sysdeps import check_qemu
+    step = step or (lambda what, fn: fn())
     check_qemu(opts.qemu_bin)          # missing or too old: one clear error before anything else
-    kernel = resolve_kernel(opts.kernel, progress=progress)
-    initrd = initramfs.build_initramfs(assets.ensure_rootfs(progress=progress), progress=progress)
+    kernel = step("kernel", lambda: resolve_kernel(opts.kernel, progress=progress))
+    rootfs = step("rootfs packages", lambda: assets.ensure_rootfs(progress=progress))
+    initrd = step("initramfs", lambda: initramfs.build_initramfs(rootfs, progress=progress))
     return GuestAssets(kernel=kernel, initrd=initrd)
 
 

@@ -85,8 +85,7 @@ class GuestPool:
         self.session = None
         self.boot_error: BaseException | None = None
         self.sessions: list = []
-        self.assets: dict | None = None
-        self.guest_assets = None
+        self.guest_assets = None     # harness/machine/guests.py GuestAssets, once resolved
 
     def say(self, msg: str) -> None:
         """A progress line on the terminal, past pytest's capture (a first run fetches, builds and boots for
@@ -103,18 +102,16 @@ class GuestPool:
             self.say(f"{what}: {dt:.1f} s")
         return out
 
+    @property
+    def assets(self) -> dict | None:
+        """{"kernel", "initrd"} of this run's guests once known (JUnit properties, the panic symbolizer)."""
+        g = self.guest_assets
+        return None if g is None else {"kernel": g.kernel, "initrd": g.initrd}
+
     def resolve_assets(self) -> dict:
-        if self.assets is None:
-            from ..images import assets, initramfs
-            from ..images.kernel import resolve_kernel
-            from ..images.sysdeps import check_qemu
-            from ..machine.guests import GuestAssets
-            check_qemu(self.options.qemu_bin)     # missing / too old: one clear error
-            kernel = self._step("kernel", lambda: resolve_kernel(self.options.kernel, progress=self.say))
-            rootfs = self._step("rootfs packages", lambda: assets.ensure_rootfs(progress=self.say))
-            initrd = self._step("initramfs", lambda: initramfs.build_initramfs(rootfs, progress=self.say))
-            self.assets = {"kernel": kernel, "initrd": initrd}
-            self.guest_assets = GuestAssets(kernel=kernel, initrd=initrd)
+        if self.guest_assets is None:
+            from ..machine.guests import guest_assets
+            self.guest_assets = guest_assets(self.options, progress=self.say, step=self._step)
         return self.assets
 
     def _new_session(self, **over):
@@ -194,7 +191,8 @@ class GuestPool:
             self.boot_error = e
             raise
         self.sessions.append(self.session)
-        self.assets = {"kernel": kernel, "initrd": self.session.config.initrd}
+        from ..machine.guests import GuestAssets
+        self.guest_assets = GuestAssets(kernel=kernel, initrd=self.session.config.initrd)
         return self.session
 
     def fresh(self):
