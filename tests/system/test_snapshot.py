@@ -33,14 +33,29 @@ def _require_snapshots(config):
         pytest.skip("snapshots are disabled (--no-snapshot or SMCCC_NO_SNAPSHOT=1)")
 
 
+DEAD_TIMER_TRIES = 5    # QEMU 10.0 restores most new snapshots with a dead EL2 timer (bench/README.md)
+
+
 def _restored(pool):
-    s = pool.spawn(snapshots=True)
-    if s.timings.get("snapshot_created"):   # a cache miss: this guest was cold-booted and saved; restore the next
-        s.close()
+    """A guest restored from a snapshot.  A snapshot whose restored timer is dead (the QEMU EL2-timer migration
+    gap: harness/machine/snapshot.py discards it and the guest boots cold) is replaced by a new one, up to
+    DEAD_TIMER_TRIES times; all dead is an xfail naming the QEMU bug.  Any other fallback fails."""
+    dead = []
+    for _ in range(DEAD_TIMER_TRIES):
         s = pool.spawn(snapshots=True)
-    assert "snapshot_fallback" not in s.timings, f"the restore fell back to a cold boot: {s.timings}"
-    assert s.timings.get("snapshot") and s.timings.get("snapshot_created") is False, s.timings
-    return s
+        if s.timings.get("snapshot_created"):   # a cache miss: cold-booted and saved; restore the next
+            s.close()
+            s = pool.spawn(snapshots=True)
+        fallback = str(s.timings.get("snapshot_fallback", ""))
+        if "DeadTimerSnapshot" in fallback:
+            dead.append(fallback)
+            s.close()
+            continue
+        assert not fallback, f"the restore fell back to a cold boot: {s.timings}"
+        assert s.timings.get("snapshot") and s.timings.get("snapshot_created") is False, s.timings
+        return s
+    pytest.xfail(f"QEMU restored {len(dead)} new snapshots in a row with a dead EL2 timer (its vmstate does not "
+                 "carry the EL2 timers, bench/README.md); each was discarded")
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +146,9 @@ def test_pool_replaces_a_dead_guest_with_a_fresh_restore(guest_pool, request):
     assert ei.value.guest_died
     new = guest_pool.get()
     assert new is not old and new.alive()
-    assert new.timings.get("snapshot"), new.timings
+    fallback = str(new.timings.get("snapshot_fallback", ""))
+    # a restore, or (the QEMU EL2-timer gap) a dead-timer snapshot discarded and a cold boot in its place
+    assert new.timings.get("snapshot") or "DeadTimerSnapshot" in fallback, new.timings
     assert new.request("ping")["pong"] is True
 
 
