@@ -27,7 +27,8 @@ config flavour in the cache.  The whole make output goes to ``<O>/build.log``; t
 one-line counter with the file being built (``-v``: make's own lines; not a terminal: a line every 15 s).
 
 Kernel source: any tree you pass, or Debian's ``linux-source-7.3`` (``source_tree()``), fetched through the
-harness's private apt and unpacked once into the cache.
+harness's private apt and unpacked once into the cache; ``kernel source --patch FILE`` makes a patched copy of
+it, cached by the patches' hash (harness/kdev/patched.py), to build like any other tree.
 """
 
 from __future__ import annotations
@@ -213,7 +214,26 @@ def _cmd_build(args) -> int:
 
 
 def _cmd_source(args) -> int:
-    print(source_tree(progress=lambda m: print(f"[smccc-harness] {m}", flush=True)))
+    from .patched import patched_tree, patches_in
+
+    def say(msg: str) -> None:
+        print(f"[smccc-harness] {msg}", flush=True)
+    patches = [Path(p) for p in (args.patch or [])]
+    lv_files: list[Path] = []
+    for d in args.patches or []:
+        more, lvs = patches_in(Path(d))
+        patches += more
+        lv_files += lvs
+    if not patches and (args.localversion or lv_files):
+        raise HarnessError("--localversion without a patch", hint="add --patch FILE or --patches DIR")
+    tree = source_tree(progress=say)
+    if patches:
+        p = patched_tree(tree, patches, localversion=args.localversion or "", localversion_files=lv_files,
+                         progress=say)
+        say(("made" if p.made else "cached") + f": {len(p.patches)} patch(es) on {tree.name}"
+            + (f", localversion {p.localversion}" if p.localversion else "") + f" (key {p.key})")
+        tree = p.tree
+    print(tree)
     return 0
 
 
@@ -256,7 +276,16 @@ def add_cli(sub) -> None:
     b.add_argument("--no-ccache", action="store_true")
     add_toolchain_args(b)
     b.set_defaults(func=_cmd_build)
-    s = ks.add_parser("source", help="fetch and unpack Debian's linux-source-7.3; prints the tree's path")
+    s = ks.add_parser("source", help="fetch and unpack Debian's linux-source-7.3 (with --patch: a patched copy, "
+                                     "cached by the patches' hash); prints the tree's path")
+    s.add_argument("--patch", action="append", default=None, metavar="FILE",
+                   help="apply this patch (git format-patch or any -p1 unified diff) to a hard-linked copy; "
+                        "repeatable, applied in order (harness/kdev/patched.py)")
+    s.add_argument("--patches", action="append", default=None, metavar="DIR",
+                   help="apply DIR/*.patch in name order and copy DIR/localversion* into the tree "
+                        "(e.g. patches/linux)")
+    s.add_argument("--localversion", default=None, metavar="SUFFIX",
+                   help="kbuild localversion of the patched tree, appended to the release (e.g. --localversion=-kvm-nv-hcd-elr)")
     s.set_defaults(func=_cmd_source)
     i = ks.add_parser("info", help="check a kernel file or spec: version, sha256, vmlinux found next to it")
     i.add_argument("path")
