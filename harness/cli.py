@@ -104,6 +104,7 @@ def cmd_test(args) -> int:
         if not args.no_system:   # the upstream tier builds KVM selftests with the cross gcc: install it now
             from .images import sysdeps
             sysdeps.ensure_selftest_packages(progress=_progress)
+            sysdeps.ensure_report_packages(progress=_progress)   # Chromium: the report page test renders with it
     argv = ["tests/unit", "tests/system", "-m", args.markers] + _common_pytest_args(args)
     return _pytest(argv + list(args.pytest_args))
 

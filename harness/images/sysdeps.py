@@ -317,3 +317,14 @@ SELFTEST_REQUIREMENTS = (
 def ensure_selftest_packages(progress=print) -> list[str]:
     """Install what building the arm64 KVM selftests needs and is missing; no network when nothing is."""
     return ensure_packages(SELFTEST_REQUIREMENTS, "selftest build tools", progress)
+
+
+# ---- the report's browser (``matrix --screenshot``, the report page test; installed by `test`) ---------------
+REPORT_REQUIREMENTS = (
+    Requirement("chromium", "chromium"),   # headless: --screenshot, --dump-dom (harness/kdev/browser.py)
+)
+
+
+def ensure_report_packages(progress=print) -> list[str]:
+    """Install Debian's Chromium when missing (it renders report.html: screenshots and the page test)."""
+    return ensure_packages(REPORT_REQUIREMENTS, "report browser", progress)

@@ -14,6 +14,10 @@ kernel table.  Exit code:
 prints and reports the regressions against it (harness/kdev/regressions.py), and the exit code is theirs: 0 nothing
 regressed, 1 a regression, 2 a kernel's run broke or the baseline is not a matrix output.  Failures that
 images/known-issues.toml lists (``--known-issues FILE``; harness/kdev/known_issues.py) are known, not regressions.
+``--baseline`` may be repeated (or take several directories): they are the last nights, placed by their run time;
+the newest is compared and report.html gets each test's history over all of them and this run
+(harness/kdev/history.py).  report.html also shows per kernel the counts (known issues apart) and the slowest
+tests as duration bars; ``--screenshot PNG`` photographs it with headless Chromium (harness/kdev/browser.py).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from pathlib import Path
 
 from .. import paths
 from ..errors import HarnessError
-from . import regressions, shards
+from . import history, regressions, shards
 from .report import KernelRun, format_matrix, read_junit, write_html
 
 DEFAULT_KERNELS = ("6.12", "7.2", "default")
@@ -129,9 +133,14 @@ def main(args) -> int:
     def say(msg: str) -> None:
         print(f"[smccc-harness matrix] {msg}", flush=True)
 
-    # the baseline is read first: a bad one fails before the runs (exit 2, with a hint)
-    baseline = regressions.read_matrix_dir(Path(args.baseline), "--baseline") if args.baseline else None
-    known = regressions.known_issues_for_cli(args.known_issues) if args.baseline else None   # so is a bad file
+    # the baselines are read first: a bad one fails before the runs (exit 2, with a hint); so does a bad
+    # known-issues file (it also sorts the per-kernel counts)
+    nights = regressions.read_nights([Path(d) for d in args.baseline], "--baseline") if args.baseline else []
+    baseline = nights[-1].runs if nights else None
+    known = regressions.known_issues_for_cli(args.known_issues)
+    if args.screenshot:
+        from . import browser
+        browser.check_png_path(Path(args.screenshot))
     if args.shard and (args.merge or args.report_only):
         raise HarnessError("--shard runs one slice of the matrix; --merge and --report-only run nothing",
                            "run each CI job with --shard i/N, then one job with --merge DIR... --out OUT")
@@ -156,15 +165,25 @@ def main(args) -> int:
     table = format_matrix(runs)
     (out / "report.txt").write_text(table + "\n")
     cmp = None
+    current = {label_dir(r.label): r for r in runs if r.junit is not None}
     if baseline is not None:
-        cmp = regressions.compare_runs(baseline, {label_dir(r.label): r for r in runs if r.junit is not None},
-                                       str(Path(args.baseline).resolve()), str(out), known)
+        cmp = regressions.compare_runs(baseline, current, str(Path(nights[-1].name).resolve()), str(out), known)
+    strip = [*nights, history.night("this run", current, need_time=False)] if nights else []
     # links relative to out (logs from elsewhere copied under out/logs)
-    write_html(runs, out, regressions=regressions.render_html(cmp) if cmp is not None else "")
+    page = write_html(runs, out, regressions=regressions.render_html(cmp) if cmp is not None else "",
+                      history=history.render_html(strip, known) if strip else "",
+                      known={r.label: history.known_for(r, label_dir(r.label), known) for r in runs})
     print(format_matrix(runs, brief=True) if args.brief else table)
     if cmp is not None:
         print(regressions.format_comparison(cmp))
-    say(f"report: {out / 'report.html'} (text: {out / 'report.txt'})")
+    if len(strip) > 2:
+        print(history.format_history(strip, known))
+    say(f"report: {page} (text: {out / 'report.txt'})")
+    if args.screenshot:     # headless Chromium from Debian's packages, installed through sysdeps when missing
+        from . import browser
+        browser.ensure_chromium(progress=say)
+        png = browser.screenshot(page, Path(args.screenshot), browser.parse_size(args.screenshot_size))
+        say(f"screenshot: {png} ({png.stat().st_size // 1024} KB)")
     if args.kcidb:     # KCIDB JSON from the same JUnit files (harness/kdev/kcidb.py); bad input: exit 2
         from . import kcidb
         say(kcidb.write_kcidb([(r.junit, r.label) for r in runs if r.junit is not None], Path(args.kcidb)))
@@ -189,9 +208,16 @@ def add_cli(sub) -> None:
     p.add_argument("--report-only", metavar="DIR", default=None,
                    help="no runs: rebuild the table and report.html from DIR/*/junit.xml of an earlier matrix")
     regressions.add_known_issues_option(p)      # with --baseline
-    p.add_argument("--baseline", metavar="PREV_DIR", default=None,
+    p.add_argument("--baseline", metavar="PREV_DIR", nargs="+", action="extend", default=[],
                    help="an earlier matrix's --out directory: print and report what newly fails, was fixed, is new "
-                        "or gone; the exit code then says whether anything regressed (see `compare`)")
+                        "or gone; the exit code then says whether anything regressed (see `compare`).  Repeat it "
+                        "(or give several) for the last nights: placed by run time, the newest is compared, and "
+                        "report.html shows each test's history over them (harness/kdev/history.py)")
+    p.add_argument("--screenshot", metavar="PNG", default=None,
+                   help="also photograph report.html with headless Chromium (Debian's chromium, installed when "
+                        "missing; harness/kdev/browser.py), e.g. docs/report.png")
+    p.add_argument("--screenshot-size", metavar="WxH", default="1280x1600",
+                   help="the browser window of --screenshot (default 1280x1600)")
     p.add_argument("--shard", metavar="i/N", type=shards.shard_arg, default=None,
                    help="run slice i of N (one CI job of N): whole kernels when there are >= N, else the tests "
                         "whose node id hashes to i; writes OUT/shard.json (harness/kdev/shards.py)")

@@ -23,6 +23,9 @@ Exit codes (``EXIT``; README has the same table):
 | a regression: a test newly fails, or a new test fails (not a listed known issue); or a known issue expired | 1 |
 | bad input: not a matrix output directory (no `<kernel>/junit.xml`), a JUnit file that is not JUnit XML, or a bad known-issues file | 2 |
 
+Several earlier directories (``compare NIGHT... NEW``, ``matrix --baseline`` repeated) are nights: they are placed
+by their run time, the newest is the one compared, and all of them make the history strip (harness/kdev/history.py).
+
 ``classify()`` and ``compare_runs()`` are pure (outcomes in, a :class:`Comparison` out);
 ``read_matrix_dir()`` reads a directory; ``format_comparison()`` / ``render_html()`` show the result.
 """
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import HarnessError
+from . import history
 from .known_issues import KnownIssue, KnownIssues, failed_for_real
 from .known_issues import add_option as add_known_issues_option
 from .known_issues import for_cli as known_issues_for_cli
@@ -188,6 +192,12 @@ def read_matrix_dir(d: Path, side: str = "") -> dict[str, KernelRun]:
     return {p.parent.name: read_run(p, p.parent.name) for p in junits}
 
 
+def read_nights(dirs: list[Path], side: str = "") -> list[history.Night]:
+    """Earlier matrix directories as nights, oldest first (harness/kdev/history.py ``order``); bad input (not a
+    matrix output, a JUnit file without a run timestamp, a directory given twice) is a HarnessError."""
+    return history.order([history.night(str(d), read_matrix_dir(Path(d), side)) for d in dirs])
+
+
 def compare_dirs(old: Path, new: Path, known: KnownIssues | None = None) -> Comparison:
     return compare_runs(read_matrix_dir(old, "OLD"), read_matrix_dir(new, "NEW"), str(old), str(new), known)
 
@@ -297,14 +307,23 @@ def render_html(cmp: Comparison) -> str:
 # ---- smccc-harness compare ---------------------------------------------------------------------------------
 def main(args) -> int:
     known = known_issues_for_cli(getattr(args, "known_issues", None))     # bad file: exit 2 before reading runs
-    cmp = compare_dirs(Path(args.old), Path(args.new), known)
+    olds = list(args.old) if isinstance(args.old, list) else [args.old]
+    nights = read_nights([Path(d) for d in olds], "OLD") if len(olds) > 1 else None
+    old = Path(nights[-1].name) if nights else Path(olds[0])
+    cmp = compare_dirs(old, Path(args.new), known)
     print(format_comparison(cmp))
+    if nights:      # NEW is the newest night, whenever it ran
+        now = history.night(str(args.new), read_matrix_dir(Path(args.new), "NEW"), need_time=False)
+        print(history.format_history(nights + [now], known))
     return cmp.exit_code()
 
 
 def add_cli(sub) -> None:
-    p = sub.add_parser("compare", help="regressions between two matrix output directories (exit 1 if any)")
-    p.add_argument("old", help="the earlier matrix's --out directory (e.g. last night's)")
+    p = sub.add_parser("compare", help="regressions between two matrix output directories (exit 1 if any); "
+                                       "with several earlier ones, also each test's history over them")
+    p.add_argument("old", nargs="+", help="the earlier matrix's --out directory (e.g. last night's); several: "
+                                          "nights in any order, the newest (by run time) is compared, and a history "
+                                          "strip of the tests that moved is printed")
     p.add_argument("new", help="the later matrix's --out directory")
     add_known_issues_option(p)
     p.set_defaults(func=main)

@@ -4,9 +4,10 @@
   version and image sha256, QEMU version, accel, initramfs and rootfs package hashes, harness commit).
 * ``read_junit()`` — one kernel's results (per test: outcome, message, console log) and its properties.
 * ``format_matrix()`` / ``render_html()`` — the same scenario x kernel table for the terminal and as
-  ``report.html``; ``write_html()`` writes it with links relative to the report's directory, copying the console
-  logs that live elsewhere into ``<report dir>/logs/``, so that the directory works anywhere it is copied to
-  (a CI artifact).
+  ``report.html``, which also has, per kernel, the counts (known issues apart: ``outcome_counts()``) and the
+  slowest tests as duration bars (``slowest()``, ``render_summary()``); ``write_html()`` writes it with links
+  relative to the report's directory, copying the console logs that live elsewhere into ``<report dir>/logs/``,
+  so that the directory works anywhere it is copied to (a CI artifact).
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class KernelRun:
     properties: dict[str, str] = field(default_factory=dict)
     junit: Path | None = None
     note: str = ""  # e.g. "pytest exit 3"
+    timestamp: str = ""  # when the run started: the earliest <testsuite timestamp=...> ("" if none)
 
     def counts(self) -> dict[str, int]:
         out = {"passed": 0, "failed": 0, "error": 0, "skipped": 0, "xfailed": 0}
@@ -122,6 +124,8 @@ def read_junit(path: Path, label: str) -> KernelRun:
     except ET.ParseError as e:      # a pytest killed while writing it, or not XML at all
         raise HarnessError(f"{path} is not readable JUnit XML ({e})",
                            hint="re-run that kernel's matrix entry, or leave it out with --kernels") from None
+    stamps = sorted(s.get("timestamp") for s in root.iter("testsuite") if s.get("timestamp"))
+    run.timestamp = stamps[0] if stamps else ""
     for suite in root.iter("testsuite"):
         for prop in suite.findall("properties/property"):
             run.properties[prop.get("name", "")] = prop.get("value", "")
@@ -181,7 +185,13 @@ def format_matrix(runs: list[KernelRun], brief: bool = False) -> str:
 _CSS = """body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}
 td,th{border:1px solid #bbb;padding:3px 8px;font-size:13px;vertical-align:top}th{background:#eee}
 .passed{background:#c8f0c8}.xfailed{background:#dde8f8}.failed{background:#f4b4b4}.error{background:#f7d08a}.skipped{background:#e4e4e4}
-td.s{font-family:monospace}small{color:#555}"""
+.known{background:#d9c8f0}.absent{background:#fff;color:#999}
+td.s{font-family:monospace}small{color:#555}section{margin-bottom:1.5em}
+table.counts td{text-align:right;min-width:3em}
+table.slowest td{border:0;padding:1px 6px}td.track{width:420px}
+div.bar{height:12px;background:#4a78b8;min-width:1px}td.secs{text-align:right;font-family:monospace}
+table.history td.c{width:14px;height:14px;padding:0}table.history th.n{font-size:11px;font-weight:normal}
+span.key{display:inline-block;width:14px;height:14px;border:1px solid #bbb;vertical-align:middle;margin:0 3px 0 10px}"""
 
 
 LOGS_DIR = "logs"   # console logs that live outside the report's directory are copied here
@@ -237,26 +247,90 @@ def link_logs(runs: list[KernelRun], report_dir: Path) -> dict[str, str]:
     return links
 
 
+# ---- per kernel: counts and the slowest tests ------------------------------------------------------------
+COUNT_KINDS = ("passed", "failed", "error", "skipped", "xfailed", "known")
+COUNT_TITLES = {"passed": "passed", "failed": "failed", "error": "error", "skipped": "skipped", "xfailed": "xfail",
+                "known": "known"}
+SLOWEST = 10     # duration bars per kernel
+
+
+def outcome_counts(run: KernelRun, known: set[str] = frozenset()) -> dict[str, int]:
+    """The six counts of one kernel (they add up to its number of tests): a test in ``known`` (the failures and
+    xfails a known-issues entry lists for this kernel, harness/kdev/regressions.py ``known_scenarios``) counts
+    as known instead of failed, error or xfailed."""
+    out = dict.fromkeys(COUNT_KINDS, 0)
+    for s, r in run.results.items():
+        kind = "known" if s in known and r.outcome in ("failed", "error", "xfailed") else r.outcome
+        out[kind] = out.get(kind, 0) + 1
+    return out
+
+
+def slowest(run: KernelRun, n: int = SLOWEST) -> list[tuple[str, TestResult]]:
+    """The ``n`` slowest tests (JUnit ``time``), slowest first; equal times by scenario name."""
+    return sorted(run.results.items(), key=lambda x: (-x[1].time, x[0]))[:n]
+
+
+def bar_width(seconds: float, longest: float) -> float:
+    """A duration bar's width in percent of the track: proportional, the longest test shown fills it."""
+    return round(100.0 * seconds / longest, 1) if longest > 0 else 0.0
+
+
+def render_summary(runs: list[KernelRun], known: dict[str, set[str]] | None = None, n: int = SLOWEST) -> str:
+    """``<section id="summary">``: per kernel its counts (``data-kind`` per cell) and its ``n`` slowest tests as
+    bars on one scale for the whole page (the slowest test shown anywhere is 100%), seconds printed."""
+    e = html.escape
+    known = known or {}
+    top = {r.label: slowest(r, n) for r in runs}
+    longest = max((t.time for rows in top.values() for _, t in rows), default=0.0)
+    parts = ['<section id="summary"><h2>Per kernel</h2><table class="counts"><tr><th>kernel</th>']
+    parts += [f"<th>{COUNT_TITLES[k]}</th>" for k in COUNT_KINDS] + ["<th>total</th></tr>"]
+    for r in runs:
+        c = outcome_counts(r, known.get(r.label, set()))
+        parts.append(f'<tr data-kernel="{e(r.label)}"><th>{e(column_title(r))}</th>')
+        parts += [f'<td data-kind="{k}"' + (f" class={k}" if c[k] else "") + f">{c[k]}</td>" for k in COUNT_KINDS]
+        parts.append(f"<td>{len(r.results)}</td></tr>")
+    parts.append("</table>")
+    for r in runs:
+        rows = top[r.label]
+        if not rows:
+            continue
+        total = sum(t.time for t in r.results.values())
+        parts.append(f"<h3>{e(column_title(r))}: the {len(rows)} slowest of {len(r.results)} tests "
+                     f"<small>(all tests: {total:.1f} s)</small></h3><table class=\"slowest\">")
+        for s, t in rows:
+            w = bar_width(t.time, longest)
+            parts.append(f'<tr class="dur"><td class=s>{e(s)}</td><td class=track><div class=bar '
+                         f'style="width:{w}%" data-seconds="{t.time:.3f}"></div></td>'
+                         f"<td class=secs>{t.time:.2f} s</td></tr>")
+        parts.append("</table>")
+    return "".join(parts) + "</section>"
+
+
 def write_html(runs: list[KernelRun], report_dir: Path, title: str = "smccc-harness kernel matrix", *,
-               regressions: str = "") -> Path:
+               regressions: str = "", history: str = "", known: dict[str, set[str]] | None = None) -> Path:
     """``report_dir/report.html`` with relative links only (see :func:`link_logs`)."""
     report_dir = Path(report_dir)
     path = report_dir / "report.html"
     path.write_text(render_html(runs, title, links=link_logs(runs, report_dir), base=report_dir,
-                                regressions=regressions))
+                                regressions=regressions, history=history, known=known))
     return path
 
 
 def render_html(runs: list[KernelRun], title: str = "smccc-harness kernel matrix", *,
-                links: dict[str, str] | None = None, base: Path | None = None, regressions: str = "") -> str:
-    """The report as HTML.  ``links``: console log -> href (:func:`link_logs`; none without it).  ``base``:
-    the report's directory (JUnit paths under it are shown relative to it).  ``regressions``: the section
-    against a baseline (harness/kdev/regressions.py ``render_html``), shown above the table."""
+                links: dict[str, str] | None = None, base: Path | None = None, regressions: str = "",
+                history: str = "", known: dict[str, set[str]] | None = None) -> str:
+    """The report as HTML, self-contained (inline CSS, no script).  ``links``: console log -> href
+    (:func:`link_logs`; none without it).  ``base``: the report's directory (JUnit paths under it are shown
+    relative to it).  ``regressions``: the section against a baseline (harness/kdev/regressions.py
+    ``render_html``) and ``history``: the nights strip (harness/kdev/history.py ``render_html``), shown in that
+    order above the per-kernel counts and duration bars (:func:`render_summary`; ``known``: kernel label ->
+    its known-issue scenarios), then the full table."""
     e = html.escape
     links = links or {}
     scen = _scenarios(runs)
     parts = [f"<!doctype html><meta charset=utf-8><title>{e(title)}</title><style>{_CSS}</style>",
-             f"<h1>{e(title)}</h1>", regressions, "<table><tr><th>scenario</th>"]
+             f"<h1>{e(title)}</h1>", regressions, history, render_summary(runs, known),
+             '<h2 id="table">All tests</h2><table><tr><th>scenario</th>']
     parts += [f"<th>{e(column_title(r))}</th>" for r in runs]
     parts.append("</tr>")
     for s in scen:
