@@ -102,11 +102,12 @@ def validate_filter(f: dict) -> dict:
 # Every key a ``run`` request may carry; harness/guest/runner.py reads nothing else.  The last group is read
 # only inside the guest: in_kernel_gic (default: el2), probes (VM-fd attribute probes), set_regs (registers set
 # before the first KVM_RUN), psci_minor (the emulator's PSCI 1.x minor), migrate (save/restore the VM at a
-# pause point), max_exits / max_trace (limits of the run and of its trace).
+# pause point), max_exits / max_trace (limits of the run and of its trace), livelock_s (the progress watchdog:
+# absent = SMC/HVC only over 1.5 s, N = any instruction over N s, 0 = off; harness/guest/runner.py).
 SCENARIO_KEYS = frozenset({
     "name", "payload", "vcpus", "el2", "e2h0", "ram_size", "filters", "late_filters", "handler", "replies",
     "params", "deadline_s", "psci_0_2",
-    "in_kernel_gic", "probes", "set_regs", "psci_minor", "migrate", "max_exits", "max_trace",
+    "in_kernel_gic", "probes", "set_regs", "psci_minor", "migrate", "max_exits", "max_trace", "livelock_s",
 })
 
 
@@ -116,7 +117,9 @@ def validate_scenario(s: dict) -> dict:
     Fields: ``name``; ``payload`` {``entry``, ``segments`` [{``addr``, ``data`` (base64)}], ``symbols``};
     ``vcpus``; ``el2``; ``e2h0``; ``ram_size``; ``filters`` [...]; ``handler`` ("psci" | "record");
     ``replies`` {"0x84000000": [x0, x1, x2, x3]}; ``params`` [u64...] (written at PARAM_BASE);
-    ``deadline_s``; ``psci_0_2`` (vCPU feature, default true); ``in_kernel_gic`` (default: el2).
+    ``deadline_s``; ``psci_0_2`` (vCPU feature, default true); ``in_kernel_gic`` (default: el2);
+    ``livelock_s`` (progress watchdog window: absent = watch SMC/HVC only for 1.5 s; N = any instruction for N
+    s, e.g. a ``b .``; 0 = off).
     """
     if not isinstance(s, dict):
         raise ProtocolError("scenario must be an object")
@@ -182,6 +185,10 @@ def validate_scenario(s: dict) -> dict:
     deadline = s.get("deadline_s", 10.0)
     if not isinstance(deadline, (int, float)) or not 0 < deadline <= 600:
         raise ProtocolError("deadline_s must be in (0, 600]")
+    if "livelock_s" in s:
+        ll = s["livelock_s"]
+        if isinstance(ll, bool) or not isinstance(ll, (int, float)) or not (ll == 0 or 0.1 <= ll <= 600):
+            raise ProtocolError(f"livelock_s must be 0 (watchdog off) or in [0.1, 600] seconds, got {ll!r}")
     out = dict(s)
     out.update(vcpus=vcpus, ram_size=ram_size, filters=filters, late_filters=late_filters, handler=handler, replies=replies,
                params=params, deadline_s=float(deadline), el2=bool(s.get("el2", False)),

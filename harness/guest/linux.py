@@ -164,7 +164,9 @@ class LinuxRun(ScenarioRun):
         linux = validate(spec)
         # ScenarioRun's own state (trace, locks, counters ...) comes from its constructor, fed a placeholder
         # payload scenario; the Linux spec then replaces the scenario (it keeps the validated defaults).
-        super().__init__({"name": linux["name"], "max_exits": linux.get("max_exits", 50_000_000),
+        # No progress watchdog (livelock_s 0): a Linux guest's PC is a virtual address, not one the VMM can
+        # read an instruction at.
+        super().__init__({"name": linux["name"], "max_exits": linux.get("max_exits", 50_000_000), "livelock_s": 0,
                           "max_trace": linux.get("max_trace", 20_000),
                           "payload": {"entry": P.RAM_BASE, "segments": [{"addr": P.RAM_BASE, "data": P.b64(b"\0" * 4)}]}},
                          sys_fd)

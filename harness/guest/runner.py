@@ -12,6 +12,39 @@ Power management of secondaries follows kvmtool's userspace PSCI (docs/kvm-smccc
 starts with mp_state STOPPED.  When CPU_ON is handled in the kernel, its thread waits inside KVM_RUN for the
 kernel to wake it; when CPU_ON is forwarded, its thread waits in userspace and, on CPU_ON, re-runs
 KVM_ARM_VCPU_INIT (warm reset) and sets PC/x0 itself — a vCPU is only ever touched by its own thread.
+
+Progress watchdog (harness/guest/watchdog.py; scenario key ``livelock_s``).  A kernel whose SMC handler returns
+to the guest without advancing PC makes the vCPU re-execute the SMC forever *inside* ``KVM_RUN``: no exit ever
+reaches us, and without a watchdog every such scenario waits out its whole deadline (10-30 s).  So the
+controller thread (:meth:`ScenarioRun._run_vcpus`) kicks a vCPU that has made no exit for ``window / 5`` s
+(the deadline's kick: ``immediate_exit`` + SIGUSR1, vm.py), and that vCPU's own thread, back from ``KVM_RUN``
+with EINTR, reads its mp_state and PC (KVM_GET_MP_STATE, KVM_GET_ONE_REG) and re-enters.  Five samples at one
+PC with no exit in between, RUNNABLE each time, end the run as ``livelock`` with ``livelock at pc=0x...
+(<instruction>)``, the word at PC read from the VMM's own mapping of guest RAM (payloads run with the MMU off,
+so PC is a guest physical address).
+
+* Kicking works on a vCPU stuck that way (checked in Debian's 7.3.4 source): KVM's run loop checks for a
+  pending signal before every guest entry, so also between two traps of a re-executed SMC
+  (arch/arm64/kvm/arm.c:1302-1306 ``kvm_arch_vcpu_ioctl_run`` -> include/linux/kvm_host.h:2511
+  ``kvm_xfer_to_guest_mode_handle_work``: exit reason KVM_EXIT_INTR, -EINTR), and a vCPU asleep in KVM's WFI
+  emulation wakes on a signal (virt/kvm/kvm_main.c:3689 ``kvm_vcpu_check_block``).  A pending PC increment is
+  committed before the return to userspace (arm.c:1468-1470 ``__kvm_adjust_pc``), so the PC read is the
+  guest's architectural one: past a WFI the vCPU slept in (handle_exit.c:175 ``kvm_incr_pc`` after
+  ``kvm_vcpu_wfi``).  Measured on a kernel with the planted bug (tests/system/data/broken-kernel/): the kick
+  gets the vCPU out every time, with PC on the SMC.
+* PC stillness alone proves nothing for an ordinary instruction: TCG takes interrupts only at translation
+  block boundaries, so a polling loop (``1: ldr; cbz 1b``) shows its first instruction at every kick.  A
+  trapped instruction is different: KVM completes an SMC/HVC it handles by moving PC past it before the next
+  entry (an HVC's ELR is already past it), so a vCPU seen at one SMC/HVC at every kick, having made no exit,
+  is re-executing a call KVM never completes.  Hence by default only SMC and HVC fire (window 1.5 s); any
+  other instruction (a ``b .``, a polling loop) only when the scenario sets ``livelock_s`` itself (its
+  window); ``livelock_s: 0`` turns the watchdog off (the host's ``SMCCC_LIVELOCK_S=0`` does that for every
+  scenario that does not set it: harness/model/scenarios.py).
+* Never a livelock: a vCPU that is STOPPED or SUSPENDED (waiting for CPU_ON, or suspended, inside KVM_RUN),
+  one parked in userspace for a forwarded CPU_ON or done (not kicked at all), and one whose instruction at PC
+  or at PC - 4 is WFI/WFE/WFIT/WFET (asleep: KVM reports PC past a trapped WFI, an untrapped WFE loops).
+* Kicks are not exits: ``exits``/``max_exits`` count only real KVM_RUN returns, and the trace gets no record
+  per kick (the result's ``watchdog`` has the count and each vCPU's last samples).
 """
 
 from __future__ import annotations
@@ -23,7 +56,7 @@ import threading
 import time
 
 from .. import protocol as P
-from . import kvm, psci, smccc
+from . import kvm, psci, smccc, watchdog
 from .trace import Trace
 from .vm import Vcpu, Vm
 from .vmsetup import install_filters, probe_attrs, vcpu_features
@@ -56,6 +89,14 @@ class VcpuState:
         self.parked = not on            # waiting in userspace for a forwarded CPU_ON
         self.pending_on: tuple | None = None
         self.done = False
+        # progress watchdog: exits is written by the vCPU's thread, sample_due/next_kick/seen_exits by the
+        # controller; samples ((t, pc) since the last exit) only by the vCPU's thread
+        self.exits = 0
+        self.seen_exits = -1
+        self.next_kick = 0.0
+        self.sample_due = False
+        self.kicks = 0
+        self.samples: list[tuple[float, int]] = []
 
 
 class ScenarioRun:
@@ -80,6 +121,9 @@ class ScenarioRun:
         self.cond = threading.Condition()
         self.errors: list[str] = []
         self.replies = {int(k, 0) & 0xFFFF_FFFF: v for k, v in self.spec["replies"].items()}
+        self.livelock: dict | None = None
+        self.watch = watchdog.mode(self.spec)     # set again when the run starts (LinuxRun replaces the spec)
+        self.t_run = time.monotonic()
 
     # ---- setup ---------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -179,9 +223,13 @@ class ScenarioRun:
                 except kvm.KvmError as e:
                     if e.errno == errno.EINTR:
                         v.clear_kick()
+                        if st.sample_due and not self.stopping and not self.pausing:
+                            self._sample(v, st)
                         continue
                     raise
                 self.exits += 1
+                st.exits += 1
+                st.samples.clear()
                 if self.exits > self.max_exits:     # an exit storm: bounded, reported with the count
                     self.trace.add("exit_storm", v.index, exits=self.exits, max_exits=self.max_exits, pc=v.pc,
                                    reason=kvm.EXIT_NAMES.get(reason, str(reason)))
@@ -194,7 +242,56 @@ class ScenarioRun:
             self.finish("error")
         finally:
             for vc in (v, self.vm.vcpus[idx]):
-                vc.thread_ident = None      # never signal a thread that has exited
+                vc.release_thread()         # never signal a thread that has exited
+
+    # ---- progress watchdog (module docstring) -----------------------------------------------------------
+    def _word(self, addr: int) -> int | None:
+        """The instruction word at guest physical ``addr``, read through the VMM's mapping (None outside RAM)."""
+        if addr % 4 or not self.mem.contains(addr, 4):
+            return None
+        return int.from_bytes(self.mem.read(addr, 4), "little")
+
+    def _sample(self, v: Vcpu, st: VcpuState) -> None:
+        """In the vCPU's own thread, after a watchdog kick: record its PC, and end the run if it is livelocked."""
+        st.sample_due = False
+        if v.get_mp_state() != kvm.KVM_MP_STATE_RUNNABLE:
+            st.samples.clear()          # STOPPED / SUSPENDED: waiting inside KVM_RUN, not running
+            return
+        pc = v.pc
+        st.samples.append((round(time.monotonic() - self.t_run, 6), pc))
+        del st.samples[:-2 * watchdog.SAMPLES]
+        window, any_insn = self.watch
+        word_at, word_before = self._word(pc), self._word(pc - 4)
+        why = watchdog.verdict(st.samples, word_at, word_before, any_insn=any_insn,
+                               min_span_s=window * (watchdog.SAMPLES - 1) / watchdog.SAMPLES * 0.9)
+        if why is None:
+            return
+        run = watchdog.still_run(st.samples)
+        insn = watchdog.decode(word_at)
+        self.livelock = {"vcpu": v.index, "pc": pc, "pstate": v.pstate, "word": word_at, "insn": insn,
+                         "why": why, "kicks": len(run), "still_s": round(run[-1][0] - run[0][0], 3),
+                         "window_s": window, "any_insn": any_insn, "samples": [list(x) for x in st.samples],
+                         "message": f"livelock at pc={pc:#x} ({insn})"}
+        self.trace.add("livelock", v.index, pc=pc, insn=insn, word=word_at, why=why, kicks=len(run),
+                       still_s=self.livelock["still_s"])
+        self.finish("livelock")
+
+    def _watch(self, threads: list[threading.Thread]) -> None:
+        """In the controller thread: kick every vCPU that has been in KVM_RUN without an exit for a period."""
+        window = self.watch[0]
+        period = window / watchdog.SAMPLES
+        now = time.monotonic()
+        for v in self.vm.vcpus:
+            st = self.vstate[v.index]
+            if st.parked or st.done or not threads[v.index].is_alive():
+                st.seen_exits = -1      # not in KVM_RUN: nothing to watch
+                continue
+            if st.exits != st.seen_exits:
+                st.seen_exits, st.next_kick = st.exits, now + period
+            elif now >= st.next_kick:     # (again if a sample was skipped: a kick that met a pause or a stop)
+                st.sample_due, st.next_kick = True, now + period
+                st.kicks += 1
+                v.kick()
 
     def _dispatch(self, v: Vcpu, st: VcpuState, reason: int) -> None:
         if reason == kvm.KVM_EXIT_HYPERCALL:
@@ -321,6 +418,8 @@ class ScenarioRun:
         """
         threads = [threading.Thread(target=self._loop, args=(v,), name=f"vcpu{v.index}", daemon=True)
                    for v in self.vm.vcpus]
+        self.watch = watchdog.mode(self.spec)
+        self.t_run = time.monotonic()
         for t in threads:
             t.start()
         end = time.monotonic() + self.spec["deadline_s"]
@@ -328,6 +427,8 @@ class ScenarioRun:
             if time.monotonic() > end:
                 self.finish("deadline")
                 break
+            if self.watch[0] > 0 and not self.pausing:
+                self._watch(threads)
             with self.cond:
                 live = {i for i, t in enumerate(threads) if t.is_alive()}
                 ready = self.pausing and live <= self.paused
@@ -375,11 +476,18 @@ class ScenarioRun:
             "vcpus": vcpus, "stuck_threads": stuck, "errors": self.errors,
             "result_block": base64.b64encode(block).decode(),
             "psci_state": self.psci.affinity_state(),
+            "livelock": self.livelock, "watchdog": self._watchdog_summary(),
             "timing": {"setup_s": round(t1 - t0, 6), "run_s": round(t2 - t1, 6)},
         }
         self._cleanup(keep=bool(stuck))
         result["timing"]["total_s"] = round(time.monotonic() - t0, 6)
         return result
+
+    def _watchdog_summary(self) -> dict:
+        window, any_insn = self.watch
+        return {"window_s": window, "any_insn": any_insn,
+                "vcpus": [{"index": i, "kicks": st.kicks, "samples": [list(x) for x in st.samples[-watchdog.SAMPLES:]]}
+                          for i, st in enumerate(self.vstate)]}
 
     def _cleanup(self, keep: bool = False) -> None:
         vm = getattr(self, "vm", None)

@@ -2,7 +2,8 @@
 
 One Python thread per vCPU.  Deadlines: a vCPU thread sitting in KVM_RUN is kicked out by setting
 ``kvm_run.immediate_exit`` and sending it SIGUSR1 (api.rst "immediate_exit"); KVM_RUN then fails with EINTR.
-A spinning payload never returns on its own, so every run in this package has a deadline.
+A spinning payload never returns on its own, so every run in this package has a deadline; the same kick lets
+the runner's progress watchdog read the PC of a vCPU that makes no exit (runner.py "Progress watchdog").
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class Vcpu:
         size = kvm.ioctl(vm.sys_fd, kvm.KVM_GET_VCPU_MMAP_SIZE)
         self.run = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.thread_ident: int | None = None
+        self._kick_lock = threading.Lock()     # a kick never signals a thread that release_thread() let go
         self.init()
 
     # -- setup ------------------------------------------------------------------------------------
@@ -134,13 +136,23 @@ class Vcpu:
         return struct.unpack_from("<I", self.run, kvm.RUN_EXIT_REASON)[0]
 
     def kick(self) -> None:
-        """Get this vCPU out of KVM_RUN (or keep it from entering): immediate_exit + a signal."""
+        """Get this vCPU out of KVM_RUN (or keep it from entering): immediate_exit + a signal.
+
+        Used by the deadline, by a stop or a pause, and by the runner's progress watchdog, which kicks a vCPU
+        that makes no exit every few hundred ms to read its PC (runner.py "Progress watchdog").
+        """
         self.run[kvm.RUN_IMMEDIATE_EXIT] = 1
-        if self.thread_ident is not None:
-            try:
-                signal.pthread_kill(self.thread_ident, _KICK_SIGNAL)
-            except (ProcessLookupError, OSError):
-                pass
+        with self._kick_lock:
+            if self.thread_ident is not None:
+                try:
+                    signal.pthread_kill(self.thread_ident, _KICK_SIGNAL)
+                except (ProcessLookupError, OSError):
+                    pass
+
+    def release_thread(self) -> None:
+        """The thread running this vCPU is about to end: no kick may signal it any more."""
+        with self._kick_lock:
+            self.thread_ident = None
 
     def clear_kick(self) -> None:
         self.run[kvm.RUN_IMMEDIATE_EXIT] = 0

@@ -21,6 +21,7 @@ from pathlib import Path
 from .. import protocol as P
 from ..errors import BootError, GuestError
 from ..model.results import ScenarioResult
+from ..model.scenarios import watchdog_from_env
 from ..model.splats import scan_failures
 from .channel import Channel, ChannelError
 from .config import SOCK_PREFIX, MachineConfig, default_cmdline, sock_dir
@@ -276,7 +277,7 @@ class GuestSession:
 
     def run(self, scenario: dict, payload=None, deadline_s: float | None = None) -> ScenarioResult:
         """Run one scenario in the guest; the trace is saved as ``<run_dir>/traces/NNN-<name>.jsonl``."""
-        spec = P.validate_scenario(scenario)
+        spec = watchdog_from_env(P.validate_scenario(scenario))
         mark = self.machine.console.mark()
         try:
             raw = self.request("run", spec, deadline_s or spec["deadline_s"] + 30.0)

@@ -103,6 +103,20 @@ class ScenarioResult:
         return self.raw.get("trace_dropped", 0)
 
     @property
+    def livelock(self) -> dict | None:
+        """The progress watchdog's finding when the outcome is ``livelock`` (harness/guest/runner.py): vcpu, pc,
+        insn (``smc #0``, ``b .`` ...), word, why, kicks, still_s, window_s, samples, message."""
+        return self.raw.get("livelock")
+
+    def livelock_message(self) -> str | None:
+        """``vcpu0 livelock at pc=spin_loop (b .)``: the agent's message with the PC symbolized, and why."""
+        ll = self.livelock
+        if not ll:
+            return None
+        return (f"vcpu{ll['vcpu']} livelock at pc={self.symbol(ll['pc'])} ({ll['insn']}): {ll['why']}; PC unmoved and "
+                f"no exit across {ll['kicks']} watchdog kicks in {ll['still_s']:g} s (window {ll['window_s']:g} s)")
+
+    @property
     def filters(self) -> list[dict]:
         return self.raw.get("filters", [])
 
@@ -136,8 +150,10 @@ class ScenarioResult:
         return "\n".join(lines)
 
     def describe(self) -> str:
-        out = [f"scenario {self.name}: outcome={self.outcome} exit_code={self.exit_code}",
-               "handler trace:", self.format_trace() or "  (empty)"]
+        out = [f"scenario {self.name}: outcome={self.outcome} exit_code={self.exit_code}"]
+        if self.livelock:
+            out.append(self.livelock_message())
+        out += ["handler trace:", self.format_trace() or "  (empty)"]
         if self.errors:
             out.append("errors: " + "; ".join(self.errors))
         for v in self.vcpus:

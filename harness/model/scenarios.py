@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 from .. import protocol as P
+from ..errors import HarnessError
 
 PSCI_BASE32 = 0x8400_0000
 PSCI_BASE64 = 0xC400_0000
@@ -35,3 +38,18 @@ def scenario(name: str, payload, *, filters=(), el2: bool = False, e2h0: bool = 
             "params": list(params), "deadline_s": deadline_s}
     spec.update(extra)
     return P.validate_scenario(spec)
+
+
+LIVELOCK_ENV = "SMCCC_LIVELOCK_S"
+
+
+def watchdog_from_env(spec: dict, env=None) -> dict:
+    """``SMCCC_LIVELOCK_S=0`` turns the VMM's progress watchdog (harness/guest/runner.py) off for every scenario
+    that does not set ``livelock_s`` itself: a knob to measure or debug without it.  Unset: ``spec`` unchanged."""
+    value = (os.environ if env is None else env).get(LIVELOCK_ENV)
+    if value is None or "livelock_s" in spec:
+        return spec
+    if value.strip() != "0":
+        raise HarnessError(f"{LIVELOCK_ENV}={value!r}: only 0 (the progress watchdog off) is understood",
+                           f"unset {LIVELOCK_ENV} for the default watchdog, or set a scenario's livelock_s")
+    return dict(spec, livelock_s=0)
