@@ -21,7 +21,7 @@ else
 fi
 kernels=(6.12 default)
 base="psci_version_exits or hypercall_flags or hcd_undef"
-select=("$base" "$base or (test_psci_el1 and cpu_on)" "$base or cpu_on")
+select=("$base" "$base or cpu_on_32bit" "$base or cpu_on_32bit or (test_nested_el2 and in_kernel_cpu_on_never)")
 
 matrix() {      # exit 0 (all good) and 1 (a test failed / regressed) are both a report worth showing
     local rc=0

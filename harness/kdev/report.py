@@ -190,7 +190,7 @@ td.s{font-family:monospace}small{color:#555}section{margin-bottom:1.5em}
 table.counts td{text-align:right;min-width:3em}
 table.slowest td{border:0;padding:1px 6px}td.track{width:420px}
 div.bar{height:12px;background:#4a78b8;min-width:1px}td.secs{text-align:right;font-family:monospace}
-table.history td.c{width:14px;height:14px;padding:0}table.history th.n{font-size:11px;font-weight:normal}
+table.history td.c{width:14px;height:14px;padding:0}table.history th.n{font-size:11px;font-weight:normal;white-space:nowrap}
 span.key{display:inline-block;width:14px;height:14px;border:1px solid #bbb;vertical-align:middle;margin:0 3px 0 10px}"""
 
 
@@ -322,14 +322,14 @@ def render_html(runs: list[KernelRun], title: str = "smccc-harness kernel matrix
     """The report as HTML, self-contained (inline CSS, no script).  ``links``: console log -> href
     (:func:`link_logs`; none without it).  ``base``: the report's directory (JUnit paths under it are shown
     relative to it).  ``regressions``: the section against a baseline (harness/kdev/regressions.py
-    ``render_html``) and ``history``: the nights strip (harness/kdev/history.py ``render_html``), shown in that
-    order above the per-kernel counts and duration bars (:func:`render_summary`; ``known``: kernel label ->
-    its known-issue scenarios), then the full table."""
+    ``render_html``), then the per-kernel counts and duration bars (:func:`render_summary`; ``known``: kernel
+    label -> its known-issue scenarios), then ``history``: the nights strip (harness/kdev/history.py
+    ``render_html``), then the full table."""
     e = html.escape
     links = links or {}
     scen = _scenarios(runs)
     parts = [f"<!doctype html><meta charset=utf-8><title>{e(title)}</title><style>{_CSS}</style>",
-             f"<h1>{e(title)}</h1>", regressions, history, render_summary(runs, known),
+             f"<h1>{e(title)}</h1>", regressions, render_summary(runs, known), history,
              '<h2 id="table">All tests</h2><table><tr><th>scenario</th>']
     parts += [f"<th>{e(column_title(r))}</th>" for r in runs]
     parts.append("</tr>")

@@ -132,13 +132,13 @@ def test_duration_bars_of_several_kernels_share_one_scale(tmp_path):
                     (PSCI_HVC, 100.0, "24.68 s"), (FLAGS_SMC, 25.0, "6.17 s")]      # 6.12
 
 
-def test_the_page_has_regressions_history_summary_then_the_table(nights):
+def test_the_page_has_regressions_summary_history_then_the_table(nights):
     n1, n2, n3, now, known = nights
     rc = cli.main(["matrix", "--report-only", str(now), "--kernels", "default", "--known-issues", str(known),
                    "--baseline", str(n1), str(n2), str(n3)])
     assert rc == 1                    # FLAGS_SMC: skipped on the newest night (n3), failed now
     page = (now / "report.html").read_text()
-    order = [page.index(x) for x in ('id="regressions"', 'id="history"', 'id="summary"', 'id="table"')]
+    order = [page.index(x) for x in ('id="regressions"', 'id="summary"', 'id="history"', 'id="table"')]
     assert order == sorted(order), order
     assert "<script" not in page and "http://" not in page and "https://" not in page      # self-contained
 
