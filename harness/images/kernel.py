@@ -123,8 +123,18 @@ def vmlinux_next_to(image: Path) -> Path | None:
     return next((p for p in cands if p.is_file()), None)
 
 
+ADDR2LINE = "aarch64-linux-gnu-addr2line"   # binutils-aarch64-linux-gnu (installed by setup)
+MAX_FRAMES = 8                             # call-trace frames symbolized (the first ones: where it happened)
+_LOG_PREFIX = re.compile(r"^(?:<\d{1,2}>)?(?:\[\s*\d+\.\d+\])?(?:\[\s*[CT]\d+\])?\s*")
+_SYM_OFF = re.compile(r"([A-Za-z_.$][\w.$]*)\+0x([0-9a-f]+)/0x([0-9a-f]+)")
+_PC_LR = re.compile(r"\b(pc|lr)\s*:\s*(?:\[<)?(?:0x)?(?:([0-9a-f]{16})\b|" + _SYM_OFF.pattern + ")")
+_FRAME = re.compile(r"\s*(?:\[<[0-9a-f]+>\]\s*)?(?:(?:0x)?([0-9a-f]{16})\b|" + _SYM_OFF.pattern + r")\S*"
+                    r"(?:\s+\[\w+\])?(?:\s+\(\w\))?\s*$")
+
+
 class Symbolizer:
-    """Address -> ``function+0xoff/0xsize`` from a vmlinux's ``.symtab`` (what the kernel's %pS prints)."""
+    """Address -> ``function+0xoff/0xsize`` from a vmlinux's ``.symtab`` (what the kernel's %pS prints), and
+    -> ``file:line`` from its DWARF (``kernel build --debug``) through the cross ``addr2line``."""
 
     def __init__(self, vmlinux: Path) -> None:
         from elftools.elf.elffile import ELFFile
@@ -135,6 +145,7 @@ class Symbolizer:
             symtab = elf.get_section_by_name(".symtab")
             if symtab is None:
                 raise SetupError(f"{vmlinux}: no .symtab (stripped?)")
+            self.has_dwarf = elf.get_section_by_name(".debug_line") is not None
             for s in symtab.iter_symbols():
                 t = s["st_info"]["type"]
                 if t in ("STT_FUNC", "STT_NOTYPE") and s["st_value"] and s.name and not s.name.startswith("$"):
@@ -142,6 +153,11 @@ class Symbolizer:
         entries.sort()
         self.addrs = [e[0] for e in entries]
         self.entries = entries
+        self.by_name: dict[str, list[tuple[int, int]]] = {}
+        for a, size, name in entries:
+            self.by_name.setdefault(name, []).append((a, size))
+        src = self.vmlinux.parent / "source"          # an O= tree links its source tree here: paths relative to it
+        self._src_prefix = str(src.resolve()) + "/" if src.is_symlink() else ""
 
     def lookup(self, addr: int) -> str | None:
         i = _bisect.bisect_right(self.addrs, addr) - 1
@@ -159,31 +175,103 @@ class Symbolizer:
             return None
         return f"{name}+{addr - start:#x}/{size:#x}" if size else f"{name}+{addr - start:#x}"
 
+    def address_of(self, name: str, off: int, size: int | None = None) -> int | None:
+        """The address ``name+off`` names (a static function's name may repeat: the one of that size)."""
+        cands = self.by_name.get(name, [])
+        if size is not None and len(cands) > 1:
+            cands = [c for c in cands if c[1] == size] or cands
+        return cands[0][0] + off if cands else None
+
+    def lines(self, addrs: list[int]) -> dict[int, str]:
+        """``file:line`` (innermost; ``(inlined into f)`` when inlined) per address, from DWARF; {} without it."""
+        import shutil
+        import subprocess
+        todo = sorted(set(addrs))
+        if not self.has_dwarf or not todo or shutil.which(ADDR2LINE) is None:
+            return {}
+        r = subprocess.run([ADDR2LINE, "-e", str(self.vmlinux), "-f", "-i", "-a", *[hex(a) for a in todo]],
+                           capture_output=True, text=True, timeout=120, check=False)
+        out: dict[int, str] = {}
+        cur, chain = None, []
+
+        def flush():
+            if cur is not None and chain:
+                where = chain[0][1].replace(self._src_prefix, "") if self._src_prefix else chain[0][1]
+                where = re.sub(r" \(discriminator \d+\)", "", where)
+                out[cur] = where + (f" (inlined into {chain[-1][0]})" if len(chain) > 1 else "")
+        lines = r.stdout.splitlines()
+        i = 0
+        while i < len(lines):
+            if re.fullmatch(r"0x[0-9a-f]+", lines[i]):
+                flush()
+                cur, chain = int(lines[i], 16), []
+                i += 1
+                continue
+            if i + 1 < len(lines) and not lines[i + 1].startswith("??:"):
+                chain.append((lines[i], lines[i + 1]))
+            i += 2
+        flush()
+        return out
+
     def symbolize_excerpt(self, text: str) -> str:
-        """Symbolized lines for the ``pc :``, ``lr :`` and call-trace addresses of a panic/Oops excerpt.
+        """Symbolized lines for the ``pc :``, ``lr :`` and the first :data:`MAX_FRAMES` call-trace entries of a
+        splat excerpt: raw addresses (no kallsyms) get ``function+off/size``; ``function+off/size`` entries (what
+        a kernel with kallsyms prints) get their address; both get ``file:line`` when the vmlinux has DWARF (a
+        return address is looked up 4 bytes back, at its call).
 
         Honours ``Kernel Offset: 0x... from 0x...`` (KASLR) when the excerpt has it.  Empty when nothing
-        in the excerpt is a raw address inside this vmlinux.
+        in the excerpt resolves inside this vmlinux.
         """
         off = 0
         m = re.search(r"Kernel Offset: (0x[0-9a-f]+) from", text)
         if m:
             off = int(m.group(1), 16)
-        out = []
+        items: list[tuple[str, int, str, int]] = []   # (label, runtime address, symbol, address for file:line)
         seen = set()
-        for m in re.finditer(r"^.*?\b(pc|lr)\s*:\s*(?:\[<)?(?:0x)?([0-9a-f]{16})\b|^\s+(?:\[<)?(?:0x)?([0-9a-f]{16})\b",
-                             text, re.MULTILINE):
-            label = m.group(1) or "at"
-            addr = int(m.group(2) or m.group(3), 16)
-            if (label, addr) in seen:
-                continue
+
+        def add(label: str, raw: str | None, name: str | None, o: str | None, size: str | None, call: bool):
+            if raw:
+                addr = int(raw, 16) - off
+                sym = self.lookup(addr)
+                shown = int(raw, 16)
+            else:
+                addr = self.address_of(name, int(o, 16), int(size, 16))
+                sym, shown = f"{name}+{int(o, 16):#x}/{int(size, 16):#x}", addr
+            if addr is None or sym is None or (label, addr) in seen:
+                return
             seen.add((label, addr))
-            sym = self.lookup(addr - off)
-            if sym:
-                out.append(f"{label:>2} {addr:#018x} = {sym}")
-        if not out:
+            items.append((label, shown, sym, addr - 4 if call and addr % 4 == 0 else addr))
+
+        in_trace = frames = 0
+        for line in text.splitlines():
+            body = _LOG_PREFIX.sub("", line, count=1)
+            if in_trace:
+                fm = _FRAME.match(body)
+                if fm and frames < MAX_FRAMES:
+                    frames += 1
+                    first = frames == 1 and body.rstrip().endswith("(P)")   # arm64 marks the pc frame "(P)"
+                    add(f"#{frames - 1}", fm.group(1), fm.group(2), fm.group(3), fm.group(4), not first)
+                    continue
+                if not fm:
+                    in_trace = 0
+            if re.match(r"Call trace:", body):
+                in_trace, frames = 1, 0
+                continue
+            pm = _PC_LR.search(body)
+            if pm and body.lstrip().startswith(pm.group(1)):
+                add(pm.group(1), pm.group(2), pm.group(3), pm.group(4), pm.group(5), pm.group(1) == "lr")
+            elif re.match(r"\s+(?:\[<)?(?:0x)?([0-9a-f]{16})\b", body):     # a raw call-trace line without its header
+                raw = re.match(r"\s+(?:\[<)?(?:0x)?([0-9a-f]{16})\b", body).group(1)
+                add("at", raw, None, None, None, False)
+        if not items:
             return ""
-        return f"symbolized with {self.vmlinux}:\n" + "\n".join(out)
+        where = self.lines([a for *_, a in items])
+        out = [f"{label:>2} {shown:#018x} = {sym}" + (f" at {where[a]}" if a in where else "")
+               for label, shown, sym, a in items]
+        note = ""
+        if not self.has_dwarf:
+            note = " (no DWARF in it: no file:line; 'smccc-harness kernel build --debug' adds it)"
+        return f"symbolized with {self.vmlinux}{note}:\n" + "\n".join(out)
 
 
 # ---- resolving --kernel / --kernel-pkg ---------------------------------------------------------------

@@ -50,6 +50,8 @@ from .toolchain import CROSS, Toolchain, resolve_toolchain, which
 
 FRAGMENT = paths.REPO_ROOT / "images" / "kernel.config"
 SSH_FRAGMENT = paths.REPO_ROOT / "images" / "kernel-ssh.config"   # `kernel build --ssh`: + TCP/IP, virtio-net
+# `kernel build --debug`: + lockdep, KASAN, DEBUG_ATOMIC_SLEEP, DEBUG_LIST, DWARF, KALLSYMS_ALL, LKDTM (docs/debug-kernels.md)
+DEBUG_FRAGMENT = paths.REPO_ROOT / "images" / "kernel-debug.config"
 MERGED = ".smccc-harness-fragment.config"  # in O=: the fragments, concatenated, when there are several
 SOURCE_PACKAGE = "linux-source-7.3"
 SOURCE_SUITE = "trixie-backports"
@@ -75,8 +77,8 @@ def default_out_dir(src: Path, flavour: str = "") -> Path:
     return paths.cache_dir() / "kbuild" / f"{Path(src).resolve().name}-{key}{'-' + flavour if flavour else ''}"
 
 
-def out_flavour(*, ssh: bool = False, llvm: bool = False, config: str | None = None) -> str:
-    parts = []
+def out_flavour(*, ssh: bool = False, llvm: bool = False, config: str | None = None, debug: bool = False) -> str:
+    parts = ["debug"] if debug else []
     if ssh:
         parts.append("ssh")
     if llvm:
@@ -195,15 +197,24 @@ def _cmd_build(args) -> int:
     def say(msg: str) -> None:
         print(f"[smccc-harness] {msg}", flush=True)
     src = Path(args.src) if args.src else source_tree(progress=say)
-    fragments = [Path(f) for f in (args.fragment or [FRAGMENT])] + ([SSH_FRAGMENT] if args.ssh else [])
+    debug = getattr(args, "debug", False)
+    fragments = ([Path(f) for f in (args.fragment or [FRAGMENT])] + ([DEBUG_FRAGMENT] if debug else [])
+                 + ([SSH_FRAGMENT] if args.ssh else []))
     llvm = args.llvm
     flavour = ""
-    if args.ssh:   # the --ssh build keeps its own O= (and the LLVM one its own too)
+    if args.ssh or debug:   # the --ssh / --debug builds keep their own O= (and the LLVM ones theirs too)
         uses_llvm = bool((llvm if llvm is not None else os.environ.get("LLVM", "")).strip() not in ("", "0"))
-        flavour = out_flavour(ssh=True, llvm=uses_llvm, config=args.config)
-    r = build(src, args.out, jobs=args.jobs, fragment=fragments, ccache=not args.no_ccache, progress=say,
-              config=args.config, llvm=llvm, cross_compile=args.cross_compile,
-              install_toolchain=args.install_toolchain, verbose=args.verbose, flavour=flavour)
+        flavour = out_flavour(ssh=args.ssh, llvm=uses_llvm, config=args.config, debug=debug)
+    try:
+        r = build(src, args.out, jobs=args.jobs, fragment=fragments, ccache=not args.no_ccache, progress=say,
+                  config=args.config, llvm=llvm, cross_compile=args.cross_compile,
+                  install_toolchain=args.install_toolchain, verbose=args.verbose, flavour=flavour)
+    except HarnessError as e:
+        if debug and "did not stick" in str(e):
+            e.hint = (f"{e.hint}; {DEBUG_FRAGMENT.name} needs a compiler with KASAN support (gcc >= 8.3 or clang "
+                      ">= 11: -fsanitize=kernel-address) and a base config that allows lockdep and KASAN "
+                      "(docs/debug-kernels.md)")
+        raise
     what = " + ".join(str(f) for f in fragments)
     say(f"built {r.version} in {r.seconds:.1f} s with {r.toolchain.describe(not args.no_ccache)}"
         + (f" (configured: {args.config or 'allnoconfig'} + {what})" if r.configured else ""))
@@ -273,6 +284,9 @@ def add_cli(sub) -> None:
                    help=f"config fragment merged into the config; repeatable (default: {FRAGMENT})")
     b.add_argument("--ssh", action="store_true",
                    help=f"also {SSH_FRAGMENT.name}: TCP/IP and virtio-net built in, for --ssh (docs/ssh.md); own O= dir")
+    b.add_argument("--debug", action="store_true",
+                   help=f"also {DEBUG_FRAGMENT.name}: lockdep, KASAN, DEBUG_ATOMIC_SLEEP, DEBUG_LIST, DWARF, "
+                        "KALLSYMS_ALL, LKDTM (docs/debug-kernels.md); own O= dir")
     b.add_argument("--no-ccache", action="store_true")
     add_toolchain_args(b)
     b.set_defaults(func=_cmd_build)

@@ -22,11 +22,13 @@ FAILURE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("kernel fault", re.compile(r"Unable to handle kernel ")),
     ("KASAN", re.compile(r"BUG: KASAN: ")),
     ("soft lockup", re.compile(r"(?:watchdog: )?(?:BUG: soft lockup|Watchdog detected hard LOCKUP)")),
+    # DEBUG_ATOMIC_SLEEP (kernel/sched/core.c __might_resched) and the scheduler's own check (__schedule_bug)
+    ("sleep in atomic", re.compile(r"BUG: (?:sleeping function called from invalid context|scheduling while atomic)")),
     ("kernel BUG", re.compile(r"(?:kernel BUG at |BUG: )")),
     ("lockdep", re.compile(
-        r"(?:WARNING: )?(?:possible circular locking dependency detected|possible recursive locking detected"
+        r"(?:WARNING: |\[ BUG: )?(?:possible circular locking dependency detected|possible recursive locking detected"
         r"|inconsistent lock state|bad unlock balance detected|possible irq lock inversion dependency detected"
-        r"|suspicious RCU usage)")),
+        r"|suspicious RCU usage|lock held when returning to user space!|held lock freed!|Invalid wait context \])")),
     ("rcu stall", re.compile(r"(?:rcu: )?INFO: rcu_\w+ (?:self-)?detected stalls?")),
     ("hung task", re.compile(r"INFO: task \S+ blocked for more than \d+ seconds")),
     ("UBSAN", re.compile(r"UBSAN: ")),

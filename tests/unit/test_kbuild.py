@@ -142,6 +142,16 @@ def test_flavours_keep_configs_apart(tmp_path):
     assert kbuild.out_flavour(config="defconfig") == "defconfig"
     assert kbuild.out_flavour(config="olddefconfig") == ""
     assert kbuild.out_flavour(config=str(tmp_path / "a")) != kbuild.out_flavour(config=str(tmp_path / "b"))
+    assert kbuild.out_flavour(debug=True) == "debug" and kbuild.out_flavour(debug=True, llvm=True) == "debug-llvm"
+
+
+def test_debug_fragment_names_every_detector_the_splat_table_needs():
+    """docs/debug-kernels.md's table: each splat class needs one of these built in."""
+    frag = kconfig.parse_fragment(kbuild.DEBUG_FRAGMENT.read_text())
+    for opt in ("PROVE_LOCKING", "DEBUG_ATOMIC_SLEEP", "KASAN", "KASAN_GENERIC", "DEBUG_LIST",
+                "DEBUG_INFO_DWARF_TOOLCHAIN_DEFAULT", "KALLSYMS_ALL", "DEBUG_FS", "LKDTM"):
+        assert frag.get(f"CONFIG_{opt}") == "y", opt
+    assert not set(frag) & set(kconfig.parse_fragment(kbuild.FRAGMENT.read_text())), "only adds to kernel.config"
 
 
 # ---- --config ---------------------------------------------------------------------------------------------

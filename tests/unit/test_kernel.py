@@ -196,6 +196,37 @@ def test_kaslr_offset_in_the_excerpt_is_subtracted(otree):
     assert "handle_smc+0x8/0x10" in K.Symbolizer(otree / "vmlinux").symbolize_excerpt(excerpt)
 
 
+@needs_cross
+def test_kallsyms_call_trace_gets_addresses_and_file_line_from_dwarf(tmp_path):
+    """A kernel with kallsyms prints function+off/size; with DWARF (as -g: line info for v.S) each pc/lr/frame
+    gets its file:line; a return address (lr, frames after the first) is looked up at its call (4 bytes back)."""
+    (tmp_path / "v.S").write_text(VMLINUX_S)
+    subprocess.run(["aarch64-linux-gnu-as", "-g", "-o", str(tmp_path / "v.o"), str(tmp_path / "v.S")], check=True)
+    subprocess.run(["aarch64-linux-gnu-ld", "-Ttext", hex(TEXT_BASE), "-o", str(tmp_path / "vmlinux"),
+                    str(tmp_path / "v.o")], check=True)
+    lines = VMLINUX_S.splitlines()       # lines[i] is v.S line i + 1
+    nop3 = next(i for i, ln in enumerate(lines) if ln.strip() == "ret")     # handle_smc+0x8, the 3rd nop
+    excerpt = ("[    5.1] WARNING: CPU: 0 PID: 1 at v.S:1 handle_smc+0x8/0x10\n"
+               "[    5.1] pc : handle_smc+0x8/0x10\n[    5.1] lr : kvm_handle_guest_abort+0x14/0x44\n"
+               "[    5.1] sp : ffff80008000bd60\n[    5.1] Call trace:\n[    5.1]  handle_smc+0x8/0x10 (P)\n"
+               "[    5.1]  kvm_handle_guest_abort+0x14/0x44\n[    5.1] ---[ end trace 0000000000000000 ]---\n")
+    s = K.Symbolizer(tmp_path / "vmlinux")
+    assert s.has_dwarf
+    out = s.symbolize_excerpt(excerpt)
+    assert f"pc {TEXT_BASE + 8:#018x} = handle_smc+0x8/0x10 at {tmp_path / 'v.S'}:{nop3}" in out, out
+    assert f"lr {TEXT_BASE + 0x10 + 0x14:#018x} = kvm_handle_guest_abort+0x14/0x44 at" in out, out
+    assert f"#0 {TEXT_BASE + 8:#018x} = handle_smc+0x8/0x10 at {tmp_path / 'v.S'}:{nop3}" in out, out
+    assert f"#1 {TEXT_BASE + 0x24:#018x} = kvm_handle_guest_abort+0x14/0x44" in out, out
+    assert "bd60" not in out
+
+
+@needs_cross
+def test_without_dwarf_the_symbolizer_says_how_to_get_file_line(otree):
+    out = K.Symbolizer(otree / "vmlinux").symbolize_excerpt("pc : handle_smc+0x4/0x10\n")
+    assert f"pc {TEXT_BASE + 4:#018x} = handle_smc+0x4/0x10" in out and " at " not in out.splitlines()[1]
+    assert "no DWARF" in out and "--debug" in out
+
+
 # ---- the config fragment ----------------------------------------------------------------------------
 def test_fragment_names_every_option_the_agent_and_platform_doc_need():
     frag = kconfig.parse_fragment(kbuild.FRAGMENT.read_text())
