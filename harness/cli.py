@@ -125,7 +125,11 @@ def _session(args, append: str = "", ssh: bool = False):
         opts = dataclasses.replace(opts, snapshots=False)
     a = guest_assets(opts, progress=_progress)
     run_dir = paths.new_run_dir(args.command.replace("-", "_"), _results_root(args))
-    return new_session(opts, run_dir, assets=a), a.kernel
+    s = new_session(opts, run_dir, assets=a)
+    from .machine.guests import gdb_hint
+    if (line := gdb_hint(s, a.kernel)) and not getattr(args, "print_cmd", False):
+        _progress(line)
+    return s, a.kernel
 
 
 def cmd_boot(args) -> int:
@@ -146,6 +150,11 @@ def cmd_boot(args) -> int:
         if s.ssh is not None:
             _progress(f"ssh: {s.ssh.run('uname -a', 10)[1].strip()}  (key {s.run_dir / 'ssh' / 'id_ed25519'}, "
                       f"127.0.0.1:{s.config.ssh_port})")
+        if s.config.gdb_port is not None:     # keep the guest for gdb until Ctrl-C (or QEMU exits)
+            _progress(f"guest running for gdb on 127.0.0.1:{s.config.gdb_port}; Ctrl-C stops it")
+            while s.alive():
+                time.sleep(0.5)
+            _progress("QEMU exited")
     return 0
 
 
@@ -272,6 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep the newest N run directories under the results dir, never a live run's "
                             "(0: keep all) [env SMCCC_KEEP_RUNS, default 50]")
         p.add_argument("--no-snapshot", action="store_true",
+def gdb_args(p) -> None:
+    """--gdb / --gdb-port / --gdb-wait (boot, run-payload; pytest has the same options): docs/debug-kernels.md."""
+    p.add_argument("--gdb", action="store_true",
+                   help="start QEMU's gdbstub on 127.0.0.1 (a free port), boot with nokaslr and no snapshot, "
+                        "print the gdb-multiarch line to attach")
+    p.add_argument("--gdb-port", type=int, default=None, metavar="PORT", help="--gdb on this port (implies --gdb)")
+    p.add_argument("--gdb-wait", action="store_true",
+                   help="--gdb with the vCPUs halted at start (QEMU -S) until gdb continues them (implies --gdb; "
+                        "boot deadline 1 h)")
+
+
                        help="cold-boot the guest instead of restoring the cached snapshot [env SMCCC_NO_SNAPSHOT=1]")
 
     p = sub.add_parser("setup", help="install system packages, fetch kernel and rootfs packages, build initramfs")
@@ -316,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run-payload", help="run your payload ELF against the handler and print the trace")
     common(p)
+    gdb_args(p)
     p.add_argument("elf")
     p.add_argument("--forward", action="append", default=[],
                    help="'psci' or BASE[+NR][:fwd|deny|handle]; repeatable")
@@ -348,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
+    gdb_args(p)
     if "--" in argv:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]

@@ -105,8 +105,10 @@ class KnownIssues:
         return [e for e in self.entries if e.expired(self.today)]
 
     def for_kernel(self, version: str) -> list[KnownIssue]:
-        """The active entries whose pattern matches this kernel version."""
-        return [e for e in self.active if kernel_matches(e.kernel, version)]
+        """The active entries whose pattern matches this kernel version (not those whose known_bad entry says
+        this kernel carries the fix: harness/model/known_bad.py ``KnownBad.fixed``)."""
+        return [e for e in self.active if kernel_matches(e.kernel, version)
+                and not (e.known_bad and KNOWN_BAD[e.known_bad].fixed(version))]
 
     def check_against(self, scenarios: set[str]) -> None:
         """Unknown parametrisations: an entry whose test function the JUnit files ran, but never with its

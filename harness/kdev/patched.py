@@ -6,8 +6,9 @@ seconds, no extra space but the directories), then every patch is applied in ord
 file is patched its hard link is broken (the file is copied to a new inode), so the base tree never changes,
 whichever tool wrote the file.
 
-Cached by a key over the base tree's path, the bytes of every patch in order and the localversion: the same
-inputs give the same tree (``<cache>/ksrc-patched/<key>/<base name>``), made once; its ``patches.json`` (next
+Cached by a key over the base tree's path, the diff of every patch in order (not its mail headers or commit
+message: rewording one keeps the tree, its O= build directory and ccache's objects) and the localversion: the
+same inputs give the same tree (``<cache>/ksrc-patched/<key>/<base name>``), made once; its ``patches.json`` (next
 to the tree, not in it) says what went in.  The tree is made under a temporary name and renamed into place
 only when every patch applied, so a patch that does not apply (the error names the patch file, the file and
 the hunk) leaves nothing behind.
@@ -38,7 +39,7 @@ from ..images.sysdeps import Requirement, ensure_packages
 
 LOCALVERSION_FILE = "localversion-smccc-harness"
 MANIFEST = "patches.json"
-KEY_VERSION = "1"          # bump when the way a tree is made changes: old trees are then not reused
+KEY_VERSION = "2"          # bump when the way a tree is made changes: old trees are then not reused
 _LOCALVERSION_RE = re.compile(r"^[A-Za-z0-9._+-]{1,48}$")
 PATCH_REQUIREMENTS = (Requirement("patch", "patch"),)     # GNU patch, installed on first use
 _PATCH_ARGV = ["patch", "-p1", "--batch", "--forward", "--fuzz=0", "--no-backup-if-mismatch", "--reject-file=-"]
@@ -140,11 +141,23 @@ def read_patches(patches) -> list[tuple[Path, bytes]]:
     return out
 
 
+def diff_body(data: bytes) -> bytes:
+    """What a patch changes: from its first file header (``diff --git`` or ``--- ``) to the end, without the
+    ``-- `` signature git format-patch appends.  The mail headers and the commit message are left out, so
+    rewording a commit message keeps the tree (and its build directory, and ccache's objects)."""
+    lines = data.splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if ln.startswith((b"diff ", b"--- "))), 0)
+    body = lines[start:]
+    sig = next((i for i, ln in enumerate(body) if ln.rstrip(b"\r\n") == b"-- "), len(body))
+    return b"".join(body[:sig])
+
+
 def tree_key(base: Path, patch_data: list[bytes], localversion: str) -> str:
+    """The cache key: base tree, localversion and, in order, what each patch changes (``diff_body``)."""
     h = hashlib.sha256()
     h.update(f"v{KEY_VERSION}\0{Path(base).resolve()}\0{localversion}\0".encode())
     for data in patch_data:
-        h.update(hashlib.sha256(data).hexdigest().encode() + b"\0")
+        h.update(hashlib.sha256(diff_body(data)).hexdigest().encode() + b"\0")
     return h.hexdigest()[:16]
 
 

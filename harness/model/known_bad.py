@@ -3,6 +3,12 @@
 Each entry names the kernel series it was measured on.  On those series the test is ``xfail(strict=True)``
 (the bug must still be there: a fixed kernel XPASSes and fails, naming this table); on every other series the
 test runs plainly, so a kernel with the bug fails and one without passes.  Nothing here is "every kernel".
+
+A kernel of a listed series that carries the fix says so in its release string: ``fixed_by`` is the kbuild
+localversion that the fix's directory gives the builds made from it (``patches/linux/localversion-*``, applied by
+``smccc-harness kernel source --patches patches/linux``: release ``7.3.4-kvm-nv-hcd-elr``).  On such a kernel the
+entry does not apply and the test runs plainly, asserting the architectural behaviour.  A kernel fixed some other
+way (a later stable release, a distribution patch) XPASSes on its series: then narrow ``series``.
 """
 
 from __future__ import annotations
@@ -17,10 +23,16 @@ class KnownBad:
     series: tuple[tuple[int, int], ...]     # (major, minor) series measured to have the behaviour
     what: str
     evidence: str
+    fixed_by: str = ""      # release tag (kbuild localversion) of a kernel that carries the fix, e.g. "-kvm-nv-hcd-elr"
+    fix: str = ""           # the fix, a repo path (patches/linux/...)
+
+    def fixed(self, uname: str | None) -> bool:
+        """The release string says this kernel carries the fix (its localversion has ``fixed_by``)."""
+        return bool(self.fixed_by and uname and self.fixed_by in uname)
 
     def applies(self, uname: str | None) -> bool:
         v = release_version(uname)
-        return v is not None and v[:2] in self.series
+        return v is not None and v[:2] in self.series and not self.fixed(uname)
 
     def reason(self, uname: str | None) -> str:
         names = ", ".join(f"{a}.{b}" for a, b in self.series)
@@ -32,7 +44,9 @@ KNOWN_BAD: dict[str, KnownBad] = {
     "hcd_undef_elr_after_hvc": KnownBad(
         series=((7, 2), (7, 3)),
         what="handle_hvc() injects the HCD UNDEF after the HVC trap advanced the PC: ELR_EL2 = HVC + 4",
-        evidence="measured on 7.2.13 and 7.3.4; docs/nested-routing.md"),
+        evidence="measured on 7.2.13 and 7.3.4; docs/nested-routing.md",
+        fixed_by="-kvm-nv-hcd-elr",
+        fix="patches/linux/0001-KVM-arm64-nv-Make-the-HCD-UNDEF-return-to-the-HVC-in.patch"),
 }
 
 

@@ -285,7 +285,9 @@ def test_hcd_makes_vel2_hvc_undef_once_the_vmm_hides_el3(guest, nested, e2h0):
 def test_hcd_undef_at_vel2_returns_to_the_hvc_itself(guest, nested, e2h0, request):
     """Arm ARM: the preferred return address of an UNDEFINED instruction is that instruction, so ELR_EL2 of the
     UNDEF an HCD-disabled HVC becomes should be the HVC (the inner-EL1 case in this file does get that).
-    Known bad on the series harness/model/known_bad.py names (strict xfail there; a plain test everywhere else)."""
+    Known bad on the series harness/model/known_bad.py names (strict xfail there; a plain test everywhere else,
+    and on a kernel whose release carries the fix's tag, e.g. 7.3.4-kvm-nv-hcd-elr built from patches/linux:
+    docs/upstream/kvm-nv-hcd-undef-elr.md)."""
     bad = KNOWN_BAD["hcd_undef_elr_after_hvc"]
     if bad.applies(guest.caps["uname"]):
         request.applymarker(pytest.mark.xfail(strict=True, reason=bad.reason(guest.caps["uname"])))

@@ -254,6 +254,14 @@ def test_the_repo_file_lists_the_hcd_undef_bug_on_7_2_and_7_3_for_both_variants(
     assert all(re.fullmatch(r"images/known-issues\.toml:\d+", e.where) for e in hcd)
 
 
+def test_a_kernel_that_carries_the_fix_has_no_known_hcd_issue():
+    """7.3.4 built with patches/linux (release 7.3.4-kvm-nv-hcd-elr, harness/model/known_bad.py fixed_by): the HCD
+    entries do not cover it, so its passing test is not reported as "known issue no longer fails"."""
+    known = K.load(K.FILE, today=TODAY)
+    assert {e.known_bad for e in known.for_kernel("7.3.4")} == {"hcd_undef_elr_after_hvc"}
+    assert [e for e in known.for_kernel("7.3.4-kvm-nv-hcd-elr") if e.known_bad == "hcd_undef_elr_after_hvc"] == []
+
+
 def test_every_known_bad_entry_is_listed_for_its_series_by_the_tests_that_use_it():
     """One kernel bug, two places: known_bad.py makes the test a strict xfail on its series, the file says the
     failure is known there.  They must agree: same series, and the listed tests are the ones using the entry."""

@@ -97,9 +97,9 @@ def test_same_patches_reuse_the_tree_and_other_bytes_make_another(base, root, tm
     p = write(tmp_path, "a.patch", diff(REL, HVC_OLD, HVC_NEW))
     first = patched.patched_tree(base, [p], progress=quiet, cache_root=root)
     (first.tree / "marker").write_text("kept")
-    again = patched.patched_tree(base, [write(tmp_path, "renamed.patch", p.read_bytes())], progress=quiet,
-                                 cache_root=root)
-    assert (again.made, again.tree, again.key) == (False, first.tree, first.key)   # keyed by bytes, not by name
+    reworded = p.read_bytes().replace(b"\nWhy.\n", b"\nA better reason, reworded for review.\n")
+    again = patched.patched_tree(base, [write(tmp_path, "renamed.patch", reworded)], progress=quiet, cache_root=root)
+    assert (again.made, again.tree, again.key) == (False, first.tree, first.key)   # keyed by the diff only
     assert (again.tree / "marker").read_text() == "kept"
     other = write(tmp_path, "b.patch", diff(REL, HVC_OLD, HVC_NEW.replace("-= 4", "-= 4 /* HVC */")))
     third = patched.patched_tree(base, [other], progress=quiet, cache_root=root)
