@@ -320,3 +320,19 @@ def test_chromium_screenshot_of_the_report_is_a_png_of_the_window(nights, tmp_pa
     assert struct.unpack(">II", data[16:24]) == (800, 600)
     assert f"screenshot: {png}" in capsys.readouterr().out
     assert not list(tmp_path.glob(".*.tmp.png"))
+
+
+def test_ci_setup_installs_the_browser_through_sysdeps(monkeypatch):
+    """``./smccc-harness test`` (CI's .ci/run) installs Chromium with the selftest tools, so the two browser tests
+    above run on a new machine instead of skipping."""
+    from harness.images import sysdeps
+    calls = []
+    monkeypatch.setattr(cli, "cmd_setup", lambda args: 0)
+    monkeypatch.setattr(cli, "_pytest", lambda argv: calls.append("pytest") or 0)
+    monkeypatch.setattr(sysdeps, "ensure_selftest_packages", lambda progress: calls.append("selftest tools"))
+    monkeypatch.setattr(sysdeps, "ensure_packages", lambda reqs, what, progress: calls.append(
+        (what, [(r.package, r.probe) for r in reqs])))
+    assert cli.main(["test"]) == 0
+    assert calls == ["selftest tools", ("report browser", [("chromium", "chromium")]), "pytest"]
+    calls.clear()
+    assert cli.main(["test", "--no-system"]) == 0 and calls == ["pytest"]
