@@ -25,13 +25,14 @@ MEMORY_RANGE_MB = (256, 16384)
 GIC_VERSIONS = (2, 3, 4)
 SUN_PATH_MAX = 107            # sizeof(sockaddr_un.sun_path) - 1
 BASE_CMDLINE = "console=ttyAMA0 rdinit=/init kvm-arm.mode=nested panic=-1 loglevel=5"
+GDB_CMDLINE = "nokaslr"      # with --gdb: the vmlinux's symbol addresses are where the kernel runs
 
 
 # Options that have a MachineConfig field: refused inside extra_args, with the field to use instead.
 _OWNED_OPTIONS = {
     "append": "cmdline", "kernel": "kernel", "initrd": "initrd", "accel": "accel", "enable-kvm": "accel",
     "cpu": "cpu", "smp": "smp", "m": "memory_mb", "incoming": "incoming", "qmp": "qmp_socket",
-    "serial": "console_socket",
+    "serial": "console_socket", "gdb": "gdb_port", "s": "gdb_port",
 }
 
 
@@ -115,6 +116,11 @@ class MachineConfig:
     # harness/machine/reuse.py); QEMU itself appends everything the guest prints to console_logfile, attached or not.
     console_socket: Path | None = None
     console_logfile: Path | None = None
+    # QEMU's gdbstub (--gdb, docs/debug-kernels.md): -gdb tcp:127.0.0.1:PORT, loopback only; gdb_wait adds -S
+    # (the vCPUs stay halted until gdb continues them).  The kernel command line should carry nokaslr
+    # (GDB_CMDLINE) so the vmlinux's addresses are the running kernel's.
+    gdb_port: int | None = None
+    gdb_wait: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -157,6 +163,11 @@ class MachineConfig:
             raise bad(f"incoming must be a migration URI such as 'defer', or None, got {self.incoming!r}")
         if self.ssh_port is not None and (not is_int(self.ssh_port) or not 1 <= self.ssh_port <= 65535):
             raise bad(f"ssh_port must be a TCP port in 1..65535, or None, got {self.ssh_port!r}")
+        if self.gdb_port is not None and (not is_int(self.gdb_port) or not 1 <= self.gdb_port <= 65535):
+            raise bad(f"gdb_port must be a TCP port in 1..65535, or None, got {self.gdb_port!r}")
+        if not isinstance(self.gdb_wait, bool) or (self.gdb_wait and self.gdb_port is None):
+            raise bad(f"gdb_wait must be a bool and needs gdb_port (got gdb_wait={self.gdb_wait!r}, "
+                      f"gdb_port={self.gdb_port!r})")
         if not all(isinstance(a, str) for a in self.extra_args):
             raise bad(f"extra_args must be a tuple of strings, got {self.extra_args!r}")
         for a in self.extra_args:
@@ -235,12 +246,38 @@ class MachineConfig:
             a += ["-qmp", f"unix:{self.qmp_socket},server=on,wait=off"]
         if self.incoming is not None:
             a += ["-incoming", self.incoming]
+        if self.gdb_port is not None:
+            a += ["-gdb", f"tcp:127.0.0.1:{self.gdb_port}"] + (["-S"] if self.gdb_wait else [])
         a += list(self.extra_args)
         return a
 
     def shell_command(self) -> str:
         """:meth:`argv` as one shell-quoted line (``shlex.split`` gives :meth:`argv` back)."""
         return shlex.join(self.argv())
+
+
+# ---- QEMU's gdbstub (--gdb) -------------------------------------------------------------------------------
+GDB_WAIT_BOOT_S = 3600.0   # --gdb-wait: the boot deadline (the vCPUs wait for a human in gdb)
+
+
+def gdb_port(want: int | None = None) -> int:
+    """The TCP port for ``-gdb tcp:127.0.0.1:PORT``: ``want`` if nobody listens on it (else a SetupError naming
+    it), or a free one.  (QEMU may still lose a race for a free port: it then exits naming the port.)"""
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", want or 0))
+        except OSError as e:
+            raise SetupError(f"--gdb-port {want}: 127.0.0.1:{want} is taken ({e.strerror})",
+                             hint="pass another --gdb-port, or leave it out for a free port") from None
+        return s.getsockname()[1]
+
+
+def gdb_command(port: int, vmlinux: Path | None) -> str:
+    """The gdb line to attach to a guest's gdbstub (Debian's gdb-multiarch debugs an arm64 kernel on x86)."""
+    if vmlinux is not None:
+        return f"gdb-multiarch {shlex.quote(str(vmlinux))} -ex 'target remote 127.0.0.1:{port}'"
+    return f"gdb-multiarch -ex 'set architecture aarch64' -ex 'target remote 127.0.0.1:{port}'"
 
 
 SOCK_PREFIX = "smccc-sock-"

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .accel import resolve_accel
+from .config import GDB_WAIT_BOOT_S, gdb_command, gdb_port
 from .session import GuestSession
 
 
@@ -32,6 +33,9 @@ class GuestOptions:
     boot_deadline_s: float = 120.0    # QEMU start -> the agent's ready banner
     snapshots: bool = True            # restore (or make) the cached snapshot of a booted guest
     ssh: bool = False                 # the opt-in SSH channel (docs/ssh.md): cold boot, its own initrd
+    gdb: bool = False                 # QEMU's gdbstub on 127.0.0.1 (docs/debug-kernels.md): cold boot, nokaslr
+    gdb_port: int | None = None       # with gdb: this port (None: a free one)
+    gdb_wait: bool = False            # with gdb: -S, the vCPUs halted until gdb continues them
 
     def __post_init__(self):
         if self.accel not in ("auto", "tcg", "kvm"):
@@ -46,7 +50,9 @@ class GuestOptions:
         return dataclasses.replace(cls(
             kernel=str(opt("--kernel")), accel=opt("--accel"), qemu_bin=opt("--qemu-bin"), smp=opt("--smp"),
             memory_mb=opt("--memory"), append=opt("--append") or "", boot_deadline_s=opt("--boot-timeout"),
-            snapshots=not opt("--no-snapshot"), ssh=bool(opt("--ssh"))), **over)
+            snapshots=not opt("--no-snapshot"), ssh=bool(opt("--ssh")),
+            gdb=bool(opt("--gdb") or opt("--gdb-wait") or opt("--gdb-port")), gdb_port=opt("--gdb-port"),
+            gdb_wait=bool(opt("--gdb-wait"))), **over)
 
     @classmethod
     def from_args(cls, args, **over) -> GuestOptions:
@@ -56,7 +62,9 @@ class GuestOptions:
             kernel=str(args.kernel), accel=args.accel, qemu_bin=args.qemu_bin,
             smp=getattr(args, "smp", 1), memory_mb=getattr(args, "memory", 1024),
             append=getattr(args, "append", "") or "", boot_deadline_s=args.boot_timeout,
-            snapshots=not (getattr(args, "no_snapshot", False) or disabled_by_env())), **over)
+            snapshots=not (getattr(args, "no_snapshot", False) or disabled_by_env()),
+            gdb=bool(getattr(args, "gdb", False) or getattr(args, "gdb_wait", False) or getattr(args, "gdb_port", None)),
+            gdb_port=getattr(args, "gdb_port", None), gdb_wait=bool(getattr(args, "gdb_wait", False))), **over)
 
 
 @dataclass(frozen=True)
@@ -88,8 +96,25 @@ def new_session(opts: GuestOptions, run_dir: os.PathLike, *, assets: GuestAssets
     ``initrd``: boot this initramfs instead of the harness's own (an image built over it, e.g. the L1 guest
     that carries an L2 kernel)."""
     a = assets or guest_assets(opts, progress)
+    port = gdb_port(opts.gdb_port) if opts.gdb else None
+    deadline = max(opts.boot_deadline_s, GDB_WAIT_BOOT_S) if opts.gdb and opts.gdb_wait else opts.boot_deadline_s
     return GuestSession.create(
         a.kernel.image, Path(initrd) if initrd else a.initrd, Path(run_dir),
         accel=resolve_accel(opts.accel, opts.qemu_bin), smp=opts.smp, memory_mb=opts.memory_mb,
-        append=opts.append, boot_deadline_s=opts.boot_deadline_s, qemu_bin=opts.qemu_bin,
-        snapshots=opts.snapshots and not opts.ssh, ssh=opts.ssh)
+        append=opts.append, boot_deadline_s=deadline, qemu_bin=opts.qemu_bin,
+        snapshots=opts.snapshots and not opts.ssh, ssh=opts.ssh, gdb_port=port, gdb_wait=opts.gdb and opts.gdb_wait)
+
+
+def gdb_hint(session, kernel) -> str | None:
+    """For a session started with --gdb: how to attach (the gdb line), and what is missing without a vmlinux."""
+    port = session.config.gdb_port
+    if port is None:
+        return None
+    from ..images.kernel import vmlinux_of
+    vm = vmlinux_of(kernel)
+    line = f"gdbstub on 127.0.0.1:{port}" + (" (vCPUs halted until gdb continues them)" if session.config.gdb_wait
+                                              else "") + f"; attach with: {gdb_command(port, vm)}"
+    if vm is None:
+        line += ("\n  no vmlinux is known for this kernel: gdb sees addresses only; for symbols pass --kernel "
+                 "PATH/vmlinux (or the Image of a kernel build tree, whose vmlinux sits next to it)")
+    return line

@@ -24,7 +24,7 @@ from ..model.results import ScenarioResult
 from ..model.scenarios import watchdog_from_env
 from ..model.splats import scan_failures
 from .channel import Channel, ChannelError
-from .config import SOCK_PREFIX, MachineConfig, default_cmdline, sock_dir
+from .config import GDB_CMDLINE, SOCK_PREFIX, MachineConfig, default_cmdline, sock_dir
 from .console import ConsoleFailure, silent_kernel
 from .detached import DetachedMachine
 from .process import Machine
@@ -60,8 +60,11 @@ class GuestSession:
     def create(cls, kernel: Path, initrd: Path, run_dir: Path, *, accel: str = "tcg", smp: int = 1,
                memory_mb: int = 1024, append: str = "", boot_deadline_s: float = 120.0,
                qemu_bin: str = "qemu-system-aarch64", incoming: str | None = None,
-               snapshots: bool = False, ssh: bool = False) -> GuestSession:
+               snapshots: bool = False, ssh: bool = False, gdb_port: int | None = None,
+               gdb_wait: bool = False) -> GuestSession:
         keys = port = None
+        if gdb_port is not None:   # --gdb (docs/debug-kernels.md): a cold boot (no snapshot), KASLR off
+            append, snapshots = f"{append} {GDB_CMDLINE}".strip(), False
         if ssh:     # opt-in (docs/ssh.md): a per-run initrd with dropbear + keys, a NIC, a cold boot
             from ..images import sshimage
             from . import ssh as sshmod
@@ -75,7 +78,7 @@ class GuestSession:
         cfg = MachineConfig(kernel=Path(kernel), initrd=Path(initrd), cmdline=default_cmdline(append),
                             accel=accel, smp=smp, memory_mb=memory_mb, qemu_bin=qemu_bin,
                             control_socket=sockets / "ctl.sock", qmp_socket=sockets / "qmp.sock",
-                            incoming=incoming, ssh_port=port)
+                            incoming=incoming, ssh_port=port, gdb_port=gdb_port, gdb_wait=gdb_wait)
         return cls(config=cfg, run_dir=run_dir, boot_deadline_s=boot_deadline_s, snapshots=snapshots,
                    ssh_keys=keys)
 

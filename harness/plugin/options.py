@@ -50,6 +50,17 @@ def pytest_addoption(parser):
     g.addoption("--reuse-vm-idle", type=float, default=None, metavar="SECONDS",
                 help="a reused VM powers itself off after this long without a request (0: never) "
                      "[env SMCCC_REUSE_VM_IDLE, default 1800]")
+    g.addoption("--gdb", action="store_true",
+                help="start each guest's QEMU with its gdbstub on 127.0.0.1 (a free port; cold boot, no snapshot, "
+                     "nokaslr) and print the gdb-multiarch line to attach (docs/debug-kernels.md)")
+    g.addoption("--gdb-port", type=int, default=None, metavar="PORT", help="--gdb on this port (implies --gdb)")
+    g.addoption("--gdb-wait", action="store_true",
+                help="--gdb with the vCPUs halted at start (QEMU -S) until gdb continues them (implies --gdb)")
+    g.addoption("--psci-fuzz-examples", type=int, default=None, metavar="N",
+                help="programs per PSCI differential fuzz test (tests/system/test_psci_fuzz.py; default 100 at EL1, "
+                     "30 at vEL2): a nightly run passes more")
+    g.addoption("--psci-fuzz-seed", default=None, metavar="SEED",
+                help="hypothesis seed of the PSCI fuzz tests (an integer, or 'random'); the run prints the one used")
     g.addoption("--kcidb", default=None, metavar="FILE",
                 help="after the run, write its results as KernelCI KCIDB JSON, read from the JUnit file "
                      "(--junitxml; FILE.junit.xml when not given) (harness/kdev/kcidb.py)")
@@ -73,6 +84,11 @@ def pytest_configure(config):
     # SMCCC_REUSE_VM is for this pytest only: pytest subprocesses that tests start (fault tests, bisect,
     # matrix) boot guests of their own, which die with them (xdist workers get the option value, not the env).
     os.environ.pop("SMCCC_REUSE_VM", None)
+    if config.getoption("--reuse-vm", False) and (config.getoption("--gdb", False) or config.getoption(
+            "--gdb-wait", False) or config.getoption("--gdb-port", None)):
+        raise pytest.UsageError("--gdb cannot be combined with --reuse-vm: the reusable VM was started without a "
+                                "gdbstub (and with KASLR); run 'smccc-harness vm stop' and use --gdb alone, which "
+                                "boots a guest of this run (docs/debug-kernels.md)")
     if config.getoption("--kernel-pkg", None):
         config.option.kernel = "pkg:" + config.getoption("--kernel-pkg")
     config.addinivalue_line("markers", "system_suspend: needs KVM_CAP_ARM_SYSTEM_SUSPEND")

@@ -121,7 +121,11 @@ class GuestPool:
         from ..machine.guests import new_session
         self.resolve_assets()
         opts = dataclasses.replace(self.options, **over) if over else self.options
-        return new_session(opts, paths.new_run_dir("guest"), assets=self.guest_assets)
+        s = new_session(opts, paths.new_run_dir("guest"), assets=self.guest_assets)
+        from ..machine.guests import gdb_hint
+        if line := gdb_hint(s, self.guest_assets.kernel):   # --gdb: before the boot (--gdb-wait halts it)
+            self.say(line)
+        return s
 
     def _announce_start(self, session) -> None:
         """After the pool's first guest: say how it came up when that was not a quick snapshot restore."""

@@ -304,3 +304,51 @@ def test_pdeathsig_preexec_sets_sigkill() -> None:
             os._exit(255)
     _, st = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(st) == signal.SIGKILL
+
+
+# ---- QEMU's gdbstub (--gdb, docs/debug-kernels.md) ----------------------------------------------------
+def test_gdb_stub_listens_on_loopback_only_and_wait_halts_the_vcpus(kernel: Path) -> None:
+    a = MachineConfig(kernel=kernel, gdb_port=40123).argv()
+    assert a[a.index("-gdb") + 1] == "tcp:127.0.0.1:40123" and "-S" not in a
+    w = MachineConfig(kernel=kernel, gdb_port=40123, gdb_wait=True).argv()
+    assert w[w.index("-gdb"):w.index("-gdb") + 3] == ["-gdb", "tcp:127.0.0.1:40123", "-S"]
+    assert "-gdb" not in MachineConfig(kernel=kernel).argv()
+
+
+@pytest.mark.parametrize(("over", "match"), [
+    ({"gdb_port": 0}, "gdb_port must be a TCP port"),
+    ({"gdb_port": "1234"}, "gdb_port must be a TCP port"),
+    ({"gdb_wait": True}, "gdb_wait must be a bool and needs gdb_port"),
+    ({"extra_args": ("-gdb", "tcp::1234")}, "use MachineConfig.gdb_port"),
+    ({"extra_args": ("-s",)}, "use MachineConfig.gdb_port"),
+])
+def test_gdb_fields_are_validated(kernel: Path, over: dict, match: str) -> None:
+    with pytest.raises(SetupError, match=match):
+        MachineConfig(kernel=kernel, **over)
+
+
+def test_gdb_port_taken_is_named_and_a_free_one_is_picked() -> None:
+    import socket
+
+    from harness.machine.config import gdb_command, gdb_port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        with pytest.raises(SetupError, match=f"--gdb-port {taken}: 127.0.0.1:{taken} is taken") as e:
+            gdb_port(taken)
+        assert "another --gdb-port" in e.value.hint
+        assert gdb_port() != taken
+    assert gdb_command(1234, Path("/o/vmlinux")) == "gdb-multiarch /o/vmlinux -ex 'target remote 127.0.0.1:1234'"
+    assert "set architecture aarch64" in gdb_command(1234, None)
+
+
+def test_a_gdb_session_boots_cold_with_kaslr_off(kernel: Path, tmp_path: Path) -> None:
+    from harness.machine.session import GuestSession
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(b"x")
+    s = GuestSession.create(kernel, initrd, tmp_path, snapshots=True, gdb_port=40123, gdb_wait=True)
+    assert not s.snapshots and s.config.cmdline.split()[-1] == "nokaslr"
+    assert s.config.argv()[-3:] == ["-gdb", "tcp:127.0.0.1:40123", "-S"]
+    plain = GuestSession.create(kernel, initrd, tmp_path, snapshots=True)
+    assert plain.snapshots and "nokaslr" not in plain.config.cmdline
