@@ -262,6 +262,24 @@ def cmd_assets(args) -> int:
     return 2
 
 
+# ---- qemu build --------------------------------------------------------------------------------------
+def cmd_qemu_build(args) -> int:
+    from .images import qemu_build
+    t0 = time.monotonic()
+    patch_dir = Path(args.patches) if args.patches else qemu_build.PATCH_DIR
+    b = qemu_build.build(version=args.source_version, patch_dir=patch_dir, jobs=args.jobs, progress=_progress)
+    what = (f"{b.info.get('version_line', '?')}: Debian's qemu {b.version} + {len(b.info.get('patches', []))} "
+            f"patch(es) from {patch_dir} (hash {b.digest})")
+    if b.cached:
+        _progress(f"cached {what}; its build took {b.build_s:.0f} s ({b.info.get('built', '?')}); "
+                  f"found in {time.monotonic() - t0:.2f} s")
+    else:
+        _progress(f"built {what} in {b.build_s:.0f} s")
+    _progress(f"use it with --qemu-bin {b.path} (pytest and every command) or QEMU={b.path}")
+    print(b.path, flush=True)
+    return 0
+
+
 # ---- main -------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="smccc-harness", description=__doc__.splitlines()[0])
@@ -359,6 +377,17 @@ def gdb_args(p) -> None:
         p.add_argument("--kernels", nargs="*", help="kernel specs to fetch (default: the default kernel)")
         p.add_argument("--all", action="store_true", help="clean: remove everything, downloads included")
         p.set_defaults(func=cmd_assets)
+
+    p = sub.add_parser("qemu", help="QEMU with the project's fixes (patches/qemu/): build it from Debian's source")
+    qs = p.add_subparsers(dest="qemu_command", required=True)
+    b = qs.add_parser("build", help="rebuild the installed QEMU from Debian's source with patches/qemu/*.patch "
+                                    "(aarch64-softmmu, cached); prints the binary's path")
+    b.add_argument("--source-version", default=None, metavar="VERSION",
+                   help="Debian source version of qemu to build exactly (default: the installed qemu-system-arm's, "
+                        "or the newest of its series on the mirror when that one is gone)")
+    b.add_argument("--patches", default=None, metavar="DIR", help="the patch series (default: patches/qemu)")
+    b.add_argument("-j", "--jobs", type=int, default=None, help="make -j (default: all CPUs)")
+    b.set_defaults(func=cmd_qemu_build)
 
     from .kdev import bisect, kbuild, matrix, selftests  # kernel build/source/info, bisect, matrix; selftests
     for mod in (kbuild, bisect, matrix, selftests):

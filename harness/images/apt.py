@@ -17,12 +17,16 @@ _UPDATED_LISTS: set[str] = set()
 
 
 class PrivateApt:
-    """apt-get / apt-cache with their own sources, lists and cache under ``cache/apt``; arm64 only."""
+    """apt-get / apt-cache with their own sources, lists and cache under ``cache/apt``; arm64 only.
 
-    def __init__(self, manifest: Manifest, root: Path, progress=print) -> None:
+    ``sources``: the exact sources.list text instead of the manifest's ``deb`` lines (harness/images/qemu_build.py
+    fetches Debian's QEMU source through ``deb-src`` lines in a root of its own)."""
+
+    def __init__(self, manifest: Manifest, root: Path, progress=print, sources: str | None = None) -> None:
         self.m = manifest
         self.root = root
         self.progress = progress
+        self.sources_text = sources
         self.lists = root / "lists"
         self.cache = root / "cache"
         self.sources = root / "sources.list"
@@ -50,10 +54,10 @@ class PrivateApt:
         status = self.root / "status"  # an empty dpkg status: nothing is "installed" for this apt
         if not status.exists():
             status.write_text("")
-        text = sources_list(self.m, ",".join(self.archs))
+        text = self.sources_text if self.sources_text is not None else sources_list(self.m, ",".join(self.archs))
         if not self.sources.exists() or self.sources.read_text() != text:
             self.sources.write_text(text)
-            for p in self.lists.glob("*_Packages*"):  # sources changed: the lists must be refetched
+            for p in self._list_files():  # sources changed: the lists must be refetched
                 p.unlink()
 
     def run(self, tool: str, *args: str, check: bool = True, cwd: Path | None = None,
@@ -67,11 +71,15 @@ class PrivateApt:
                              hint=f"the private apt state is in {self.root}; check network access to {self.m.mirror}")
         return r
 
+    def _list_files(self) -> list[Path]:
+        """The package (``deb``) and source (``deb-src``) index files fetched by ``update``."""
+        return [*self.lists.glob("*_Packages*"), *self.lists.glob("*_Sources*")] if self.lists.is_dir() else []
+
     def have_lists(self) -> bool:
-        return any(self.lists.glob("*_Packages*")) if self.lists.is_dir() else False
+        return bool(self._list_files())
 
     def lists_age_hours(self) -> float:
-        files = list(self.lists.glob("*_Packages*"))
+        files = self._list_files()
         if not files:
             return float("inf")
         return (time.time() - min(p.stat().st_mtime for p in files)) / 3600
@@ -95,6 +103,7 @@ class PrivateApt:
         """Lists present (and, with ``fresh``, younger than the manifest's max age)."""
         if self.updated:
             return
+        self._prepare()     # sources that changed drop the old lists first
         if not self.have_lists() or (fresh and self.lists_age_hours() > self.m.lists_max_age_hours):
             self.update()
 

@@ -257,17 +257,34 @@ def ensure_packages(requirements, what: str, progress=print) -> list[str]:
     missing = [r for r in requirements if not _present(r.probe)]
     if not missing:
         return []
-    names = list(dict.fromkeys(r.package for r in missing))
-    if os.geteuid() != 0:
-        raise SetupError(f"missing {what}: {', '.join(names)}",
-                         hint="run as root, or: apt-get install --no-install-recommends " + " ".join(names))
-    progress(f"installing {what}: {' '.join(names)}")
-    _apt(["update", "-q"], progress)
-    _apt(["install", "-y", "-q", "--no-install-recommends", *names], progress)
+    names = list(dict.fromkeys(r.package for r in missing if not r.from_backports))
+    bpo = list(dict.fromkeys(r.package for r in missing if r.from_backports))
+    install_packages(names, what, progress)
+    install_packages(bpo, what, progress, from_backports=True)
     still = [r for r in requirements if not _present(r.probe)]
     if still:
-        raise SetupError(f"installed {', '.join(names)} but still missing: {', '.join(r.probe for r in still)}")
-    return names
+        raise SetupError(f"installed {', '.join(names + bpo)} but still missing: {', '.join(r.probe for r in still)}")
+    return names + bpo
+
+
+def install_packages(names: list[str], what: str, progress=print, from_backports: bool = False) -> None:
+    """``apt-get install`` ``names`` (none: nothing happens); ``from_backports``: from <codename>-backports on a
+    release that needs it for QEMU's tools (bookworm: :func:`qemu_source`), adding that suite if missing.
+    Not root: a SetupError naming the command to run."""
+    if not names:
+        return
+    src = qemu_source(host_codename()) if from_backports else None
+    target = ["-t", src] if src else []
+    if os.geteuid() != 0:
+        raise SetupError(f"missing {what}: {', '.join(names)}",
+                         hint="run as root, or: apt-get install --no-install-recommends " + " ".join(target + names))
+    if src and not _backports_configured(src):
+        line = backports_line(system_mirror(host_codename()), host_codename())
+        progress(f"adding {BACKPORTS_LIST}: {line.strip()}")
+        BACKPORTS_LIST.write_text(line)
+    progress(f"installing {what}: {' '.join(names)}" + (f" (from {src})" if src else ""))
+    _apt(["update", "-q"], progress)
+    _apt(["install", "-y", "-q", "--no-install-recommends", *target, *names], progress)
 
 
 def ensure_kbuild_packages(progress=print, cross: bool = True) -> list[str]:
