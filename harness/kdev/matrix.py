@@ -138,9 +138,11 @@ def main(args) -> int:
     nights = regressions.read_nights([Path(d) for d in args.baseline], "--baseline") if args.baseline else []
     baseline = nights[-1].runs if nights else None
     known = regressions.known_issues_for_cli(args.known_issues)
-    if args.screenshot:
+    size = None
+    if args.screenshot:      # a bad file name or window size fails before the runs too
         from . import browser
         browser.check_png_path(Path(args.screenshot))
+        size = browser.parse_size(args.screenshot_size)
     if args.shard and (args.merge or args.report_only):
         raise HarnessError("--shard runs one slice of the matrix; --merge and --report-only run nothing",
                            "run each CI job with --shard i/N, then one job with --merge DIR... --out OUT")
@@ -182,7 +184,7 @@ def main(args) -> int:
     if args.screenshot:     # headless Chromium from Debian's packages, installed through sysdeps when missing
         from . import browser
         browser.ensure_chromium(progress=say)
-        png = browser.screenshot(page, Path(args.screenshot), browser.parse_size(args.screenshot_size))
+        png = browser.screenshot(page, Path(args.screenshot), size)
         say(f"screenshot: {png} ({png.stat().st_size // 1024} KB)")
     if args.kcidb:     # KCIDB JSON from the same JUnit files (harness/kdev/kcidb.py); bad input: exit 2
         from . import kcidb

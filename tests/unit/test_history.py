@@ -257,6 +257,9 @@ def test_a_bad_screenshot_path_or_size_is_refused_before_anything_runs(nights, t
     assert cli.main(["matrix", "--report-only", str(now), "--kernels", "default",
                      "--screenshot", str(tmp_path / "report.jpg")]) == 2
     assert "Chromium writes PNG" in capsys.readouterr().err
+    assert cli.main(["matrix", "--kernels", "default", "--out", str(tmp_path / "out"), "--screenshot",
+                     str(tmp_path / "r.png"), "--screenshot-size", "wide"]) == 2
+    assert "bad window size 'wide'" in capsys.readouterr().err and not (tmp_path / "out").exists()
     from harness.kdev import browser
     with pytest.raises(HarnessError, match="bad window size"):
         browser.parse_size("wide")
