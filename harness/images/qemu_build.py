@@ -186,9 +186,8 @@ def parse_apt_source_error(version: str, stderr: str) -> QemuBuildError:
     last = [ln for ln in stderr.strip().splitlines() if ln.startswith(("E:", "W:"))] or stderr.strip().splitlines()[-3:]
     return QemuBuildError(
         f"Debian's source package qemu {version} cannot be fetched: " + " / ".join(last),
-        hint="a Debian mirror carries only the current versions of a suite; pick one that `apt-cache showsrc qemu` "
-             "lists with --source-version, or upgrade qemu-system-arm (smccc-harness setup) and build its source; "
-             "the installed QEMU is unchanged")
+        hint="a Debian mirror carries only the current versions of a suite: pick another with --source-version, "
+             "or upgrade qemu-system-arm (smccc-harness setup) and build its source; the installed QEMU is unchanged")
 
 
 @dataclass(frozen=True)
@@ -239,12 +238,16 @@ def _run(cmd: list[str], log: Path, cwd: Path, what: str, env: dict | None = Non
 
 # ---- the steps -----------------------------------------------------------------------------------------
 def origin_codename(version: str) -> str | None:
-    """The release a backport was made from: ``...~bpo12+1`` -> trixie (13); None for a non-backport."""
+    """The release a version was made for: a backport's origin (``...~bpo12+1`` -> trixie), else a stable
+    update's release (``+deb13u1`` -> trixie); None when the version says neither."""
     m = re.search(r"~bpo(\d+)", version)
-    if not m:
+    n = int(m.group(1)) + 1 if m else None
+    if n is None and (m := re.search(r"\+deb(\d+)u\d+", version)):
+        n = int(m.group(1))
+    if n is None:
         return None
     try:
-        return sysdeps.codename_from_debian_version(str(int(m.group(1)) + 1))
+        return sysdeps.codename_from_debian_version(str(n))
     except SetupError:
         return None
 
@@ -305,11 +308,13 @@ def fetch_source(version: str, progress=print, exact: bool = True) -> tuple[str,
     apt.ensure_lists(fresh=True)
     try:
         return version, _download(apt, version, progress)
-    except QemuBuildError:
+    except QemuBuildError as e:
+        known = showsrc_versions(apt.run("apt-cache", "showsrc", SOURCE_PACKAGE, check=False).stdout)
         if exact:
-            raise
-        r = apt.run("apt-cache", "showsrc", SOURCE_PACKAGE, check=False)
-        for other in same_series(version, showsrc_versions(r.stdout)):
+            raise QemuBuildError(e.args[0], hint=f"the deb-src lists of {', '.join(apt.m.suites)} name "
+                                 f"{', '.join(known) or 'no qemu source'} (a listed one can still be gone from "
+                                 f"the mirror's pool); {e.hint}") from e
+        for other in same_series(version, known):
             try:
                 dsc = _download(apt, other, progress)
             except QemuBuildError as e:

@@ -123,7 +123,9 @@ def test_source_lines_and_backport_origin():
         "deb-src [signed-by=/k.gpg] http://deb.debian.org/debian-security bookworm-security main"]
     assert "security" not in qb.source_lines("http://mirror.example/deb", "trixie", "/k.gpg")
     assert qb.origin_codename(VERSION) == "trixie"
-    assert qb.origin_codename("1:10.0.13+ds-0+deb13u1") is None
+    assert qb.origin_codename("1:10.0.13+ds-0+deb13u1") == "trixie"
+    assert qb.origin_codename("1:7.2+dfsg-7+deb12u18") == "bookworm"
+    assert qb.origin_codename("1:10.2.2+ds-1") is None
 
 
 def test_same_series_newest_first():
