@@ -170,7 +170,10 @@ class Psci(_Record):
                 return Outcome(_regs(INTERNAL_FAILURE), ("system_event", EVENT_RESET, FLAG_PSCI_RESET2))
             return self._ret(INVALID_PARAMS)
         if fid in (SYSTEM_OFF2, SYSTEM_OFF2_64) and m >= 3:
-            if args[0] not in (0, OFF2_HIBERNATE_OFF) or args[1] != 0:
+            # The type is a uint32 in both conventions (DEN0022F.b SYSTEM_OFF2; KVM: `u32 arg`, psci.c:298,385):
+            # bits [63:32] of x1 are not part of it.  The cookie (x2) is checked in full.  Found by the PSCI fuzzer
+            # (tests/system/test_psci_fuzz.py REGRESSIONS).
+            if (args[0] & 0xFFFF_FFFF) not in (0, OFF2_HIBERNATE_OFF) or args[1] != 0:
                 return self._ret(INVALID_PARAMS)
             return Outcome(_regs(INTERNAL_FAILURE), ("system_event", EVENT_SHUTDOWN, FLAG_PSCI_OFF2))
         if fid in (SYSTEM_SUSPEND, SYSTEM_SUSPEND64) and self.system_suspend:

@@ -115,3 +115,16 @@ def test_cpu_suspend_returns_success():
 
 def test_results_zero_x1_to_x3_like_kvm():
     assert machine().call(0, psci.PSCI_VERSION, []).regs == [0x10003, 0, 0, 0]
+
+
+def test_system_off2_64_type_is_a_uint32_and_the_cookie_is_not():
+    """DEN0022F.b SYSTEM_OFF2(uint32 type, cookie); KVM reads the type into a u32 (arch/arm64/kvm/psci.c:298,385)
+    and checks the cookie in full (psci.c:390-391).  Found by tests/system/test_psci_fuzz.py (REGRESSIONS)."""
+    m = machine()
+    out = m.call(0, psci.SYSTEM_OFF2_64, [(1 << 32) | psci.OFF2_HIBERNATE_OFF, 0])
+    assert out.effect == ("system_event", psci.EVENT_SHUTDOWN, psci.FLAG_PSCI_OFF2)
+    assert machine().call(0, psci.SYSTEM_OFF2_64, [0xFFFF_FFFF_0000_0000, 0]).effect[0] == "system_event"
+    assert x0(machine().call(0, psci.SYSTEM_OFF2_64, [(1 << 32) | 2, 0])) == psci.INVALID_PARAMS & U64
+    assert x0(machine().call(0, psci.SYSTEM_OFF2_64, [1, 1 << 32])) == psci.INVALID_PARAMS & U64
+    # the 32-bit id narrows x2 first (kvm_psci_narrow_to_32bit): a cookie with only high bits is 0
+    assert machine().call(0, psci.SYSTEM_OFF2, [1, 1 << 32]).effect[0] == "system_event"
