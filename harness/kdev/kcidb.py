@@ -15,6 +15,9 @@ Per JUnit file (one kernel's run), with ``RUN = <kernel label>@<testsuite timest
   in ``misc``: ``kernel_version``, ``kernel_sha256``, ``kernel_package``, ``kernel_image``, ``config``,
   ``qemu_version``, ``accel``, ``kvm_mode``, ``initramfs_sha256``, ``harness_commit``..., the ``deb:NAME``
   properties as ``misc.packages[NAME]`` and ``kernel_deb:SPEC`` as ``misc.kernel_debs[SPEC]`` ("VERSION sha256:HEX").
+* a kernel whose run left no JUnit file (the matrix's pytest died, or never started its tests) still gets its
+  checkout and a build, ``smccc_harness:<label>@broken`` with ``status`` ERROR, the run's note as comment, the end
+  of its pytest.log as ``log_excerpt`` and no tests (:func:`broken_build`): a nightly shows it as broken, not absent.
 * one test per JUnit test case, id ``smccc_harness:RUN:<classname>::<name>``, and a dotted ``path`` (KCIDB paths
   allow only ``[A-Za-z0-9_-]`` between the dots): ``smccc.`` + the classname without its leading
   ``tests.system.`` / ``tests.`` + the test function + the parametrization, each character outside
@@ -229,15 +232,38 @@ def validate(doc: dict, what: str = "KCIDB document", required: bool = True) -> 
     return f"valid KCIDB v{schema.LATEST.major}.{schema.LATEST.minor} (kcidb-io)"
 
 
-def write_kcidb(junits: list[tuple[Path, str]], out: Path) -> str:
+def broken_build(run: KernelRun, log: Path | None = None) -> tuple[dict, dict]:
+    """The checkout and build of a kernel whose run left no JUnit file (the guest never booted, pytest died, a
+    usage error): the build is ``ERROR`` with the run's note as comment and the end of its pytest log as
+    ``log_excerpt``, and it has no tests -- so a nightly's KCIDB shows the kernel as broken, not as missing."""
+    rid = f"{ORIGIN}:{run.label}@broken"
+    comment = f"kernel {run.label}: the run wrote no JUnit file ({run.note or 'no note'})"
+    misc = {"kernel_label": run.label, "note": run.note}
+    checkout = {"id": rid, "origin": ORIGIN, "valid": True, "comment": comment, "misc": misc}
+    build = {"id": rid, "checkout_id": rid, "origin": ORIGIN, "architecture": "arm64", "status": "ERROR",
+             "comment": comment, "misc": dict(misc)}
+    if log is not None and log.is_file():
+        tail = log.read_bytes()[-LOG_EXCERPT_MAX:].decode("utf-8", "replace")
+        build["log_excerpt"] = _text(tail)[-LOG_EXCERPT_MAX:]
+    return checkout, build
+
+
+def write_kcidb(junits: list[tuple[Path, str]], out: Path,
+                broken: list[tuple[KernelRun, Path | None]] = ()) -> str:
     """Read the JUnit files ((path, kernel label) pairs), write their KCIDB document to ``out`` (validated with
-    kcidb-io when it is installed).  Returns a line saying what was written."""
+    kcidb-io when it is installed), with an ``ERROR`` build (:func:`broken_build`) for each run in ``broken``
+    ((run, its pytest log) pairs: runs that left no JUnit file).  Returns a line saying what was written."""
     doc = build_document([read_checked(p, label) for p, label in junits])
+    for run, log in broken:
+        checkout, build = broken_build(run, log)
+        doc["checkouts"].append(checkout)
+        doc["builds"].append(build)
     note = validate(doc, str(out), required=False)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")
-    return (f"KCIDB: {out} ({len(doc['builds'])} build(s), {len(doc['tests'])} test(s), "
+    errors = f", {len(broken)} without results (build ERROR)" if broken else ""
+    return (f"KCIDB: {out} ({len(doc['builds'])} build(s){errors}, {len(doc['tests'])} test(s), "
             f"{len(doc['incidents'])} known-issue incident(s); {note})")
 
 

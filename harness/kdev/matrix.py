@@ -10,7 +10,7 @@ passed, 1 failed, 0 errors, 3 skipped, 0 xfailed (pytest exit 1, 95.2 s)``.  The
 (links relative to OUT: the directory can be copied, e.g. as a CI artifact) and prints the same scenario x
 kernel table.  Exit code:
 0 when every kernel ran and nothing failed, 1 when a test failed or errored, 2 when a kernel's run broke
-(pytest usage/internal error or no JUnit file).  With ``--baseline PREV_DIR`` (an earlier matrix's OUT) it also
+(pytest usage/internal error, no JUnit file, or no test selected: a kernel that ran nothing is not a green one).  With ``--baseline PREV_DIR`` (an earlier matrix's OUT) it also
 prints and reports the regressions against it (harness/kdev/regressions.py), and the exit code is theirs: 0 nothing
 regressed, 1 a regression, 2 a kernel's run broke or the baseline is not a matrix output.  Failures that
 images/known-issues.toml lists (``--known-issues FILE``; harness/kdev/known_issues.py) are known, not regressions.
@@ -119,8 +119,11 @@ def run_matrix(kernels: list[str], out: Path, *, markers: str = KERNEL_MARKERS, 
     return runs
 
 
-def exit_status(runs: list[KernelRun]) -> int:
-    if any(r.junit is None or "exit 2 " in r.note or "exit 3 " in r.note or "exit 4 " in r.note for r in runs):
+def exit_status(runs: list[KernelRun], *, empty_ok: bool = False) -> int:
+    """0 all ran and passed, 1 a test failed or errored, 2 a kernel's run broke: no JUnit file, pytest exit 2-4,
+    or exit 5 (nothing selected), unless ``empty_ok`` (a ``--shard`` slice by test may hold no test of a kernel)."""
+    broke = (2, 3, 4) if empty_ok else (2, 3, 4, 5)
+    if any(r.junit is None or any(f"pytest exit {rc} " in r.note for rc in broke) for r in runs):
         return 2
     if any(c["failed"] or c["error"] for c in (r.counts() for r in runs)):
         return 1
@@ -163,7 +166,7 @@ def main(args) -> int:
                           accel=args.accel, extra=extra + list(args.pytest_args), progress=say)
         if args.shard:   # OUT/shard.json: which slice, which harness commit (harness/kdev/shards.py)
             sel = shards.selection(args.markers, args.k, list(args.pytest_args))
-            say(f"shard {args.shard}: {shards.write_manifest(out, args.shard, list(args.kernels), sel, exit_status(runs))}")
+            say(f"shard {args.shard}: {shards.write_manifest(out, args.shard, list(args.kernels), sel, exit_status(runs, empty_ok=True))}")
     table = format_matrix(runs)
     (out / "report.txt").write_text(table + "\n")
     cmp = None
@@ -188,8 +191,9 @@ def main(args) -> int:
         say(f"screenshot: {png} ({png.stat().st_size // 1024} KB)")
     if args.kcidb:     # KCIDB JSON from the same JUnit files (harness/kdev/kcidb.py); bad input: exit 2
         from . import kcidb
-        say(kcidb.write_kcidb([(r.junit, r.label) for r in runs if r.junit is not None], Path(args.kcidb)))
-    status = 2 if broken else exit_status(runs)
+        no_junit = [(r, out / label_dir(r.label) / "pytest.log") for r in runs if r.junit is None]
+        say(kcidb.write_kcidb([(r.junit, r.label) for r in runs if r.junit is not None], Path(args.kcidb), no_junit))
+    status = 2 if broken else exit_status(runs, empty_ok=bool(args.shard))
     return status if cmp is None or status == 2 else cmp.exit_code()
 
 

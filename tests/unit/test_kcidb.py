@@ -239,3 +239,18 @@ def test_matrix_report_only_on_truncated_junit_exits_2_with_a_hint(tmp_path):
                         str(tmp_path / "mx")], capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "is not readable JUnit XML" in r.stderr and "hint:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_kernel_run_without_junit_is_an_error_build_with_its_log_tail(tmp_path):
+    d = _matrix_dir(tmp_path / "m")
+    log = tmp_path / "pytest.log"
+    log.write_text("collecting ...\nINTERNALERROR> qemu-system-aarch64: cannot set up guest memory 'mach-virt.ram'\n")
+    dead = K.KernelRun(label="7.2", note="pytest exit 3 in 2 s; log " + str(log))
+    line = K.write_kcidb([(d / "default" / "junit.xml", "default")], tmp_path / "k.json", [(dead, log)])
+    doc = json.loads((tmp_path / "k.json").read_text())
+    SCHEMA.validate(doc)
+    builds = {b["misc"]["kernel_label"]: b for b in doc["builds"]}
+    assert builds["7.2"]["status"] == "ERROR" and builds["default"]["status"] == "PASS", builds
+    assert "pytest exit 3" in builds["7.2"]["comment"] and "INTERNALERROR" in builds["7.2"]["log_excerpt"]
+    assert not [t for t in doc["tests"] if t["build_id"] == builds["7.2"]["id"]], "a broken run has no tests"
+    assert "1 without results (build ERROR)" in line, line

@@ -79,6 +79,12 @@ def test_exit_status_is_1_on_a_failure_and_2_when_a_kernel_run_broke(runs):
     assert M.exit_status([runs[1], R.KernelRun(label="7.2", note="pytest exit 4 in 1 s")]) == 2
 
 
+def test_a_kernel_run_that_selected_no_test_is_broken_unless_it_is_a_shard_slice(runs):
+    empty = R.KernelRun(label="7.2", junit=Path("junit.xml"), note="pytest exit 5 in 9 s; log x")
+    assert M.exit_status([runs[1], empty]) == 2, "a nightly kernel that ran nothing must not be green"
+    assert M.exit_status([runs[1], empty], empty_ok=True) == 0, "a --shard slice by test may hold none of a kernel's tests"
+
+
 def test_per_kernel_pytest_command(tmp_path):
     argv = M.pytest_argv("7.2", tmp_path / "7.2", "not slow", "psci", 2, "tcg", ["-x"])
     assert argv[1:4] == ["-m", "pytest", "tests/system"]
