@@ -48,6 +48,8 @@ from harness.machine.snapshot_store import META_FILE, Snapshot, qemu_version
 DESTROY_NESTED = """\
 import json, os, sys, time
 from harness.guest.runner import GRAVEYARD, run_scenario
+from harness.guest.vm import install_kick_handler
+install_kick_handler()
 fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
 r = run_scenario(json.loads(sys.argv[1]), fd)
 n = len(GRAVEYARD)
