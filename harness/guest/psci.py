@@ -171,8 +171,8 @@ class Psci(_Record):
             return self._ret(INVALID_PARAMS)
         if fid in (SYSTEM_OFF2, SYSTEM_OFF2_64) and m >= 3:
             # The type is a uint32 in both conventions (DEN0022F.b SYSTEM_OFF2; KVM: `u32 arg`, psci.c:298,385):
-            # bits [63:32] of x1 are not part of it.  The cookie (x2) is checked in full.  Found by the PSCI fuzzer
-            # (tests/system/test_psci_fuzz.py REGRESSIONS).
+            # bits [63:32] of x1 are not part of it.  The cookie (x2) is checked in full.  Caught by the PSCI
+            # differential on generated programs (tests/system/test_psci_fuzz.py REGRESSIONS).
             if (args[0] & 0xFFFF_FFFF) not in (0, OFF2_HIBERNATE_OFF) or args[1] != 0:
                 return self._ret(INVALID_PARAMS)
             return Outcome(_regs(INTERNAL_FAILURE), ("system_event", EVENT_SHUTDOWN, FLAG_PSCI_OFF2))

@@ -160,7 +160,8 @@ class Gen:
         me = self.owner()
         wide = d(st.booleans())
         base = 0xC400_0000 if wide else 0x8400_0000
-        nums = [n for n in range(0x20) if n != 2 and not (self.el2 and n == 1)]   # CPU_OFF: off(); see suspend
+        # CPU_OFF (0x84000002) only through off(); 0xC4000002 is no function (NOT_SUPPORTED) and stays in
+        nums = [n for n in range(0x20) if not (n == 2 and not wide) and not (self.el2 and n == 1)]
         weighted = [0, 3, 3, 3, 4, 4, 4, 0xA, 0xA, 6, 1, 0x12, 0x12, 0x12, 0x15, 0x15, 0x15, 0xE] + nums
         if self.el2:
             weighted = [n for n in weighted if n != 1]

@@ -119,7 +119,7 @@ def test_results_zero_x1_to_x3_like_kvm():
 
 def test_system_off2_64_type_is_a_uint32_and_the_cookie_is_not():
     """DEN0022F.b SYSTEM_OFF2(uint32 type, cookie); KVM reads the type into a u32 (arch/arm64/kvm/psci.c:298,385)
-    and checks the cookie in full (psci.c:390-391).  Found by tests/system/test_psci_fuzz.py (REGRESSIONS)."""
+    and checks the cookie in full (psci.c:390-391).  Kept by tests/system/test_psci_fuzz.py REGRESSIONS."""
     m = machine()
     out = m.call(0, psci.SYSTEM_OFF2_64, [(1 << 32) | psci.OFF2_HIBERNATE_OFF, 0])
     assert out.effect == ("system_event", psci.EVENT_SHUTDOWN, psci.FLAG_PSCI_OFF2)
