@@ -126,6 +126,9 @@ def _session(args, append: str = "", ssh: bool = False):
     a = guest_assets(opts, progress=_progress)
     run_dir = paths.new_run_dir(args.command.replace("-", "_"), _results_root(args))
     s = new_session(opts, run_dir, assets=a)
+    if opts.gdb and not getattr(args, "print_cmd", False):     # the printed line runs gdb-multiarch
+        from .images.sysdeps import ensure_debug_packages
+        ensure_debug_packages(progress=_progress)
     from .machine.guests import gdb_hint
     if (line := gdb_hint(s, a.kernel)) and not getattr(args, "print_cmd", False):
         _progress(line)

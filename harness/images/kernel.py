@@ -124,7 +124,7 @@ def vmlinux_next_to(image: Path) -> Path | None:
 
 
 ADDR2LINE = "aarch64-linux-gnu-addr2line"   # binutils-aarch64-linux-gnu (installed by setup)
-MAX_FRAMES = 8                             # call-trace frames symbolized (the first ones: where it happened)
+MAX_FRAMES = 16                            # call-trace frames symbolized (lockdep's and KASAN's own frames come first)
 _LOG_PREFIX = re.compile(r"^(?:<\d{1,2}>)?(?:\[\s*\d+\.\d+\])?(?:\[\s*[CT]\d+\])?\s*")
 _SYM_OFF = re.compile(r"([A-Za-z_.$][\w.$]*)\+0x([0-9a-f]+)/0x([0-9a-f]+)")
 _PC_LR = re.compile(r"\b(pc|lr)\s*:\s*(?:\[<)?(?:0x)?(?:([0-9a-f]{16})\b|" + _SYM_OFF.pattern + ")")

@@ -34,6 +34,7 @@ REQUIREMENTS = (
     Requirement("qemu-system-arm", "qemu-system-aarch64", from_backports=True),
     Requirement("qemu-user", "qemu-aarch64", from_backports=True),
     Requirement("binutils-aarch64-linux-gnu", "aarch64-linux-gnu-as"),
+    Requirement("binutils-arm-linux-gnueabihf", "arm-linux-gnueabihf-as"),  # the AArch32 (A32/T32) payloads
     Requirement("ca-certificates", "/etc/ssl/certs/ca-certificates.crt"),
     Requirement("debian-archive-keyring", "/usr/share/keyrings/debian-archive-keyring.gpg"),
     Requirement("device-tree-compiler", "dtc"),  # cross-checks the guest's FDT writer (tests/unit/test_fdt.py)
@@ -345,3 +346,14 @@ REPORT_REQUIREMENTS = (
 def ensure_report_packages(progress=print) -> list[str]:
     """Install Debian's Chromium when missing (it renders report.html: screenshots and the page test)."""
     return ensure_packages(REPORT_REQUIREMENTS, "report browser", progress)
+
+
+# ---- the guest kernel debugger (``--gdb``, the gdb test: docs/debug-kernels.md) ---------------------------
+DEBUG_REQUIREMENTS = (
+    Requirement("gdb-multiarch", "gdb-multiarch"),   # an arm64 kernel on an x86 host, through QEMU's gdbstub
+)
+
+
+def ensure_debug_packages(progress=print) -> list[str]:
+    """Install Debian's gdb-multiarch when missing (``--gdb`` prints a line that runs it)."""
+    return ensure_packages(DEBUG_REQUIREMENTS, "kernel debugger", progress)

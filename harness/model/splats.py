@@ -18,13 +18,14 @@ from dataclasses import dataclass
 FAILURE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("kernel panic", re.compile(r"Kernel panic - not syncing")),
     ("init killed", re.compile(r".*Attempted to kill init")),
-    ("kernel oops", re.compile(r"Internal error: ")),
-    ("kernel fault", re.compile(r"Unable to handle kernel ")),
     ("KASAN", re.compile(r"BUG: KASAN: ")),
     ("soft lockup", re.compile(r"(?:watchdog: )?(?:BUG: soft lockup|Watchdog detected hard LOCKUP)")),
     # DEBUG_ATOMIC_SLEEP (kernel/sched/core.c __might_resched) and the scheduler's own check (__schedule_bug)
     ("sleep in atomic", re.compile(r"BUG: (?:sleeping function called from invalid context|scheduling while atomic)")),
     ("kernel BUG", re.compile(r"(?:kernel BUG at |BUG: )")),
+    # after BUG: BUG() is an Oops on arm64 ("Internal error: Oops - BUG"), named after its "kernel BUG at" line
+    ("kernel oops", re.compile(r"Internal error: ")),
+    ("kernel fault", re.compile(r"Unable to handle kernel ")),
     ("lockdep", re.compile(
         r"(?:WARNING: |\[ BUG: )?(?:possible circular locking dependency detected|possible recursive locking detected"
         r"|inconsistent lock state|bad unlock balance detected|possible irq lock inversion dependency detected"
@@ -89,7 +90,8 @@ class Finding:
     ``name`` is the most severe pattern matched inside the incident (see :data:`FAILURE_PATTERNS`),
     ``line`` the console line that matched it, ``lineno`` that line's 1-based number in the scanned text,
     ``excerpt`` the incident: from the ``cut here`` / separator line before the first matched line through
-    the ``---[ end trace`` line, or at most :data:`EXCERPT_LINES` lines after the first matched line.  A kernel
+    the ``---[ end trace`` line, or through the call trace after its ``stack backtrace:`` line (lockdep), or at
+    most :data:`EXCERPT_LINES` lines after the first matched line.  A kernel
     panic's excerpt also has the :data:`PANIC_CONTEXT_LINES` lines before the panic line (fewer when the scanned
     text or the previous incident ends closer), where the kernel printed the cause.
     """
@@ -110,6 +112,28 @@ def _new_incident(lines: list[str], j: int) -> bool:
         return True
     h = match_line(lines[j])
     return h is not None and h[0] in _NEVER_ABSORBED
+
+
+_STACK_BACKTRACE = re.compile(r"stack backtrace:\s*$")
+_CALL_TRACE = re.compile(r"Call trace:\s*$")
+_FRAME_LINE = re.compile(r"\s+\S")
+
+
+def _backtrace_end(lines: list[str], i: int) -> int | None:
+    """The last line of the call trace after a ``stack backtrace:`` line that follows line i within
+    :data:`MAX_INCIDENT_LINES` (and before the next incident), or None."""
+    n = len(lines)
+    for j in range(i + 1, min(n, i + MAX_INCIDENT_LINES + 1)):
+        if _new_incident(lines, j):
+            return None
+        if finding_is(_STACK_BACKTRACE, lines[j]):
+            k = next((k for k in range(j + 1, min(n, j + 6)) if finding_is(_CALL_TRACE, lines[k])), None)
+            if k is None:
+                return None
+            while k + 1 < n and any(_FRAME_LINE.match(lines[k + 1], p) for p in _starts(lines[k + 1])[-1:]):
+                k += 1
+            return k
+    return None
 
 
 def scan_failures(text: str) -> list[Finding]:
@@ -143,6 +167,11 @@ def scan_failures(text: str) -> list[Finding]:
                 if finding_is(END_MARKER, lines[j]):
                     end = j
                     break
+        # ... or, for a report that prints "stack backtrace:" (lockdep: the dependency chain first, the call trace
+        # last, no end marker), through that call trace ...
+        backtrace = end is None and _backtrace_end(lines, i)
+        if backtrace:
+            end = backtrace
         # ... else over the next EXCERPT_LINES lines, stopping short of the next incident.
         if end is None:
             end = min(n - 1, i + EXCERPT_LINES)
@@ -155,7 +184,7 @@ def scan_failures(text: str) -> list[Finding]:
             h = match_line(lines[j])
             if h is not None and _SEVERITY[h[0]] < _SEVERITY[name]:
                 name, best = h[0], j
-        last = min(end, best + EXCERPT_LINES)
+        last = end if backtrace else min(end, best + EXCERPT_LINES)
         excerpt = "\n".join(lines[start:last + 1]).rstrip("\n")
         findings.append(Finding(name=name, line=lines[best], excerpt=excerpt, lineno=best + 1, end_lineno=end + 1))
         i = end + 1

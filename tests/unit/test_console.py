@@ -101,7 +101,7 @@ def test_lockdep_excerpt() -> None:
     assert lines[0].endswith("=" * 54)
     assert "possible circular locking dependency detected" in f.line
     assert any("*** DEADLOCK ***" in ln for ln in lines)
-    assert len(lines) <= 2 + 41
+    assert lines[-1].endswith("__lock_acquire+0x1364/0x2160")     # through its stack backtrace's call trace
 
 
 def test_rcu_stall_excerpt() -> None:
@@ -378,3 +378,19 @@ def test_timeout_message_names_the_banner_not_its_regex(spawn) -> None:
     c = spawn("echo booting; sleep 30")
     with pytest.raises(ConsoleFailure, match=r"^no 'SMCCC-AGENT READY' within 0\.2 s\n"):
         c.expect(READY_RE, 0.2)
+
+
+def test_a_lockdep_report_runs_through_its_stack_backtrace() -> None:
+    """lockdep prints the dependency chain first and the call trace last, with no end marker: the excerpt keeps
+    the whole report through the call trace (where the symbolizer finds the caller), however long the chain."""
+    chain = "\n".join(f"[    9.1]        frame{k}+0x10/0x20" for k in range(60))
+    text = ("[    9.0] before\n[    9.1] ======================================================\n"
+            "[    9.1] WARNING: possible circular locking dependency detected\n"
+            "[    9.1] python3/60 is trying to acquire lock:\n"
+            f"[    9.1] the existing dependency chain (in reverse order) is:\n{chain}\n[    9.1] \n"
+            "[    9.1] stack backtrace:\n[    9.1] CPU: 0 UID: 0 PID: 60 Comm: python3 Not tainted 7.3.4 #1\n"
+            "[    9.1] Call trace:\n[    9.1]  show_stack+0x18/0x24 (C)\n[    9.1]  kvm_smccc_call_handler+0x60/0x100\n"
+            "[    9.1]  handle_hvc+0x10/0x20\n[    9.2] after\n")
+    (f,) = scan_failures(text)
+    assert f.name == "lockdep" and f.excerpt.splitlines()[0].endswith("=" * 54)
+    assert f.excerpt.splitlines()[-1] == "[    9.1]  handle_hvc+0x10/0x20", f.excerpt[-300:]
