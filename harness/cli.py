@@ -154,7 +154,12 @@ def cmd_boot(args) -> int:
             _progress(f"ssh: {s.ssh.run('uname -a', 10)[1].strip()}  (key {s.run_dir / 'ssh' / 'id_ed25519'}, "
                       f"127.0.0.1:{s.config.ssh_port})")
         if s.config.gdb_port is not None:     # keep the guest for gdb until Ctrl-C (or QEMU exits)
-            _progress(f"guest running for gdb on 127.0.0.1:{s.config.gdb_port}; Ctrl-C stops it")
+            _progress(f"guest running for gdb on 127.0.0.1:{s.config.gdb_port}; Ctrl-C (or SIGTERM) stops it")
+            import signal
+
+            def _stop(signum, frame):
+                raise KeyboardInterrupt(f"signal {signum}")
+            signal.signal(signal.SIGTERM, _stop)      # `with s` then kills QEMU and keeps the run directory
             while s.alive():
                 time.sleep(0.5)
             _progress("QEMU exited")

@@ -87,7 +87,8 @@ def probe_caps() -> dict:
     caps["kvm"] = True
     caps["api_version"] = kvm.ioctl(fd, kvm.KVM_GET_API_VERSION)
     for name in ("KVM_CAP_ARM_EL2", "KVM_CAP_ARM_EL2_E2H0", "KVM_CAP_ARM_PSCI_0_2", "KVM_CAP_ARM_SYSTEM_SUSPEND",
-                 "KVM_CAP_ARM_VM_IPA_SIZE", "KVM_CAP_IMMEDIATE_EXIT", "KVM_CAP_SYSTEM_EVENT_DATA"):
+                 "KVM_CAP_ARM_VM_IPA_SIZE", "KVM_CAP_IMMEDIATE_EXIT", "KVM_CAP_SYSTEM_EVENT_DATA",
+                 "KVM_CAP_ARM_EL1_32BIT"):
         caps[name] = kvm.check_extension(fd, getattr(kvm, name))
     vm = Vm(fd)
     try:
