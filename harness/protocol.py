@@ -41,6 +41,8 @@ STACK_SIZE = 0x1000
 MAX_VCPUS = 8
 
 ACTIONS = {"handle": 0, "deny": 1, "fwd": 2}
+# payload["state"]: AArch64, or AArch32 EL1 (KVM_ARM_VCPU_EL1_32BIT) entered in A32 or T32 (harness/guest/runner.py)
+PAYLOAD_STATES = ("aarch64", "a32", "t32")
 
 
 class ProtocolError(ValueError):
@@ -141,6 +143,9 @@ def validate_scenario(s: dict) -> dict:
     if not isinstance(p, dict):
         raise ProtocolError("scenario needs a 'payload' object (entry, segments)")
     entry = _int(p, "entry", 0, 2**64 - 1)
+    if p.get("state", "aarch64") not in PAYLOAD_STATES:
+        raise ProtocolError(f"payload state must be one of {PAYLOAD_STATES} (the instruction set at entry), "
+                            f"got {p.get('state')!r}")
     segs = p.get("segments")
     if not isinstance(segs, list) or not segs:
         raise ProtocolError("payload needs at least one segment")

@@ -98,6 +98,7 @@ KVM_HAS_DEVICE_ATTR = _IOW(0xE3, ctypes.sizeof(DeviceAttr))
 KVM_CAP_USER_MEMORY = 3
 KVM_CAP_ONE_REG = 70
 KVM_CAP_ARM_PSCI = 87
+KVM_CAP_ARM_EL1_32BIT = 93
 KVM_CAP_DEVICE_CTRL = 89
 KVM_CAP_VM_ATTRIBUTES = 101
 KVM_CAP_ARM_PSCI_0_2 = 102
@@ -209,9 +210,17 @@ PSR_MODE_EL1H = 0x5
 PSR_MODE_EL2H = 0x9
 PSTATE_RESET_EL1 = 0x3C5
 PSTATE_RESET_EL2 = 0x3C9
+PSR_MODE32_BIT = 0x10           # PSTATE.nRW: the vCPU is in AArch32
+PSR_AA32_T_BIT = 0x20           # PSTATE.T: T32
+PSR_AA32_MODE_SVC = 0x13
+PSTATE_RESET_SVC32 = 0x1D3      # SVC, A/I/F masked (reset.c VCPU_RESET_PSTATE_SVC)
 
 
 def pstate_el(pstate: int) -> int:
+    """The exception level of a PSTATE: M[3:2] in AArch64; from the AArch32 mode when PSTATE.nRW (M[4]) is set
+    (usr 0 -> EL0, hyp 0xA -> EL2, mon 6 -> EL3, every other mode EL1)."""
+    if pstate & PSR_MODE32_BIT:
+        return {0x0: 0, 0xA: 2, 0x6: 3}.get(pstate & 0xF, 1)
     return (pstate >> 2) & 3
 
 

@@ -59,7 +59,7 @@ from .. import protocol as P
 from . import kvm, psci, smccc, watchdog
 from .trace import Trace
 from .vm import Vcpu, Vm
-from .vmsetup import install_filters, probe_attrs, vcpu_features
+from .vmsetup import aarch32, aarch32_entry, install_filters, probe_attrs, vcpu_features
 
 MAX_EXITS_DEFAULT = 100_000     # per scenario: more KVM_RUN exits than this end the run as "exit_storm"
 TRACE_LIMIT_DEFAULT = 4096      # trace records sent back per scenario; later ones are counted, the last kept
@@ -146,6 +146,8 @@ class ScenarioRun:
         for v in self.vm.vcpus:
             stack = ram_end - v.index * P.STACK_SIZE
             v.set_reg(kvm.REG_SP_EL1, stack)
+            if aarch32(s):      # ---- AArch32 payloads: R13_svc is x19 (the AArch32 register mapping)
+                v.set_x(19, stack)
             if s["el2"]:
                 try:
                     v.set_reg(kvm.REG_SP_EL2, stack)
@@ -155,6 +157,10 @@ class ScenarioRun:
                 v.set_mp_state(kvm.KVM_MP_STATE_STOPPED)
         boot = self.vm.vcpus[0]
         boot.set_reg(kvm.REG_PC, s["payload"]["entry"])
+        if aarch32(s):          # ---- AArch32 payloads: SVC mode, PSTATE.T for a T32 entry (vmsetup.py)
+            pc, pstate = aarch32_entry(s["payload"]["entry"], s["payload"]["state"] == "t32")
+            boot.set_reg(kvm.REG_PSTATE, pstate)
+            boot.set_reg(kvm.REG_PC, pc)
         for r in s.get("set_regs", []):
             target = self.vm.vcpus[r.get("vcpu", 0)]
             if "value" in r:
@@ -214,6 +220,10 @@ class ScenarioRun:
                     # Warm reset (re-INIT with the same features), then the entry point and context id.
                     v.init()
                     v.set_reg(kvm.REG_PC, entry)
+                    if aarch32(self.spec):  # ---- AArch32: the secondary starts in AArch32, T32 if entry bit 0
+                        pc, pstate = aarch32_entry(entry, False)
+                        v.set_reg(kvm.REG_PSTATE, pstate)
+                        v.set_reg(kvm.REG_PC, pc)
                     v.set_x(0, ctx)
                     st.parked = False
                     self.trace.add("psci", v.index, effect="powered_on", entry=entry, context_id=ctx)
@@ -321,7 +331,7 @@ class ScenarioRun:
         elif self.spec["handler"] == "psci":
             if smccc.owner(fid) == smccc.OWNER_STANDARD and smccc.func_num(fid) <= 0x1F:
                 with self.psci_lock:        # vCPU threads race on CPU_ON/AFFINITY_INFO: one decision at a time
-                    out = self.psci.call(v.index, fid, args[1:4], aarch32=False)
+                    out = self.psci.call(v.index, fid, args[1:4], aarch32=bool(pstate & kvm.PSR_MODE32_BIT))
                 # Results are NOT truncated for 32-bit ids: KVM writes (unsigned long)-1 etc. in full (the
                 # differential caught kvmtool's truncation convention disagreeing; SMCCC leaves the upper
                 # halves to the implementation, and we follow KVM).
@@ -332,9 +342,12 @@ class ScenarioRun:
         if reply is not None:
             for i, val in enumerate(reply):
                 v.set_x(i, val)
+        extra = {}
+        if pstate & kvm.PSR_MODE32_BIT and reply is not None:   # ---- AArch32: what KVM kept of the reply
+            extra["readback"] = v.get_xs(len(reply))   # (set_core_reg narrows r0-r14.. to 32 bits)
         self.trace.add("hypercall", v.index, nr=nr, flags=flags, conduit=smccc.conduit(flags), pc=pc,
                        pstate=pstate, el=kvm.pstate_el(pstate), args=args, reply=reply, by=by,
-                       name=psci.name(fid))
+                       name=psci.name(fid), **extra)
         if effect:
             self._apply(v, st, effect)
         self.hypercall_count += 1

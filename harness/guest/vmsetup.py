@@ -18,7 +18,22 @@ def vcpu_features(spec: dict) -> tuple[int, ...]:
         feats.append(kvm.KVM_ARM_VCPU_HAS_EL2)
     if spec["e2h0"]:
         feats.append(kvm.KVM_ARM_VCPU_HAS_EL2_E2H0)
+    if aarch32(spec):       # an AArch32 EL1 payload (KVM refuses it together with HAS_EL2: arm.c init_check_features)
+        feats.append(kvm.KVM_ARM_VCPU_EL1_32BIT)
     return tuple(feats)
+
+
+def aarch32(spec: dict) -> bool:
+    """The payload runs in AArch32 (A32 or T32 at entry: harness/images/payloads.py ``Payload.state``)."""
+    return spec["payload"].get("state", "aarch64") != "aarch64"
+
+
+def aarch32_entry(entry: int, thumb: bool) -> tuple[int, int]:
+    """(PC, PSTATE) that start an AArch32 EL1 vCPU at ``entry``: SVC mode with A, I and F masked (0x1d3, KVM's
+    own reset value VCPU_RESET_PSTATE_SVC, arch/arm64/kvm/reset.c), plus T (bit 5) for T32 -- an entry with
+    bit 0 set (interworking address) is T32 too, as KVM's PSCI CPU_ON does it (reset.c kvm_reset_vcpu)."""
+    thumb = thumb or bool(entry & 1)
+    return entry & ~1, kvm.PSTATE_RESET_SVC32 | (kvm.PSR_AA32_T_BIT if thumb else 0)
 
 
 def install_filters(filt, vm_fd: int, filters) -> list[dict]:

@@ -3,6 +3,10 @@ parameter / result-block layouts of the payloads that use them.
 
 Build: every ``firmware/*.S`` is assembled with ``aarch64-linux-gnu-as -march=armv8.4-a -I firmware`` and
 linked alone with ``aarch64-linux-gnu-ld -T firmware/payload.ld`` (``*.inc`` files are shared includes).
+A source that declares ``@ payload-state: aarch32`` on a line of its own is an AArch32 payload instead: it is
+assembled with ``arm-linux-gnueabihf-as -march=armv8-a`` and linked with ``arm-linux-gnueabihf-ld -T
+firmware/payload32.ld`` into an ELF32 EM_ARM image; its entry symbol's bit 0 says A32 (0) or T32 (1), and the
+VMM creates its vCPUs with KVM_ARM_VCPU_EL1_32BIT in AArch32 SVC mode (harness/guest/runner.py).
 The output goes to ``cache_dir()/firmware/<key>/<name>.elf``, where ``key`` is the sha256 of the
 firmware sources, the linker script, the tool versions and the flags; a build goes to a temporary
 directory that is renamed into place, so concurrent builds (pytest-xdist) never see half-written files
@@ -42,8 +46,16 @@ CROSS_PREFIX_ENV = "SMCCC_HARNESS_CROSS"        # override the tool prefix (defa
 DEFAULT_CROSS_PREFIX = "aarch64-linux-gnu-"
 AS_FLAGS = ("-march=armv8.4-a",)
 LD_FLAGS = ("--build-id=none", "-z", "max-page-size=0x1000", "-static")
-BUILD_RECIPE = 1                                 # bump when the build procedure changes
+BUILD_RECIPE = 2                                 # bump when the build procedure changes
 INSTALL_HINT = "apt-get install binutils-aarch64-linux-gnu"
+# AArch32 payloads (``@ payload-state: aarch32``): installed by setup (harness/images/sysdeps.py REQUIREMENTS)
+CROSS32_PREFIX_ENV = "SMCCC_HARNESS_CROSS32"    # override the AArch32 tool prefix (default arm-linux-gnueabihf-)
+DEFAULT_CROSS32_PREFIX = "arm-linux-gnueabihf-"
+AS32_FLAGS = ("-march=armv8-a",)
+INSTALL_HINT32 = "apt-get install binutils-arm-linux-gnueabihf (./smccc-harness setup installs it)"
+LINKER_SCRIPT32 = "payload32.ld"
+AARCH32_MARKER = "@ payload-state: aarch32"
+STATES = ("aarch64", "a32", "t32")              # Payload.state: the instruction set the vCPU starts in
 LINKER_SCRIPT = "payload.ld"
 SOURCE_SUFFIXES = (".S", ".inc", ".ld")
 
@@ -72,8 +84,19 @@ def _cross_prefix() -> str:
     return os.environ.get(CROSS_PREFIX_ENV, DEFAULT_CROSS_PREFIX)
 
 
-def toolchain() -> dict[str, str]:
-    """Paths of the cross assembler and linker; :class:`SetupError` if either is missing."""
+def toolchain(aarch32: bool = False) -> dict[str, str]:
+    """Paths of the cross assembler and linker (AArch64, or AArch32 ones); :class:`SetupError` if missing."""
+    if aarch32:
+        prefix = os.environ.get(CROSS32_PREFIX_ENV, DEFAULT_CROSS32_PREFIX)
+        tools = {}
+        for tool in ("as", "ld"):
+            path = shutil.which(prefix + tool)
+            if path is None:
+                raise SetupError(f"{prefix + tool} not found on PATH: it is needed to build the AArch32 payloads "
+                                 f"in firmware/ (sources marked {AARCH32_MARKER!r})",
+                                 hint=f"{INSTALL_HINT32} (or set {CROSS32_PREFIX_ENV} to another arm binutils prefix)")
+            tools[tool] = path
+        return tools
     prefix = _cross_prefix()
     tools = {}
     for tool in ("as", "ld"):
@@ -103,12 +126,20 @@ def _sources(src_dir: Path) -> list[Path]:
     return sorted(p for p in src_dir.iterdir() if p.is_file() and p.suffix in SOURCE_SUFFIXES)
 
 
+def is_aarch32_source(src: Path) -> bool:
+    """True when ``src`` declares itself an AArch32 payload (a line ``@ payload-state: aarch32``)."""
+    return any(line.strip() == AARCH32_MARKER for line in src.read_text(errors="replace").splitlines()[:40])
+
+
 def build_key(src_dir: Path = FIRMWARE_DIR) -> str:
     """The cache key: sha256 of the sources, the linker script, tool versions and flags."""
     tools = toolchain()
     h = hashlib.sha256()
     meta = {"recipe": BUILD_RECIPE, "as": _tool_version(tools["as"]), "ld": _tool_version(tools["ld"]),
             "as_flags": AS_FLAGS, "ld_flags": LD_FLAGS + _ld_extra_flags(tools["ld"])}
+    if any(is_aarch32_source(p) for p in src_dir.glob("*.S")):
+        t32 = toolchain(aarch32=True)
+        meta.update(as32=_tool_version(t32["as"]), ld32=_tool_version(t32["ld"]), as32_flags=AS32_FLAGS)
     h.update(json.dumps(meta, sort_keys=True).encode())
     for p in _sources(src_dir):
         data = p.read_bytes()
@@ -130,9 +161,14 @@ def _run(argv: list[str], what: str, cwd: Path) -> None:
 
 def _assemble_and_link(src: Path, src_dir: Path, out: Path, tools: dict[str, str]) -> None:
     obj = out.with_suffix(".o")
-    _run([tools["as"], *AS_FLAGS, "-I", str(src_dir), "-o", str(obj), str(src)], f"assembling {src}", src_dir)
-    _run([tools["ld"], *LD_FLAGS, *_ld_extra_flags(tools["ld"]), "-T", str(src_dir / LINKER_SCRIPT),
-          "-o", str(out), str(obj)], f"linking {src.name} with {src_dir / LINKER_SCRIPT}", src_dir)
+    a32 = is_aarch32_source(src)
+    if a32:
+        tools = toolchain(aarch32=True)
+    script = src_dir / (LINKER_SCRIPT32 if a32 else LINKER_SCRIPT)
+    _run([tools["as"], *(AS32_FLAGS if a32 else AS_FLAGS), "-I", str(src_dir), "-o", str(obj), str(src)],
+         f"assembling {src}", src_dir)
+    _run([tools["ld"], *LD_FLAGS, *_ld_extra_flags(tools["ld"]), "-T", str(script),
+          "-o", str(out), str(obj)], f"linking {src.name} with {script}", src_dir)
     obj.unlink()
 
 
@@ -182,6 +218,7 @@ _MACHINES = {
     "EM_S390": "an s390 binary",
     "EM_MIPS": "a MIPS binary",
 }
+_EM_ARM = 40
 _LINK_HINT = ("build payloads with harness.images.payloads.build_payloads(), i.e. aarch64-linux-gnu-as and "
               "aarch64-linux-gnu-ld -T firmware/payload.ld")
 
@@ -209,6 +246,11 @@ class Payload:
     entry: int
     segments: tuple[Segment, ...]
     symbols: dict[str, int] = field(hash=False)
+    state: str = "aarch64"      # STATES: the instruction set at entry (a32/t32: an AArch32 EL1 vCPU)
+
+    @property
+    def aarch32(self) -> bool:
+        return self.state != "aarch64"
 
     def to_wire(self) -> dict:
         """The scenario ``payload`` object (see :func:`harness.protocol.validate_scenario`).
@@ -217,7 +259,7 @@ class Payload:
         is still correct.
         """
         return {
-            "entry": self.entry,
+            "entry": self.entry, "state": self.state,
             "segments": [{"addr": s.addr, "data": protocol.b64(s.image), "memsz": s.memsz} for s in self.segments],
             "symbols": dict(sorted(self.symbols.items(), key=lambda kv: (kv[1], kv[0]))),
         }
@@ -262,8 +304,13 @@ class Payload:
 
 
 def load_elf(path: Path | str, *, name: str | None = None, ram_size: int = protocol.RAM_SIZE_DEFAULT,
-             vcpus: int = 1) -> Payload:
-    """Load and check a payload ELF; :class:`PayloadError` says what is wrong and what to do."""
+             vcpus: int = 1, state: str | None = None) -> Payload:
+    """Load and check a payload ELF; :class:`PayloadError` says what is wrong and what to do.
+
+    An ELF64 EM_AARCH64 image is an AArch64 payload; an ELF32 EM_ARM image an AArch32 one (A32, or T32 when
+    the entry address has bit 0 set).  ``state`` ("aarch64" or "aarch32"), when given, is the state the caller
+    means to run it in: a payload built for the other one is refused, naming both.
+    """
     from elftools.common.exceptions import ELFError
     from elftools.elf.elffile import ELFFile
     from elftools.elf.sections import SymbolTableSection
@@ -276,9 +323,12 @@ def load_elf(path: Path | str, *, name: str | None = None, ram_size: int = proto
         raise PayloadError(f"cannot read payload {path}: {e.strerror}", hint=_LINK_HINT) from None
     if raw[:4] != b"\x7fELF":
         raise PayloadError(f"{path} is not an ELF file (it starts with {raw[:4]!r})", hint=_LINK_HINT)
+    em = int.from_bytes(raw[18:20], "little") if len(raw) >= 20 else 0
     if len(raw) < 6 or raw[4] != 2:
         cls = {1: "ELF32"}.get(raw[4] if len(raw) > 4 else 0, "unknown class")
-        raise PayloadError(f"{path} is {cls}, not ELF64: payloads are 64-bit AArch64 images", hint=_LINK_HINT)
+        if not (cls == "ELF32" and em == _EM_ARM):
+            raise PayloadError(f"{path} is {cls}, not ELF64 (AArch64) or ELF32 EM_ARM (AArch32): payloads are "
+                               "AArch64 or AArch32 Arm images", hint=_LINK_HINT)
     if raw[5] != 1:
         raise PayloadError(f"{path} is big-endian; payloads must be little-endian AArch64 (aarch64, not aarch64_be)",
                            hint=_LINK_HINT)
@@ -286,9 +336,17 @@ def load_elf(path: Path | str, *, name: str | None = None, ram_size: int = proto
         import io
         elf = ELFFile(io.BytesIO(raw))
         machine = elf["e_machine"]
-        if machine != "EM_AARCH64":
+        wanted = {"aarch64": "EM_AARCH64", "aarch32": "EM_ARM"}.get(state or "")
+        if wanted and machine in ("EM_AARCH64", "EM_ARM") and machine != wanted:
+            built = "AArch64 (EM_AARCH64)" if machine == "EM_AARCH64" else "AArch32 (EM_ARM)"
+            raise PayloadError(f"{path} is an {built} payload, but it was to run in {state}",
+                               hint="run it in the state it was built for (smccc-harness run-payload: --state "
+                                    f"{'aarch64' if machine == 'EM_AARCH64' else 'aarch32'}), or rebuild it "
+                                    f"({'an @ payload-state: aarch32 source' if state == 'aarch32' else 'with aarch64-linux-gnu-as'})")
+        if machine not in ("EM_AARCH64", "EM_ARM") or (machine == "EM_ARM" and elf.elfclass != 32):
             what = _MACHINES.get(machine, "not an AArch64 binary")
-            raise PayloadError(f"{path}: e_machine is {machine}: this is {what}; payloads must be EM_AARCH64",
+            raise PayloadError(f"{path}: e_machine is {machine}: this is {what}; payloads must be EM_AARCH64 "
+                               "(or ELF32 EM_ARM for AArch32 payloads)",
                                hint="build payloads with aarch64-linux-gnu-as (harness.images.payloads.build_payloads)")
         etype = elf["e_type"]
         if etype != "ET_EXEC":
@@ -326,7 +384,8 @@ def load_elf(path: Path | str, *, name: str | None = None, ram_size: int = proto
         if a.end > b.addr:
             raise PayloadError(f"{path}: PT_LOAD segments [{a.addr:#x}, {a.end:#x}) and [{b.addr:#x}, {b.end:#x}) "
                                "overlap", hint=_LINK_HINT)
-    payload = Payload(name=name, path=path, entry=entry, segments=tuple(segments), symbols=symbols)
+    pstate = "aarch64" if machine == "EM_AARCH64" else ("t32" if entry & 1 else "a32")
+    payload = Payload(name=name, path=path, entry=entry, segments=tuple(segments), symbols=symbols, state=pstate)
     check_layout(payload, ram_size=ram_size, vcpus=vcpus)
     return payload
 
