@@ -84,6 +84,7 @@ class Program:
     mpidrs: tuple[int, ...]
     steps: tuple[Step, ...]
     el2: bool = False
+    psci_minor: int | None = None   # PSCI 1.<minor> set by the VMM (KVM_REG_ARM_PSCI_VERSION); None: KVM's default
     meta: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -92,7 +93,10 @@ class Program:
 
     def set_regs(self) -> list[dict]:
         """The scenario's ``set_regs``: every vCPU's MPIDR_EL1, written before the first KVM_RUN."""
-        return [{"reg": "mpidr_el1", "value": m & U64, "vcpu": k} for k, m in enumerate(self.mpidrs)]
+        regs = [{"reg": "mpidr_el1", "value": m & U64, "vcpu": k} for k, m in enumerate(self.mpidrs)]
+        if self.psci_minor is not None:     # a VM-wide firmware register, written through vCPU 0
+            regs.append({"reg": "psci_version", "value": (1 << 16) | self.psci_minor, "vcpu": 0})
+        return regs
 
     def race_groups(self) -> list[list[int]]:
         """Indices of the steps of each race group (two or more steps run at the same time)."""
@@ -120,7 +124,9 @@ class Program:
                         e = f"pad({k})" + (f" + {off}" if off else "")
                         return f"({hi:#x} << 32) | {e}" if hi else e
             return f"{v:#x}"
-        lines = [f"lambda pad: Program(mpidrs=({', '.join(f'{m:#x}' for m in self.mpidrs)},), el2={self.el2}, steps=("]
+        minor = f", psci_minor={self.psci_minor}" if self.psci_minor is not None else ""
+        lines = [(f"lambda pad: Program(mpidrs=({', '.join(f'{m:#x}' for m in self.mpidrs)},), el2={self.el2}{minor}, "
+                 "steps=(")]
         for s in self.steps:
             extra = "".join([f", until={s.until:#x}, max_calls={s.max_calls:#x}" if s.until is not None else "",
                              ", joined=True" if s.joined else "", ", advance=True" if s.advance else "",
@@ -145,7 +151,8 @@ def encode(program: Program, ticks: int = TIMER_TICKS, idle_wfit: bool = True) -
         raise PayloadError(f"PSCI fuzz program: two vCPUs share an affinity (MPIDR & {MPIDR_HWID_MASK:#x}): "
                            f"{[f'{m:#x}' for m in program.mpidrs]}",
                            hint="each vCPU finds its index by its MPIDR: give every vCPU a different affinity")
-    words = [P_MAGIC, n, len(steps), (ticks & 0xFFFF_FFFF) | (IDLE_WFIT if idle_wfit else 0)] + [m & U64 for m in program.mpidrs] + [0] * (MAX_CPUS - n)
+    words = [P_MAGIC, n, len(steps), (ticks & 0xFFFF_FFFF) | (IDLE_WFIT if idle_wfit else 0)]
+    words += [m & U64 for m in program.mpidrs] + [0] * (MAX_CPUS - n)
     for i, s in enumerate(steps):
         if not 0 <= s.vcpu < n:
             raise PayloadError(f"PSCI fuzz program: step {i} belongs to vCPU {s.vcpu}, the program has {n}",

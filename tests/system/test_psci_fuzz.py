@@ -263,7 +263,9 @@ def batches(draw, pads, minor, el2=False):
     epilogue that reads every vCPU's power state instead); only the last program may end the VM with a SYSTEM_*
     call."""
     n = draw(st.integers(2, pf.MAX_CPUS))
-    g = Gen(draw, draw(topology(n)), pads, minor, el2)
+    # the PSCI version the VMM selects (KVM_REG_ARM_PSCI_VERSION): KVM's default (None) or any 1.x up to it
+    chosen = draw(st.sampled_from([None, None, *range(minor + 1)]))
+    g = Gen(draw, draw(topology(n)), pads, minor if chosen is None else chosen, el2)
     count = draw(st.integers(0, 255).map(lambda v: min(v + 1, PER_BATCH)))
     kinds = ["call"] * 6 + ["cpu_on"] * 3 + ["off"] * 2 + ["race"]
     starts = []
@@ -282,7 +284,7 @@ def batches(draw, pads, minor, el2=False):
             g.reset()
         else:
             g.epilogue()
-    return Program(mpidrs=g.mpidrs, steps=tuple(g.steps), el2=el2, meta={"starts": starts})
+    return Program(mpidrs=g.mpidrs, steps=tuple(g.steps), el2=el2, psci_minor=chosen, meta={"starts": starts})
 
 
 # ---- running and comparing ---------------------------------------------------------------------------------------
@@ -296,7 +298,7 @@ class Mismatch(AssertionError):
 
 def run_both(guest, payload, program: Program, name: str = "psci_fuzz"):
     """Run ``program`` with PSCI in the kernel, then forwarded; (kernel result, user result)."""
-    minor = guest.caps["psci_version_raw"] & 0xFFFF
+    minor = guest.caps["psci_version_raw"] & 0xFFFF if program.psci_minor is None else program.psci_minor
     params = pf.encode(program)
     out = []
     for mode, filters in (("kernel", []), ("user", list(PSCI_FWD))):
@@ -419,3 +421,19 @@ def test_psci_fuzz_regression(guest, name):
     payload = get_payload("psci_fuzz")
     pads = [payload.sym(f"fuzz_entry{k}") for k in range(pf.PADS)]
     check_program(guest, payload, REGRESSIONS[name](lambda k: pads[k]), name=f"psci_fuzz_reg_{name}")
+
+
+@pytest.mark.el2
+@pytest.mark.hvc
+def test_a_payload_fault_is_reported_as_such_with_its_syndrome(guest):
+    """An HVC at vEL2 goes to the guest's own EL2 vector (docs/nested-routing.md), where psci_fuzz.S's fatal vector
+    ends the run: check_program must call that a payload problem with ESR (EC 0x16, HVC64) and ELR, not a PSCI
+    mismatch."""
+    payload = get_payload("psci_fuzz")
+    program = Program(mpidrs=(0x8000_0000, 0x8000_0001), el2=True,
+                      steps=(Step(0, "hvc", (psci.PSCI_VERSION, 0, 0, 0), label="PSCI_VERSION over HVC at vEL2"),))
+    with pytest.raises(PayloadProblem) as e:
+        check_program(guest, payload, program, name="psci_fuzz_fault")
+    text = str(e.value)
+    assert text.startswith("payload problem (not a PSCI mismatch)"), text
+    assert "(EC 0x16," in text and f"ELR={payload.symbolize(payload.sym('fuzz_hvc') + 4)}" in text, text

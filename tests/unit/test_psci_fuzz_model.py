@@ -134,8 +134,9 @@ def test_payload_faults_carry_the_syndrome():
 
 def test_to_python_is_a_program_again():
     pads = [0x4000_0010, 0x4000_0020, 0x4000_0030, 0x4000_0040]
-    p = prog([Step(0, "hvc", (ON64, 0x100, pads[1] + 2, (0xAB << 32) | pads[3]), until=1, max_calls=5, label="x"),
-              Step(1, "smc", (0x8400_0003, 1, (0xDEAD << 32) | pads[0], 0), joined=True, advance=True)])
+    p = Program(mpidrs=MPIDRS, psci_minor=1, steps=(
+        Step(0, "hvc", (ON64, 0x100, pads[1] + 2, (0xAB << 32) | pads[3]), until=1, max_calls=5, label="x"),
+        Step(1, "smc", (0x8400_0003, 1, (0xDEAD << 32) | pads[0], 0), joined=True, advance=True)))
     src = p.to_python(pads)
     assert "pad(1) + 2" in src and "(0xdead << 32) | pad(0)" in src
     again = eval(src, {"Program": Program, "Step": Step})(lambda k: pads[k])
@@ -147,3 +148,9 @@ def test_every_allowed_difference_names_its_reason():
     assert len(keys) == len(set(keys))
     for d in pf.ALLOWED_DIFFERENCES:
         assert d.what and d.rule and ("DEN0022" in d.why or "psci.c" in d.why), d
+
+
+def test_set_regs_give_every_vcpu_its_mpidr_and_the_vm_its_psci_version():
+    assert prog([]).set_regs() == [{"reg": "mpidr_el1", "value": m, "vcpu": k} for k, m in enumerate(MPIDRS)]
+    regs = Program(mpidrs=MPIDRS, steps=(), psci_minor=2).set_regs()
+    assert regs[-1] == {"reg": "psci_version", "value": 0x10002, "vcpu": 0}
