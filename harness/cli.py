@@ -177,7 +177,12 @@ def payload_params(args) -> list[int]:
 def cmd_run_payload(args) -> int:
     from .images.payloads import load_elf
     from .model.scenarios import scenario
-    p = load_elf(args.elf, vcpus=args.vcpus)
+    p = load_elf(args.elf, vcpus=args.vcpus, state=args.state)     # an ELF for the other state: a clear error
+    if p.aarch32 and args.el2:
+        from .errors import PayloadError
+        raise PayloadError(f"{args.elf} is an AArch32 payload: it cannot run at vEL2 (KVM refuses "
+                           "KVM_ARM_VCPU_EL1_32BIT with HAS_EL2: arch/arm64/kvm/arm.c kvm_vcpu_init_check_features)",
+                           hint="drop --el2: AArch32 payloads run at EL1")
     from .model.filter_model import parse_forward
     filters = [f for text in args.forward for f in parse_forward(text)]
     from .model.filter_model import check_filters
@@ -367,6 +372,9 @@ def gdb_args(p) -> None:
     p.add_argument("--forward", action="append", default=[],
                    help="'psci' or BASE[+NR][:fwd|deny|handle]; repeatable")
     p.add_argument("--el2", action="store_true", help="run at vEL2 (HAS_EL2 vCPU)")
+    p.add_argument("--state", choices=("aarch64", "aarch32"), default="aarch64",
+                   help="the state the ELF was built for: aarch64 (EM_AARCH64) or aarch32 (EM_ARM: A32, or T32 when "
+                        "the entry address is odd; an AArch32 EL1 vCPU)")
     p.add_argument("--vcpus", type=int, default=1)
     p.add_argument("--handler", default="psci", choices=("psci", "record"))
     p.add_argument("--deadline", type=float, default=10.0)

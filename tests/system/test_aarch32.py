@@ -180,3 +180,64 @@ def test_aarch32_el1_with_has_el2_is_refused(guest, guest_pool):
     p = get_payload("a32_calls")
     r = g.run(scenario("a32_with_el2", p, el2=True), payload=p)
     assert r.outcome == "setup_error" and r.raw.get("errno") == "EINVAL", r.describe()
+
+
+# ---- PSCI from AArch32: in-kernel vs the emulator's aarch32 path (firmware/psci32.S) ----------------------
+U32 = 0xFFFF_FFFF
+PSCI32_EXPECTED = [
+    0x1_0003,           # 0 PSCI_VERSION (KVM 1.3; the emulator's default minor is 3)
+    U32,                # 1 FEATURES(CPU_ON64): NOT_SUPPORTED for an AArch32 caller (kvm_psci_check_allowed_function)
+    0,                  # 2 FEATURES(CPU_ON)
+    U32,                # 3 FEATURES(AFFINITY_INFO64): NOT_SUPPORTED
+    U32,                # 4 CPU_ON64 from AArch32: NOT_SUPPORTED, the secondary stays off
+    U32,                # 5 AFFINITY_INFO64: NOT_SUPPORTED
+    1,                  # 6 AFFINITY_INFO32(1): OFF
+    0,                  # 7 CPU_ON32(1): SUCCESS
+    0,                  # 8 AFFINITY_INFO32(1): ON
+    U32 - 3,            # 9 CPU_ON32 again: ALREADY_ON (-4)
+    U32 - 1,            # 10 AFFINITY_INFO32(0x100): no such vCPU, INVALID_PARAMS (-2)
+    2,                  # 11 MIGRATE_INFO_TYPE: no Trusted OS
+    0,                  # 12 FEATURES(SMCCC_VERSION)
+    0,                  # 13 FEATURES(PSCI_FEATURES)
+]
+CTX32 = 0xC0FFEE32
+
+
+def _psci32(r):
+    import struct
+    blk = r.result_block.ljust(0x110, b"\0")
+    words = list(struct.unpack_from("<14I", blk, 0))
+    magic, ctx, cpsr, code = struct.unpack_from("<4I", blk, 0x100)
+    return words, {"magic": magic, "ctx": ctx, "cpsr": cpsr, "code": code}
+
+
+@pytest.mark.psci
+@pytest.mark.parametrize("sec_state", ["a32", "t32"])
+@pytest.mark.parametrize("conduit", [pytest.param("hvc", marks=pytest.mark.hvc),
+                                     pytest.param("smc", marks=pytest.mark.smc)])
+def test_psci_from_aarch32_in_kernel_and_forwarded_agree(guest, guest_pool, conduit, sec_state):
+    from harness.model.scenarios import PSCI_FWD
+    g = guest_pool.get()
+    _need_aarch32(g)
+    p = get_payload("psci32")
+    params = [{"hvc": 0, "smc": 1}[conduit], {"a32": 0, "t32": 1}[sec_state]]
+    views = {}
+    for how, filters in (("in_kernel", ()), ("forwarded", PSCI_FWD)):
+        r = g.run(scenario(f"psci32_{conduit}_{sec_state}_{how}", p, filters=filters, vcpus=2, params=params),
+                  payload=p)
+        assert r.outcome == "done" and r.exit_code == 0, r.describe()
+        words, sec = _psci32(r)
+        assert words == PSCI32_EXPECTED, f"{how}: {[hex(w) for w in words]}\n{r.describe()}"
+        assert sec == {"magic": 0x5EC0ED, "ctx": CTX32, "cpsr": sec["cpsr"],
+                       "code": {"a32": 0xA32, "t32": 0x732}[sec_state]}, f"{how}: {sec}\n{r.describe()}"
+        assert sec["cpsr"] & 0x1F == AA32_SVC | 0x10 and sec["cpsr"] & 0x1C0 == 0x1C0, f"{how}: CPSR {sec['cpsr']:#x}"
+        if how == "forwarded":
+            calls = r.hypercalls
+            assert len(calls) == len(PSCI32_EXPECTED), r.describe()
+            assert all(h["pstate"] & kvm.PSR_MODE32_BIT and h["el"] == 1 for h in calls), r.describe()
+            on = [e for e in r.events if e["kind"] == "psci" and e.get("effect") == "powered_on"]
+            assert on and on[0]["context_id"] == CTX32, r.describe()
+        else:
+            assert not r.hypercalls, r.describe()
+        views[how] = (words, sec)
+    assert views["in_kernel"] == views["forwarded"]
