@@ -352,3 +352,17 @@ def test_a_gdb_session_boots_cold_with_kaslr_off(kernel: Path, tmp_path: Path) -
     assert s.config.argv()[-3:] == ["-gdb", "tcp:127.0.0.1:40123", "-S"]
     plain = GuestSession.create(kernel, initrd, tmp_path, snapshots=True)
     assert plain.snapshots and "nokaslr" not in plain.config.cmdline
+
+
+def test_pytest_refuses_gdb_with_reuse_vm(tmp_path: Path) -> None:
+    """--reuse-vm attaches to a VM started without a gdbstub: a usage error (exit 4) that says what to do."""
+    import subprocess
+    import sys
+    repo = Path(__file__).resolve().parents[2]
+    (tmp_path / "test_x.py").write_text("def test_x(): pass\n")
+    p = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-c", "/dev/null", "-p", "harness.plugin",
+                        "--reuse-vm", "--gdb", "--results-dir", str(tmp_path / "runs"), "test_x.py"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+                       env={**os.environ, "PYTHONPATH": str(repo)})
+    assert p.returncode == 4, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "--gdb cannot be combined with --reuse-vm" in p.stderr and "vm stop" in p.stderr, p.stderr[-2000:]
