@@ -58,7 +58,7 @@ import time
 from .. import protocol as P
 from . import kvm, psci, smccc, watchdog
 from .trace import Trace
-from .vm import Vcpu, Vm
+from .vm import Vcpu, Vm, ensure_kick_handler
 from .vmsetup import aarch32, aarch32_entry, install_filters, probe_attrs, vcpu_features
 
 MAX_EXITS_DEFAULT = 100_000     # per scenario: more KVM_RUN exits than this end the run as "exit_storm"
@@ -429,6 +429,7 @@ class ScenarioRun:
         Returns the names of threads that did not stop, and each vCPU's final state (empty if any is stuck:
         its registers cannot be read while it is inside KVM_RUN).
         """
+        ensure_kick_handler()
         threads = [threading.Thread(target=self._loop, args=(v,), name=f"vcpu{v.index}", daemon=True)
                    for v in self.vm.vcpus]
         self.watch = watchdog.mode(self.spec)

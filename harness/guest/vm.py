@@ -30,6 +30,22 @@ def install_kick_handler() -> None:
         _kick_installed = True
 
 
+def ensure_kick_handler() -> None:
+    """Before vCPU threads run: a kick must find a SIGUSR1 handler, or its default action ends the process.
+
+    The progress watchdog kicks within the first second of a run (not only at a deadline), so a process that
+    forgot :func:`install_kick_handler` would die at once.  Installed here when called from the main thread;
+    from another thread (signal.signal cannot) it is an error saying what to call.
+    """
+    if _kick_installed or signal.getsignal(_KICK_SIGNAL) not in (signal.SIG_DFL, None):
+        return
+    if threading.current_thread() is threading.main_thread():
+        install_kick_handler()
+        return
+    raise RuntimeError("no SIGUSR1 handler: a vCPU kick would kill this process; call "
+                       "harness.guest.vm.install_kick_handler() from the main thread before running a VM")
+
+
 class Memory:
     """Anonymous host memory backing one KVM memory slot."""
 

@@ -150,3 +150,29 @@ def test_describe_names_the_livelock_with_the_pc_symbolized(spin):
     assert "across 5 watchdog kicks in 1.317 s (window 1.5 s)" in text
     assert "livelock     pc=spin_loop insn=b ." in text and "vcpu0: pc=spin_loop " in text
     assert ScenarioResult(raw={"outcome": "done"}).livelock_message() is None
+
+
+def test_a_vm_run_without_a_kick_handler_installs_one_or_says_what_to_call():
+    """The watchdog kicks (SIGUSR1) within a second: a process without the handler would die of the signal."""
+    import subprocess
+    import sys
+    code = ("import signal, threading\n"
+            "from harness.guest import vm\n"
+            "out = []\n"
+            "def worker():\n"
+            "    try:\n"
+            "        vm.ensure_kick_handler()\n"
+            "    except RuntimeError as e:\n"
+            "        out.append(str(e))\n"
+            "t = threading.Thread(target=worker); t.start(); t.join()\n"
+            "print(out[0])\n"
+            "vm.ensure_kick_handler()\n"
+            "print(signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None))\n"
+            "signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)\n"
+            "print('alive')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "call harness.guest.vm.install_kick_handler() from the main thread" in lines[0], r.stdout
+    assert lines[1:] == ["True", "alive"], r.stdout
