@@ -61,6 +61,10 @@ def pytest_addoption(parser):
                      "30 at vEL2): a nightly run passes more")
     g.addoption("--psci-fuzz-seed", default=None, metavar="SEED",
                 help="hypothesis seed of the PSCI fuzz tests (an integer, or 'random'); the run prints the one used")
+    g.addoption("--dump-on-splat", action="store_true",
+                default=os.environ.get("SMCCC_DUMP_ON_SPLAT", "") not in ("", "0"),
+                help="on a guest's first kernel splat, dump its memory (QMP dump-guest-memory, ELF) to vmcore.elf in "
+                     "its run directory, for crash or drgn (docs/debug-kernels.md) [env SMCCC_DUMP_ON_SPLAT=1]")
     g.addoption("--kcidb", default=None, metavar="FILE",
                 help="after the run, write its results as KernelCI KCIDB JSON, read from the JUnit file "
                      "(--junitxml; FILE.junit.xml when not given) (harness/kdev/kcidb.py)")

@@ -58,7 +58,7 @@ def _describe_findings(item, found) -> str:
     where, f, g = found[0]
     more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
     return (f"the guest kernel printed {f.name!r} {where}{more}:\n{f.excerpt}\nconsole log: {g.console_log}"
-            + _symbolized(item.config, f.excerpt))
+            + _symbolized(item.config, f.excerpt) + _dumped(item, g))
 
 
 class ConsoleSplat(pytest.fail.Exception):
@@ -179,6 +179,25 @@ def _symbolized(config, excerpt: str) -> str:
     from ..images.kernel import symbolize_for
     text = symbolize_for(kernel, excerpt)
     return f"\n{text}" if text else ""
+
+
+def _dumped(item, g) -> str:
+    """``--dump-on-splat``: the guest's memory as an ELF core in its run directory, once per guest (its first
+    splat), while it still runs (harness/machine/vmcore.py); '' otherwise."""
+    if not item.config.getoption("--dump-on-splat", False) or getattr(g, "_smccc_vmcore", None) is not None:
+        return ""
+    from ..machine.vmcore import dump_guest_memory, open_hint
+    core = Path(g.run_dir) / "vmcore.elf"
+    g._smccc_vmcore = core
+    try:
+        d = dump_guest_memory(g.machine, core)
+    except Exception as e:  # noqa: BLE001 - a dead guest (panic) or QMP failure: say so, keep the splat
+        return f"\n(no guest memory dump: {e})"
+    pool = item.config.stash.get(POOL_KEY, None)
+    kernel = (pool.assets or {}).get("kernel") if pool is not None else None
+    from ..images.kernel import vmlinux_of
+    return (f"\nguest memory: {core} ({d['bytes'] / 2**20:.0f} MiB, {d['seconds']} s); open it with: "
+            f"{open_hint(core, vmlinux_of(kernel) if kernel is not None else None)}")
 
 
 @pytest.hookimpl(hookwrapper=True)
