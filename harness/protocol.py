@@ -110,6 +110,7 @@ SCENARIO_KEYS = frozenset({
     "name", "payload", "vcpus", "el2", "e2h0", "ram_size", "filters", "late_filters", "handler", "replies",
     "params", "deadline_s", "psci_0_2",
     "in_kernel_gic", "probes", "set_regs", "psci_minor", "migrate", "max_exits", "max_trace", "livelock_s",
+    "sdei",
 })
 
 
@@ -194,8 +195,26 @@ def validate_scenario(s: dict) -> dict:
         ll = s["livelock_s"]
         if isinstance(ll, bool) or not isinstance(ll, (int, float)) or not (ll == 0 or 0.1 <= ll <= 600):
             raise ProtocolError(f"livelock_s must be 0 (watchdog off) or in [0.1, 600] seconds, got {ll!r}")
+    if "sdei" in s:
+        _validate_sdei(s["sdei"], vcpus)
     out = dict(s)
     out.update(vcpus=vcpus, ram_size=ram_size, filters=filters, late_filters=late_filters, handler=handler, replies=replies,
                params=params, deadline_s=float(deadline), el2=bool(s.get("el2", False)),
                e2h0=bool(s.get("e2h0", False)))
     return out
+
+
+def _validate_sdei(sd, vcpus: int) -> None:
+    """``sdei``: {"signal": [{"event": u32, "vcpu": index, "after_calls": N}]} -- events the host raises at a vCPU
+    once it has made N forwarded calls (harness/guest/sdei_run.py)."""
+    if not isinstance(sd, dict) or set(sd) - {"signal"}:
+        raise ProtocolError(f"sdei must be an object with the key 'signal' only, got {sd!r}")
+    sig = sd.get("signal", [])
+    if not isinstance(sig, list) or len(sig) > 64:
+        raise ProtocolError("sdei.signal must be a list of at most 64 {event, vcpu, after_calls} objects")
+    for x in sig:
+        if not isinstance(x, dict) or set(x) - {"event", "vcpu", "after_calls"} or "event" not in x:
+            raise ProtocolError(f"sdei.signal entry must be {{event, vcpu, after_calls}} (event required), got {x!r}")
+        _int(x, "event", 0, 0xFFFF_FFFF)
+        _int(x, "vcpu", 0, vcpus - 1, 0)
+        _int(x, "after_calls", 0, 1_000_000, 0)

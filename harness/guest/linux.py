@@ -27,6 +27,7 @@ import time
 from .. import protocol as P
 from . import fdt, kvm, psci, smccc
 from .runner import GRAVEYARD, ScenarioRun, VcpuState
+from .sdei_run import SdeiRun
 from .uart import Pl011
 from .vm import Vm
 
@@ -275,6 +276,7 @@ class LinuxRun(ScenarioRun):
         for v in self.vm.vcpus[1:]:
             v.set_mp_state(kvm.KVM_MP_STATE_STOPPED)
         self.psci = psci.Psci([psci.CpuState(m, i == 0) for i, m in enumerate(mpidrs)], minor=s["psci_minor"])
+        self.sdei_run = SdeiRun({}, mpidrs, (RAM_BASE, ram), self.trace)    # ScenarioRun's exits deliver SDEI events
         self.userspace_power = s["psci"] == "fwd"
         self.vstate = [VcpuState(on=(v.index == 0 or not self.userspace_power)) for v in self.vm.vcpus]
         self.layout = {"kernel": kernel_addr, "kernel_bytes": len(image), "image_size": image_size,

@@ -56,7 +56,8 @@ import threading
 import time
 
 from .. import protocol as P
-from . import kvm, psci, smccc, watchdog
+from . import kvm, psci, sdei, smccc, watchdog
+from .sdei_run import SdeiRun, is_sdei
 from .trace import Trace
 from .vm import Vcpu, Vm, ensure_kick_handler
 from .vmsetup import aarch32, aarch32_entry, install_filters, probe_attrs, vcpu_features
@@ -171,6 +172,8 @@ class ScenarioRun:
                 target.set_reg(reg_id(r["reg"]), new)
                 self.trace.add("set_reg", target.index, reg=str(r["reg"]), old=old, value=new,
                                readback=target.get_reg(reg_id(r["reg"])))
+        # ---- SDEI: the dispatcher for forwarded SDEI ids (harness/guest/sdei_run.py) ----
+        self.sdei_run = SdeiRun(s, [v.mpidr for v in self.vm.vcpus], (P.RAM_BASE, s["ram_size"]), self.trace)
         self.psci = psci.Psci([psci.CpuState(v.mpidr, v.index == 0) for v in self.vm.vcpus],
                               minor=s.get("psci_minor", 3))
         cpu_on_fwd = any(self.filter.action_for(f) == kvm.KVM_SMCCC_FILTER_FWD_TO_USER
@@ -306,8 +309,12 @@ class ScenarioRun:
     def _dispatch(self, v: Vcpu, st: VcpuState, reason: int) -> None:
         if reason == kvm.KVM_EXIT_HYPERCALL:
             self._hypercall(v, st)
+            if not (st.done or st.parked or self.stopping):
+                self.sdei_run.deliver(v)        # ---- SDEI: a pending event is delivered at an exit
         elif reason == kvm.KVM_EXIT_MMIO:
             self._mmio(v, st)
+            if not (st.done or st.parked or self.stopping):
+                self.sdei_run.deliver(v)        # ---- SDEI
         elif reason == kvm.KVM_EXIT_SYSTEM_EVENT:
             typ, data = v.system_event()
             self.trace.add("system_event", v.index, type=typ, name=kvm.SYSTEM_EVENT_NAMES.get(typ, str(typ)),
@@ -326,8 +333,12 @@ class ScenarioRun:
         args = v.get_xs(18)
         pc, pstate = v.pc, v.pstate
         reply, by, effect = None, "none", None
+        sdei_effect = None
         if fid in self.replies:
             reply, by = self.replies[fid], "reply"
+        elif self.spec["handler"] == "psci" and is_sdei(fid):     # ---- SDEI (harness/guest/sdei_run.py)
+            out = self.sdei_run.call(v, fid, args, pstate)
+            reply, by, sdei_effect = out.regs, "sdei", out.effect
         elif self.spec["handler"] == "psci":
             if smccc.owner(fid) == smccc.OWNER_STANDARD and smccc.func_num(fid) <= 0x1F:
                 with self.psci_lock:        # vCPU threads race on CPU_ON/AFFINITY_INFO: one decision at a time
@@ -347,7 +358,8 @@ class ScenarioRun:
             extra["readback"] = v.get_xs(len(reply))   # (set_core_reg narrows r0-r14.. to 32 bits)
         self.trace.add("hypercall", v.index, nr=nr, flags=flags, conduit=smccc.conduit(flags), pc=pc,
                        pstate=pstate, el=kvm.pstate_el(pstate), args=args, reply=reply, by=by,
-                       name=psci.name(fid), **extra)
+                       name=sdei.name(fid) if is_sdei(fid) else psci.name(fid), **extra)
+        self.sdei_run.apply(v, sdei_effect)     # ---- SDEI: COMPLETE / COMPLETE_AND_RESUME
         if effect:
             self._apply(v, st, effect)
         self.hypercall_count += 1
@@ -489,7 +501,7 @@ class ScenarioRun:
             "exits": self.exits, "trace_dropped": self.trace.dropped,
             "vcpus": vcpus, "stuck_threads": stuck, "errors": self.errors,
             "result_block": base64.b64encode(block).decode(),
-            "psci_state": self.psci.affinity_state(),
+            "psci_state": self.psci.affinity_state(), "sdei_state": self.sdei_run.state(),
             "livelock": self.livelock, "watchdog": self._watchdog_summary(),
             "timing": {"setup_s": round(t1 - t0, 6), "run_s": round(t2 - t1, 6)},
         }

@@ -26,6 +26,10 @@ def handle(base: int, nr: int = 1) -> dict:
 
 # The ranges kvmtool's --psci installs (docs/kvm-smccc-abi.md §3.5), minus the legacy 0.1 DENY.
 PSCI_FWD = (fwd(PSCI_BASE32, PSCI_NR), fwd(PSCI_BASE64, PSCI_NR))
+# SDEI (DEN0054): its SMC64 ids 0xC4000020..0xC400003F, answered by the VMM's dispatcher (harness/guest/sdei.py)
+SDEI_BASE = 0xC400_0020
+SDEI_NR = 0x20
+SDEI_FWD = (fwd(SDEI_BASE, SDEI_NR),)
 
 
 def scenario(name: str, payload, *, filters=(), el2: bool = False, e2h0: bool = False, vcpus: int = 1,
