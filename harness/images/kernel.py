@@ -257,6 +257,10 @@ class Symbolizer:
             if re.match(r"Call trace:", body):
                 in_trace, frames = 1, 0
                 continue
+            am = re.search(r"\}, at: " + _SYM_OFF.pattern, body)      # lockdep: a lock and where it was taken
+            if am:
+                add("at", None, am.group(1), am.group(2), am.group(3), True)
+                continue
             pm = _PC_LR.search(body)
             if pm and body.lstrip().startswith(pm.group(1)):
                 add(pm.group(1), pm.group(2), pm.group(3), pm.group(4), pm.group(5), pm.group(1) == "lr")

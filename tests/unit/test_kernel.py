@@ -221,6 +221,13 @@ def test_kallsyms_call_trace_gets_addresses_and_file_line_from_dwarf(tmp_path):
 
 
 @needs_cross
+def test_lockdep_held_lock_lines_get_where_the_lock_was_taken(otree):
+    out = K.Symbolizer(otree / "vmlinux").symbolize_excerpt(
+        "[    9.1]  #0: ffff000002d41038 (lock_me_up){+.+.}-{3:3}, at: kvm_handle_guest_abort+0x14/0x44\n")
+    assert f"at {TEXT_BASE + 0x24:#018x} = kvm_handle_guest_abort+0x14/0x44" in out, out
+
+
+@needs_cross
 def test_without_dwarf_the_symbolizer_says_how_to_get_file_line(otree):
     out = K.Symbolizer(otree / "vmlinux").symbolize_excerpt("pc : handle_smc+0x4/0x10\n")
     assert f"pc {TEXT_BASE + 4:#018x} = handle_smc+0x4/0x10" in out and " at " not in out.splitlines()[1]
