@@ -141,15 +141,24 @@ class Gen:
             self.ended = True
 
     def add(self, step: Step) -> None:
-        if not self.allow_end:      # only the batch's last program may end the VM: ask about the call instead
-            probe = copy.deepcopy(self.sim)
-            eff = probe.call(step.vcpu, step.x[0] & 0xFFFF_FFFF, list(step.x[1:])).effect
-            if eff and eff[0] == "system_event":
+        probe = copy.deepcopy(self.sim)
+        eff = probe.call(step.vcpu, step.x[0] & 0xFFFF_FFFF, list(step.x[1:])).effect
+        if eff and eff[0] == "system_event":
+            if not self.allow_end:      # only the batch's last program may end the VM: ask about the call instead
                 fid = step.x[0] & 0xFFFF_FFFF
                 step = Step(step.vcpu, step.conduit, (psci.PSCI_FEATURES, fid, 0, 0),
                             label=f"PSCI_FEATURES({psci.name(fid)})")
+            else:
+                self.sync(exclude=(step.vcpu,))
         self.steps.append(step)
         self.apply(step)
+
+    def sync(self, exclude=()):
+        """Every running secondary makes a call of its own (PSCI_VERSION): it has arrived and recorded its arrival
+        before what follows.  Without this a secondary started by the last CPU_ON may or may not have arrived when
+        the run ends: timing, not behaviour."""
+        for k in sorted(self.running - {0} - set(exclude)):
+            self.steps.append(Step(k, self.conduit(), (psci.PSCI_VERSION, 0, 0, 0), label=f"PSCI_VERSION (cpu{k} sync)"))
 
     def owner(self, exclude=()):
         return self.draw(st.sampled_from(sorted(self.running - set(exclude))))
@@ -241,7 +250,8 @@ class Gen:
         self.add(Step(me, self.conduit(), (fid, a1, 0, 0), label=f"{psci.name(fid)}({a1:#x})"))
 
     def epilogue(self):
-        """vCPU 0 reads every vCPU's power state at the end (unless the VM already ended)."""
+        """Every running secondary syncs, then vCPU 0 reads every vCPU's power state (unless the VM already ended)."""
+        self.sync()
         for k, m in enumerate(self.mpidrs):
             self.add(Step(0, self.conduit(), (psci.AFFINITY_INFO64, m & HW, 0, 0), label=f"AFFINITY_INFO64(cpu{k})"))
 
@@ -253,6 +263,7 @@ class Gen:
             self.off(k)
 
 
+STEP_BUDGET = pf.MAX_STEPS - 24    # a construct adds <= 4 steps; reset + sync + epilogue <= 3*2 + 3 + 4
 PER_BATCH = 4       # programs per scenario pair: the ~0.2-0.5 s a scenario costs under TCG is paid once for four
 
 
@@ -273,6 +284,8 @@ def batches(draw, pads, minor, el2=False):
         starts.append(len(g.steps))
         g.allow_end = p == count - 1
         for _ in range(draw(st.integers(1, MAX_GEN_STEPS))):
+            if len(g.steps) > STEP_BUDGET:      # what is left is for the resets, syncs and the epilogue
+                break
             getattr(g, draw(st.sampled_from(kinds)))()
             if g.ended:
                 break
