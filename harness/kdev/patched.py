@@ -192,7 +192,7 @@ def _failure(name: Path, text: str, output: str) -> PatchError:
         if line.startswith("Reversed (or previously applied) patch detected"):
             return PatchError(f"{name} does not apply: {current} already has it (reversed or previously applied)",
                               hint="drop this patch (the tree carries it already) or fix the order of --patch")
-        if line.startswith("No file to patch") or line.startswith("can't find file to patch"):
+        if line.startswith(("No file to patch", "can't find file to patch")):
             return PatchError(f"{name} does not apply: a file it patches is not in the tree "
                               f"({', '.join(touched_files(text)) or 'unknown'})",
                               hint="the patch is for another tree, or needs -p1 paths (a/FILE, b/FILE)")
