@@ -15,10 +15,11 @@ built by ``smccc-harness qemu build`` (``--version`` shows ``smccc-fix:el2-timer
 ``--reproducer spin:MS|sleep:MS``: right before each save, the agent's ``arm_timers`` request leaves a timer
 deadline armed on every vCPU (harness/guest/timers.py), when this checkout's agent and snapshot.save have it.
 
-``--destroy-nested``: after a live restore, a process in the guest runs a nested (HAS_EL2) scenario and then
-closes the VM (the agent itself never does: harness/guest/runner.py GRAVEYARD) and says how long the close
-took, or the round records that the guest stopped answering (the lockup docs/platform.md describes).
-Both also on a cold-booted guest, for comparison, with ``--destroy-nested-cold``.
+``--destroy-nested``: after each restore, live or dead (the round's own restore: load, ping, the agent's timer
+probe, the guest kept either way), a process in the guest runs a nested (HAS_EL2) scenario and then closes the
+VM (the agent itself never does: harness/guest/runner.py GRAVEYARD) and says how long the close took, or the
+round records that the guest stopped answering (the lockup docs/platform.md describes).
+``--destroy-nested-cold``: the same once in a cold-booted guest first, for comparison.
 
 Results are printed and written to ``runs/bench-dead-*/dead_snapshots.json``.  Nothing here asserts.
 """
@@ -39,9 +40,11 @@ from harness import paths
 from harness import protocol as P
 from harness.errors import HarnessError
 from harness.machine import snapshot
+from harness.machine.channel import Channel
 from harness.machine.config import sock_dir
 from harness.machine.guests import GuestOptions, guest_assets, new_session
-from harness.machine.snapshot_store import META_FILE, Snapshot, qemu_version
+from harness.machine.process import Machine
+from harness.machine.snapshot_store import MAPPED_RAM, META_FILE, Snapshot, qemu_version
 
 # A process of its own in the guest: run one nested scenario (its VM is left open by the runner, as always),
 # then close that VM and time the close.  argv[1] is the validated scenario as JSON.
@@ -59,6 +62,41 @@ while GRAVEYARD:
 print(json.dumps({"outcome": r.get("outcome"), "vms": n, "close_s": round(time.monotonic() - t, 3)}))
 """
 DESTROY_DEADLINE_S = 120.0
+PROBE_DEADLINE_S = 3.0
+
+
+def restore_any(cfg, run_dir: Path, state: Path, probe_sleep_s: float | None = None):
+    """Load ``state`` into a new QEMU and ping the agent, like snapshot.restore, but keep the guest whether its
+    tick is alive or not: (machine, channel, alive).  ``--destroy-nested`` also tries a dead-tick restore.
+    ``probe_sleep_s``: the agent's timer probe sleeps this long (default: the agent's 20 ms)."""
+    m = Machine(dataclasses.replace(cfg, incoming="defer"), run_dir)
+    ch = None
+    try:
+        m.start(startup_check_s=0.0)
+        q = m.qmp(timeout_s=30.0)
+        q.cmd("migrate-set-capabilities", capabilities=MAPPED_RAM)
+        q.cmd("migrate-incoming", uri=f"file:{state / 'state.ram'}")
+        stop = time.monotonic() + 30.0
+        while (st := q.cmd("query-migrate").get("status")) != "completed":
+            if st in ("failed", "cancelled") or time.monotonic() > stop:
+                raise HarnessError(f"migrate-incoming {st}")
+            time.sleep(0.01)
+        q.cmd("cont")
+        ch = Channel(cfg.control_socket)
+        ch.connect(10.0)
+        ch.request("ping", None, 10.0)
+        args = None if probe_sleep_s is None else {"sleep_s": probe_sleep_s, "wait_s": probe_sleep_s + 2.0}
+        try:
+            r = ch.request("timer_probe", args, PROBE_DEADLINE_S + (probe_sleep_s or 0.0) + 2.0)
+            alive = not r.get("dead")
+        except HarnessError:
+            alive = False
+        return m, ch, alive
+    except BaseException:
+        if ch is not None:
+            ch.close()
+        m.stop()
+        raise
 
 
 def out(line: str = "") -> None:
@@ -72,8 +110,9 @@ def loadavg() -> str:
         return "?"
 
 
-def reproducer(text: str | None):
-    """``spin:MS`` / ``sleep:MS`` -> ``prepare(session)`` for snapshot.save; None -> None."""
+def reproducer(text: str | None, settle_s: float = 0.0):
+    """``spin:MS`` / ``sleep:MS`` -> ``prepare(session)`` for snapshot.save (then ``settle_s`` of waiting, so
+    that the guest is idle with its tick stopped when it is saved); None -> None."""
     if not text:
         return None
     kind, _, ms = text.partition(":")
@@ -81,7 +120,10 @@ def reproducer(text: str | None):
         raise SystemExit(f"--reproducer {text!r}: spin:MS or sleep:MS")
     if "prepare" not in inspect.signature(snapshot.save).parameters:
         raise SystemExit("--reproducer: this checkout's snapshot.save has no prepare hook (no arm_timers reproducer)")
-    return lambda s: s.request("arm_timers", {"mode": kind, "ms": int(ms)}, 10.0)
+    def prepare(session) -> None:
+        session.request("arm_timers", {"mode": kind, "ms": int(ms)}, 10.0)
+        time.sleep(settle_s)
+    return prepare
 
 
 def nested_spec() -> dict:
@@ -108,7 +150,8 @@ def destroy_nested(request, spec: dict) -> dict:
     return res
 
 
-def one_round(i: int, opts: GuestOptions, assets, prepare, spec: dict | None) -> dict:
+def one_round(i: int, opts: GuestOptions, assets, prepare, spec: dict | None,
+              probe_sleep_s: float | None = None) -> dict:
     """Cold boot, save, restore once: {"dead": bool, ...}."""
     t0 = time.monotonic()
     s = new_session(opts, paths.new_run_dir("bench-dead"), assets=assets, progress=lambda m: None)
@@ -126,16 +169,20 @@ def one_round(i: int, opts: GuestOptions, assets, prepare, spec: dict | None) ->
         cfg = dataclasses.replace(s.config, control_socket=socks / "ctl.sock", qmp_socket=socks / "qmp.sock")
         rec["restore_run_dir"] = str(run_dir)
         t2 = time.monotonic()
-        try:
-            started = snapshot.restore(cfg, run_dir, Snapshot(f"bench-{i}", state), stubs=False)
-            rec["dead"] = False
-            rec["restore"] = started.timings
+        if spec is not None or probe_sleep_s is not None:   # our own restore: keeps a dead-tick guest too
+            m, ch, alive = restore_any(cfg, run_dir, state, probe_sleep_s)
+            started = snapshot.Started(machine=m, channel=ch, caps={}, timings={})
+            rec["dead"] = not alive
             if spec is not None:
-                rec["destroy_nested"] = destroy_nested(
-                    lambda op, args, d: started.channel.request(op, args, d), spec)
-        except snapshot.DeadTimerSnapshot as e:
-            rec["dead"] = True
-            rec["why"] = str(e).splitlines()[0][:200]
+                rec["destroy_nested"] = destroy_nested(ch.request, spec)
+        else:
+            try:
+                started = snapshot.restore(cfg, run_dir, Snapshot(f"bench-{i}", state), stubs=False)
+                rec["dead"] = False
+                rec["restore"] = started.timings
+            except snapshot.DeadTimerSnapshot as e:
+                rec["dead"] = True
+                rec["why"] = str(e).splitlines()[0][:200]
         rec.update(boot_s=round(t1 - t0, 2), save_s=round(t2 - t1, 2), restore_s=round(time.monotonic() - t2, 2))
     finally:
         if started is not None:
@@ -163,23 +210,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernel", default="default")
     ap.add_argument("--smp", type=int, default=1)
     ap.add_argument("--reproducer", default=None, metavar="spin:MS|sleep:MS")
-    ap.add_argument("--destroy-nested", action="store_true", help="destroy a nested VM in each live restore")
+    ap.add_argument("--settle", type=float, default=0.0, metavar="S",
+                    help="with --reproducer: wait S s between arm_timers and the save")
+    ap.add_argument("--probe-sleep", type=float, default=None, metavar="S",
+                    help="the restored guest's timer probe sleeps S s (default 0.02); with --reproducer sleep:MS "
+                         "and S > MS/1000 the probe itself cannot reprogram the timer earlier than the saved deadline")
+    ap.add_argument("--destroy-nested", action="store_true", help="destroy a nested VM in each restore")
     ap.add_argument("--destroy-nested-cold", action="store_true", help="and once in a cold-booted guest")
     args = ap.parse_args(argv)
     opts = GuestOptions(kernel=args.kernel, accel="tcg", qemu_bin=args.qemu_bin, smp=args.smp, snapshots=False)
     assets = guest_assets(opts, progress=lambda m: None)
-    prepare = reproducer(args.reproducer)
+    prepare = reproducer(args.reproducer, args.settle)
     spec = nested_spec() if (args.destroy_nested or args.destroy_nested_cold) else None
     version = qemu_version(args.qemu_bin)
     out(f"dead snapshots: {args.n} rounds, {version} ({args.qemu_bin}), kernel {assets.kernel.version}, "
-        f"smp {args.smp}, reproducer {args.reproducer or 'none'}; load {loadavg()}")
+        f"smp {args.smp}, reproducer {args.reproducer or 'none'} (settle {args.settle} s), probe sleep {args.probe_sleep or 0.02} s; "
+        f"load {loadavg()}")
     rounds, t0 = [], time.monotonic()
     cold = cold_destroy(opts, assets, spec) if args.destroy_nested_cold else None
     if cold is not None:
         out(f"  cold-booted guest, nested VM destroy: {json.dumps(cold)}")
     for i in range(args.n):
         try:
-            rec = one_round(i, opts, assets, prepare, spec if args.destroy_nested else None)
+            rec = one_round(i, opts, assets, prepare, spec if args.destroy_nested else None, args.probe_sleep)
         except HarnessError as e:
             rec = {"round": i, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
         rounds.append(rec)
@@ -192,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     out(f"dead: {dead} of {len(done)} fresh snapshots ({len(rounds) - len(done)} rounds failed otherwise) with "
         f"{version}; {time.monotonic() - t0:.0f} s; load {loadavg()}")
     result = {"qemu_bin": args.qemu_bin, "qemu_version": version, "kernel": assets.kernel.version, "smp": args.smp,
-              "reproducer": args.reproducer, "n": args.n, "dead": dead, "measured": len(done), "rounds": rounds,
+              "reproducer": args.reproducer, "settle_s": args.settle, "probe_sleep_s": args.probe_sleep, "n": args.n, "dead": dead,
+              "measured": len(done), "rounds": rounds,
               "cold_destroy": cold, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     d = paths.new_run_dir("bench-dead")
     (d / "dead_snapshots.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -9,8 +9,13 @@ Steps (:func:`build`):
 1. The source version: that of the installed ``qemu-system-arm`` (``dpkg-query ${source:Version}``), or
    ``--source-version``.
 2. ``apt-get source --download-only qemu=VERSION`` through a private apt configuration with ``deb-src`` lines
-   for the host's release (``cache/apt-src``; harness/images/apt.py): the system's apt state is not touched.
-   The .dsc, orig and debian tarballs stay in ``cache/qemu/sources/<version>/``.
+   for the host's release and the one the version was made for (a bookworm backport ``~bpo12`` comes from
+   trixie) in ``cache/apt-src`` (harness/images/apt.py): the system's apt state is not touched.  The .dsc,
+   orig and debian tarballs stay in ``cache/qemu/sources/<version>/``.  A mirror keeps only the current
+   version of each suite: when the installed version's source is gone (on 2026-12-03 bookworm-backports'
+   ``1:10.0.2+ds-2+deb13u1~bpo12+1`` was listed but no longer in the pool), the default build takes the newest
+   source of the same upstream series the mirror serves (``1:10.0.13+ds-0+deb13u1``), says so and remembers
+   the choice; ``--source-version`` never falls back.
 3. ``dpkg-source -x`` (Debian's own patches applied), then the project's patches in name order with
    ``patch -p1`` (a dry run first: a patch that no longer applies fails naming the patch, file and hunk,
    before anything is changed).
@@ -21,7 +26,8 @@ Steps (:func:`build`):
    interrupted or runs out of disk leaves no half-written binary and no temp dir behind; its log is kept as
    ``cache/qemu/failed-<version>-<hash>.log``).
 
-The key's hash covers the patch series and the build recipe (configure options); a second ``qemu build``
+The key's hash covers the patch series (what each patch changes, not its commit message) and the build
+recipe (configure options); a second ``qemu build``
 with the same inputs finds the tree and prints its path at once.  The binary works with ``--qemu-bin PATH``
 (pytest and every CLI command) or ``QEMU=PATH``.
 """
