@@ -27,6 +27,8 @@ import time
 from .. import protocol as P
 from . import fdt, kvm, psci, smccc
 from .runner import GRAVEYARD, ScenarioRun, VcpuState
+from .sdei import BASE as SDEI_BASE
+from .sdei import NR as SDEI_NR
 from .sdei_run import SdeiRun
 from .uart import Pl011
 from .vm import Vm
@@ -74,6 +76,9 @@ def validate(spec: dict) -> dict:
     s.setdefault("deadline_s", 300.0)
     s.setdefault("psci_minor", 3)
     s.setdefault("idle_state", None)
+    s.setdefault("sdei", None)
+    if s["sdei"] not in (None, "hvc", "smc"):
+        raise P.ProtocolError(f"sdei must be null (no SDEI node) or the node's conduit 'hvc' or 'smc', got {s['sdei']!r}")
     if s["idle_state"] not in (None, *IDLE_STATES):
         raise P.ProtocolError(f"idle_state must be null or one of {sorted(IDLE_STATES)}, got {s['idle_state']!r}")
     s.setdefault("on_reset", "stop")
@@ -118,7 +123,8 @@ def bootargs(spec: dict) -> str:
 
 
 def device_tree(mpidrs: list[int], ram_size: int, method: str, cmdline: str, initrd: tuple[int, int] | None,
-                gic_dist: int = GICD_BASE, gic_redist: int = GICR_BASE, idle_param: int | None = None) -> bytes:
+                gic_dist: int = GICD_BASE, gic_redist: int = GICR_BASE, idle_param: int | None = None,
+                sdei_method: str | None = None) -> bytes:
     """The DTB Linux boots with (bindings: arm/cpus.yaml, arm/psci.yaml, interrupt-controller/arm,gic-v3.yaml,
     timer/arm,arch_timer.yaml, serial/pl011.yaml, clock/fixed-clock.yaml)."""
     root = fdt.Node("", compatible="linux,dummy-virt", model="smccc-harness L2")
@@ -141,6 +147,8 @@ def device_tree(mpidrs: list[int], ram_size: int, method: str, cmdline: str, ini
                       min_residency_us=100)
         st.set("arm,psci-suspend-param", idle_param).set("phandle", IDLE_PHANDLE)
     root.add("psci", compatible=["arm,psci-1.0", "arm,psci-0.2"], method=method)
+    if sdei_method:     # arm/firmware/sdei.txt: /firmware/sdei, populated by of_platform_default_populate_init
+        root.add("firmware").add("sdei", compatible="arm,sdei-1.0", method=sdei_method)
     gic = root.add(f"intc@{gic_dist:x}", compatible="arm,gic-v3")
     gic.set("#interrupt-cells", 3).set("interrupt-controller", True).set("#redistributor-regions", 1)
     gic.set("#address-cells", 2).set("#size-cells", 2).set("ranges", True)      # as QEMU's virt board: dtc wants them
@@ -257,6 +265,8 @@ class LinuxRun(ScenarioRun):
         if s["psci"] == "fwd":
             for base, nr in PSCI_RANGES:
                 self.filter.install(self.vm.fd, base, nr, kvm.KVM_SMCCC_FILTER_FWD_TO_USER)
+        if s["sdei"]:       # the SDEI ids go to the VMM's dispatcher (harness/guest/sdei.py)
+            self.filter.install(self.vm.fd, SDEI_BASE, SDEI_NR, kvm.KVM_SMCCC_FILTER_FWD_TO_USER)
         self.filter_results = self.filter.to_json()
         for _ in range(s["vcpus"]):
             self.vm.add_vcpu((kvm.KVM_ARM_VCPU_PSCI_0_2,))
@@ -264,7 +274,7 @@ class LinuxRun(ScenarioRun):
         mpidrs = [v.mpidr for v in self.vm.vcpus]
         dtb = device_tree(mpidrs, ram, s["method"], bootargs(s),
                           (initrd_addr, initrd_addr + len(initrd)) if initrd else None,
-                          idle_param=IDLE_STATES.get(s["idle_state"]))
+                          idle_param=IDLE_STATES.get(s["idle_state"]), sdei_method=s["sdei"])
         if len(dtb) > FDT_MAX:
             raise ValueError(f"the DTB is {len(dtb)} bytes, more than 2 MiB")
         self.mem.write(dtb_addr, dtb)
@@ -276,7 +286,7 @@ class LinuxRun(ScenarioRun):
         for v in self.vm.vcpus[1:]:
             v.set_mp_state(kvm.KVM_MP_STATE_STOPPED)
         self.psci = psci.Psci([psci.CpuState(m, i == 0) for i, m in enumerate(mpidrs)], minor=s["psci_minor"])
-        self.sdei_run = SdeiRun({}, mpidrs, (RAM_BASE, ram), self.trace)    # ScenarioRun's exits deliver SDEI events
+        self.sdei_run = SdeiRun({}, mpidrs, None, self.trace)    # handler addresses are virtual: not checked
         self.userspace_power = s["psci"] == "fwd"
         self.vstate = [VcpuState(on=(v.index == 0 or not self.userspace_power)) for v in self.vm.vcpus]
         self.layout = {"kernel": kernel_addr, "kernel_bytes": len(image), "image_size": image_size,

@@ -159,14 +159,19 @@ class PeState:
 class Sdei:
     """SDEI state for one VM, PEs indexed like its vCPUs."""
 
-    def __init__(self, mpidrs: list[int], ram: tuple[int, int], events: dict | None = None) -> None:
+    def __init__(self, mpidrs: list[int], ram: tuple[int, int] | None, events: dict | None = None) -> None:
         self.pes = [PeState(m & MPIDR_HWID_BITMASK) for m in mpidrs]
-        self.ram = ram                  # (base, size): where a handler / resume address may be
+        # (base, size): where a handler / resume address may be -- for clients running with the MMU off (the
+        # payloads: a guest physical address).  None: a client with the MMU on (Linux passes a kernel virtual
+        # address), only the alignment is checked.
+        self.ram = ram
         self.events = dict(DEFAULT_EVENTS if events is None else events)
         self.shared: dict[int, Registration] = {}
 
     # ---- helpers ------------------------------------------------------------------------------------
     def _valid_addr(self, addr: int) -> bool:
+        if self.ram is None:
+            return addr % 4 == 0
         base, size = self.ram
         return addr % 4 == 0 and base <= addr < base + size
 

@@ -32,7 +32,7 @@ def is_sdei(fid: int) -> bool:
 
 
 class SdeiRun:
-    def __init__(self, spec: dict, mpidrs: list[int], ram: tuple[int, int], trace) -> None:
+    def __init__(self, spec: dict, mpidrs: list[int], ram: tuple[int, int] | None, trace) -> None:
         self.d = sdei.Sdei(mpidrs, ram)
         self.lock = threading.Lock()        # vCPU threads share the dispatcher (EVENT_SIGNAL, shared events)
         self.trace = trace

@@ -42,7 +42,7 @@ done
 up() { cut -d' ' -f1 /proc/uptime; }
 echo "L2: init uptime=$(up) processors=$(grep -c ^processor /proc/cpuinfo) online=$(cat /sys/devices/system/cpu/online) psci=$(cat /sys/firmware/devicetree/base/psci/method 2>/dev/null)"
 echo "L2: cpuidle driver=$(cat /sys/devices/system/cpu/cpuidle/current_driver 2>/dev/null) usage=$(cat /sys/devices/system/cpu/cpu0/cpuidle/state1/usage 2>/dev/null)"
-dmesg | grep -E 'psci:|smp:|CPU[0-9]+: Booted|SMP: Total' | sed -e 's/^\[[^]]*\] */L2: dmesg /'
+dmesg | grep -E 'psci:|sdei:|smp:|CPU[0-9]+: Booted|SMP: Total' | sed -e 's/^\[[^]]*\] */L2: dmesg /'
 for c in $(echo "$hotplug" | tr , ' '); do
   f=/sys/devices/system/cpu/cpu$c/online
   echo 0 > "$f"; rc=$?
@@ -127,14 +127,15 @@ def l2_kernel_spec(l1_spec: str) -> str:
 
 def linux_request(name: str, *, vcpus: int = 2, method: str = "hvc", psci: str = "fwd", action: str = "poweroff",
                   hotplug: tuple[int, ...] = (), ram_mb: int = 256, cmdline: str = "", deadline_s: float = 300.0,
-                  psci_minor: int = 3, on_reset: str = "stop", max_boots: int = 1, idle_state: str | None = None) -> dict:
+                  psci_minor: int = 3, on_reset: str = "stop", max_boots: int = 1, idle_state: str | None = None,
+                  sdei: str | None = None) -> dict:
     """The ``linux`` request for the agent (validated again in the guest by harness.guest.linux.validate)."""
     args = f"l2.action={action}"
     if hotplug:
         args += " l2.hotplug=" + ",".join(str(c) for c in hotplug)
     return {"name": name, "vcpus": vcpus, "method": method, "psci": psci, "ram_mb": ram_mb,
             "cmdline": f"{args} {cmdline}".strip(), "deadline_s": deadline_s, "psci_minor": psci_minor,
-            "on_reset": on_reset, "max_boots": max_boots, "idle_state": idle_state}
+            "on_reset": on_reset, "max_boots": max_boots, "idle_state": idle_state, "sdei": sdei}
 
 
 def run_linux(session, request: dict):

@@ -199,3 +199,23 @@ def test_pl011_drops_loopback_bytes():
     u.write(0x0900_0030, 4, 0x80)       # UARTCR.LBE
     u.write(0x0900_0000, 4, ord("x"))
     assert u.text() == "" and u.read(0x0900_0030, 4) == 0x80
+
+
+@pytest.mark.parametrize("method", ["hvc", "smc"])
+def test_l2_sdei_node_under_firmware_names_its_conduit(method):
+    """arm/firmware/sdei.txt: /firmware/sdei, compatible "arm,sdei-1.0", method = the conduit (the Linux driver
+    drivers/firmware/arm_sdei.c sdei_get_conduit reads it); absent unless asked for."""
+    blob = linux.device_tree([0x8000_0000], 256 << 20, "hvc", "", None, sdei_method=method)
+    p = fdt.parse(blob)["children"]["firmware"]["children"]["sdei"]["props"]
+    assert fdt.strings_of(p["compatible"]) == ["arm,sdei-1.0"] and p["method"] == method.encode() + b"\0"
+    assert "firmware" not in _l2_tree()[1]["children"]
+    if shutil.which("dtc"):
+        out = subprocess.run(["dtc", "-I", "dtb", "-O", "dts", "-"], input=blob, capture_output=True, check=True)
+        assert b"Warning" not in out.stderr and b'compatible = "arm,sdei-1.0"' in out.stdout
+
+
+def test_linux_request_sdei_must_name_a_conduit():
+    from harness import protocol
+    assert linux.validate({"sdei": "smc"})["sdei"] == "smc" and linux.validate({})["sdei"] is None
+    with pytest.raises(protocol.ProtocolError, match="sdei"):
+        linux.validate({"sdei": "svc"})
