@@ -328,3 +328,47 @@ def test_neither_kernel_printed_a_failure(request, which):
     for name, text in (("L2", _console(r)), ("L1", r.console)):
         findings = scan_failures(text)
         assert not findings, f"the {name} kernel printed {findings[0].name!r}:\n{findings[0].excerpt}"
+
+
+# ---- SDEI (DEN0054): an arm,sdei-1.0 node in the L2 device tree, the calls forwarded to harness/guest/sdei.py ----
+@pytest.fixture(scope="module")
+def sdei_run(l2_host):
+    return _boot(l2_host, "linux_sdei_smc", vcpus=2, method="hvc", psci="fwd", hotplug=(1,), sdei="smc")
+
+
+def _sdei_calls(r) -> list[dict]:
+    return [h for h in r.hypercalls if h.get("by") == "sdei"]
+
+
+@pytest.mark.sdei
+@pytest.mark.smc
+def test_linux_sdei_driver_probes_the_vmm_dispatcher(sdei_run):
+    """drivers/firmware/arm_sdei.c sdei_probe: SDEI_VERSION (printed), PRIVATE_RESET on every CPU and SHARED_RESET
+    (sdei_platform_reset), then PE_UNMASK on every CPU as it comes online (sdei_cpuhp_up); offlining cpu1
+    masks it (sdei_cpuhp_down: PE_MASK) and onlining unmasks it again.  All over the node's conduit (SMC)."""
+    r = sdei_run
+    m = re.search(r"sdei: SDEIv(\d+)\.(\d+) \(0x([0-9a-f]+)\) detected in firmware", _console(r))
+    assert m and m.groups() == ("1", "1", "0"), f"no SDEI probe line; L2 console tail:\n{_console(r)[-3000:]}"
+    calls = _sdei_calls(r)
+    assert calls, r.describe()
+    assert all(h["conduit"] == "smc" for h in calls), r.describe()
+    assert calls[0]["nr"] == 0xC400_0020 and calls[0]["reply"][0] == 0x0001_0001_0000_0000, r.describe()
+    by_cpu = {}
+    for h in calls:
+        by_cpu.setdefault(h["vcpu"], []).append(h["name"])
+    for cpu in (0, 1):
+        seq = by_cpu.get(cpu, [])
+        assert "SDEI_PRIVATE_RESET" in seq and "SDEI_PE_UNMASK" in seq, f"vcpu{cpu}: {seq}"
+        assert seq.index("SDEI_PRIVATE_RESET") < seq.index("SDEI_PE_UNMASK"), f"vcpu{cpu}: {seq}"
+    names = [h["name"] for h in calls]
+    probe = names[:names.index("SDEI_PE_MASK")]        # before cpu1 goes offline
+    assert probe.count("SDEI_SHARED_RESET") == 1 and probe.count("SDEI_PRIVATE_RESET") == 2, probe
+    # the reboot notifier (sdei_reboot_notifier) at poweroff: every CPU masked, then the platform reset again
+    tail = names[names.index("SDEI_PE_UNMASK", len(probe)) + 1:]
+    assert tail.count("SDEI_SHARED_RESET") == 1 and tail.count("SDEI_PRIVATE_RESET") == 2, tail
+    seq1 = by_cpu[1]
+    i_mask = seq1.index("SDEI_PE_MASK")
+    assert "SDEI_PE_UNMASK" in seq1[i_mask + 1:], f"cpu1 offline/online: {seq1}"
+    assert all(h["reply"] is not None and h["reply"][0] >> 63 == 0 for h in calls), "an SDEI call failed"
+    assert _init_line(r)["online"] == "0-1"
+    assert not scan_failures(_console(r)), _console(r)[-3000:]
