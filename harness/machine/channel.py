@@ -81,6 +81,10 @@ class Channel:
         return msg
 
     def request(self, op: str, args: dict | None = None, deadline_s: float = 30.0) -> dict:
+        return self.response(self.send(op, args), op, deadline_s)
+
+    def send(self, op: str, args: dict | None = None) -> int:
+        """Send a request without waiting for its answer (:meth:`response`); returns its id."""
         if self.sock is None:
             raise ChannelError("control channel is not connected")
         rid = next(_REQUEST_IDS)
@@ -91,6 +95,10 @@ class Channel:
             self.sock.sendall(P.encode(msg))
         except OSError as e:
             raise ChannelError(f"cannot send to the guest agent: {e}", kind="eof") from e
+        return rid
+
+    def response(self, rid: int, op: str, deadline_s: float = 30.0) -> dict:
+        """The answer to request ``rid`` (sent by :meth:`send`), within ``deadline_s`` from now."""
         deadline = time.monotonic() + deadline_s
         while True:
             resp = self.read_message(deadline)

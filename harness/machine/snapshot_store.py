@@ -23,7 +23,7 @@ from .. import paths
 from ..errors import HarnessError
 from .config import MachineConfig
 
-SNAPSHOT_FORMAT = 1          # bump when the save procedure or the layout changes
+SNAPSHOT_FORMAT = 2          # bump when the save procedure or the layout changes (2: validated saves)
 STATE_FILE = "state.ram"
 META_FILE = "meta.json"
 BOOT_LOG = "boot-console.log"
@@ -127,6 +127,25 @@ def qemu_version(qemu_bin: str) -> str:
         memo["qemu:" + ident] = _VERSIONS[ident]
         _write_memo(memo_path, memo)
     return _VERSIONS[ident]
+
+
+# QEMU bugs the harness works around, and the token a QEMU with the fix carries in its ``--version`` line (the
+# configure ``--with-pkgversion`` of a patched build: ``smccc-harness qemu build``).  EL2_TIMER_FIX: the EL2
+# generic timers are re-armed after an incoming migration (harness/machine/snapshot.py DeadTimerSnapshot).
+EL2_TIMER_FIX = "el2-timers"
+QEMU_FIXES = {EL2_TIMER_FIX: "smccc-fix:el2-timers"}
+
+
+def qemu_fixes(version: str) -> frozenset[str]:
+    """The fixes of :data:`QEMU_FIXES` a QEMU has, from its version string (:func:`qemu_version`)."""
+    return frozenset(fix for fix, token in QEMU_FIXES.items() if token in version)
+
+
+def qemu_has_fix(qemu_bin: str, fix: str) -> bool:
+    """Whether the QEMU ``qemu_bin`` carries ``fix`` (a key of :data:`QEMU_FIXES`)."""
+    if fix not in QEMU_FIXES:
+        raise ValueError(f"unknown QEMU fix {fix!r}; known: {sorted(QEMU_FIXES)}")
+    return fix in qemu_fixes(qemu_version(qemu_bin))
 
 
 def normalized_argv(config: MachineConfig) -> list[str]:
