@@ -236,3 +236,30 @@ def test_handler_that_never_completes_runs_into_the_deadline(guest, sdei_guest):
     assert r.vcpus and r.vcpus[0]["pc"] == p.sym("sdei_h2_spin"), r.describe()
     assert r.raw["sdei_state"]["pes"][0]["running"] == 0, r.raw.get("sdei_state")
     assert len(d["handlers"]) == 1 and d["done"] == 3
+
+
+# ---- a vEL2 client (HAS_EL2 vCPU, E2H = 1) over SMC: handlers entered at EL2 --------------------------------
+@pytest.mark.el2
+@pytest.mark.smc
+def test_vel2_client_gets_its_handler_at_el2_and_resumes_as_an_el2_irq(guest, sdei_guest):
+    """An SMC from vEL2 is KVM's (no guest hypervisor above it to forward to): the filter forwards it.  The
+    dispatcher enters the handler at the client's EL, EL2h with DAIF masked (0x3c9), and COMPLETE_AND_RESUME
+    sets ELR_EL2/SPSR_EL2 (sdei_run.py); the payload's `mrs elr_el1` at EL2 with E2H = 1 reads ELR_EL2."""
+    if not sdei_guest.caps.get("KVM_CAP_ARM_EL2"):
+        pytest.skip(f"kernel {sdei_guest.caps.get('uname')}: KVM_CAP_ARM_EL2 is 0")
+    p, r, d = run(sdei_guest, "sdei_vel2", [register(0, H_COMPLETE), call(S.EVENT_ENABLE, 0), call(S.PE_UNMASK),
+                                            signal_self(), call(S.EVENT_UNREGISTER, 0), register(0, H_RESUME),
+                                            call(S.EVENT_ENABLE, 0), signal_self()],
+                  el2=True, deadline_s=30.0)
+    assert r.outcome == "done" and r.exit_code == 0, r.describe()
+    h0, h1 = d["handlers"]
+    sig = _signal_pstate(r)
+    assert sig & 0x3FF == 0x3C9, f"the client runs at EL2h: {sig:#x}"
+    assert (h0["event"], h0["pc"], h0["pstate"], h0["currentel"]) == (0, p.sym("sdei_smc") + 4, sig, 2 << 2), h0
+    assert h0["daif"] == 0x3C0 and h0["spsel"] == 1
+    dl = [e for e in r.events if e["kind"] == "sdei" and e["effect"] == "deliver"]
+    assert [e["pstate"] for e in dl] == [0x3C9, 0x3C9], r.describe()
+    assert h1["event"] == 0 and h1["handler"] == H_RESUME and h1["currentel"] == 2 << 2, h1
+    res = d["resume"]
+    assert res["taken"] == 1 and res["currentel"] == 2 << 2 and res["daif"] == 0x3C0, res
+    assert res["elr"] == h1["pc"] and res["spsr"] == h1["pstate"], (res, h1)
