@@ -224,3 +224,30 @@ def test_client_el2_handler_entry(d):
 def test_interrupt_bind_without_slots(d):
     assert ret(d, S.INTERRUPT_BIND, 33) == u(S.OUT_OF_RESOURCE)
     assert ret(d, S.INTERRUPT_RELEASE, 0) == u(S.INVALID_PARAMETERS)
+
+
+# ---- the scenario key that signals events from the host (harness/protocol.py) --------------------------------
+def _spec(**kw):
+    from harness import protocol
+    seg = {"addr": protocol.RAM_BASE, "data": protocol.b64(b"\0" * 4)}
+    return protocol.validate_scenario({"name": "x", "payload": {"entry": protocol.RAM_BASE, "segments": [seg]},
+                                       "vcpus": 2, **kw})
+
+
+def test_sdei_scenario_key_accepts_signals():
+    s = _spec(sdei={"signal": [{"event": 200, "vcpu": 1, "after_calls": 3}, {"event": 0}]})
+    assert s["sdei"]["signal"][1] == {"event": 0}
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"signal": [{"vcpu": 0}]}, "event required"),
+    ({"signal": [{"event": 0, "vcpu": 2}]}, "vcpu"),
+    ({"signal": [{"event": -1}]}, "event"),
+    ({"signal": [{"event": 0, "after": 1}]}, "event, vcpu, after_calls"),
+    ({"signals": []}, "'signal' only"),
+    ([], "'signal' only"),
+])
+def test_sdei_scenario_key_bad_input(bad, match):
+    from harness import protocol
+    with pytest.raises(protocol.ProtocolError, match=match):
+        _spec(sdei=bad)
