@@ -8,7 +8,10 @@
 // Parameter block at PARAM_BASE (u64):
 //     +0x00 magic "PSCIFUZ1"   +0x08 number of vCPUs (1..MAX_CPUS)   +0x10 number of steps (<= MAX_STEPS)
 //     +0x18 bits [31:0]: CNTV_TVAL ticks armed before a step with F_ARM_TIMER (EL1 only: wakes an in-kernel
-//           CPU_SUSPEND); bit 32: a vCPU with nothing to do sleeps in WFIT (~0.5 ms, CNTFRQ_EL0 / 2048) when
+//           CPU_SUSPEND; 0 = CNTFRQ_EL0 / 1024, ~1 ms).  Not much less: without an in-kernel irqchip KVM's WFI
+//           wakes only when the timer's level differs from the one last reported to userspace
+//           (arch/arm64/kvm/arm.c:855-863); a timer that fires before the HVC is reported by the exit it causes
+//           (KVM_EXIT_INTR, arm.c:1231-1236) and the WFI then sleeps until the run's deadline; bit 32: a vCPU with nothing to do sleeps in WFIT (~0.5 ms, CNTFRQ_EL0 / 2048) when
 //           ID_AA64ISAR2_EL1.WFxT says it can, instead of spinning on WFE (a trapped WFE only yields: on a 1-CPU
 //           TCG host every waiting vCPU would take its share of the CPU from the one with work)
 //     +0x20 + 8*k  MPIDR_EL1 the VMM set on vCPU k (a secondary finds its index by MPIDR_EL1 & 0xFF00FFFFFF)
@@ -217,7 +220,10 @@ execute:
 1:  tst x28, #F_ARM_TIMER
     b.eq 2f
     ldr w0, [x20, #P_TICKS]
-    msr cntv_tval_el0, x0
+    cbnz w0, 3f
+    mrs x0, cntfrq_el0              // 0: ~1 ms, so that the timer fires while KVM's WFI already waits (see header)
+    lsr x0, x0, #10
+3:  msr cntv_tval_el0, x0
     mov x0, #1
     msr cntv_ctl_el0, x0
     isb
