@@ -151,7 +151,7 @@ def destroy_nested(request, spec: dict) -> dict:
 
 
 def one_round(i: int, opts: GuestOptions, assets, prepare, spec: dict | None,
-              probe_sleep_s: float | None = None) -> dict:
+              probe_sleep_s: float | None = None, own_restore: bool = False) -> dict:
     """Cold boot, save, restore once: {"dead": bool, ...}."""
     t0 = time.monotonic()
     s = new_session(opts, paths.new_run_dir("bench-dead"), assets=assets, progress=lambda m: None)
@@ -169,7 +169,7 @@ def one_round(i: int, opts: GuestOptions, assets, prepare, spec: dict | None,
         cfg = dataclasses.replace(s.config, control_socket=socks / "ctl.sock", qmp_socket=socks / "qmp.sock")
         rec["restore_run_dir"] = str(run_dir)
         t2 = time.monotonic()
-        if spec is not None or probe_sleep_s is not None:   # our own restore: keeps a dead-tick guest too
+        if own_restore or spec is not None or probe_sleep_s is not None:   # our own restore: keeps a dead guest
             m, ch, alive = restore_any(cfg, run_dir, state, probe_sleep_s)
             started = snapshot.Started(machine=m, channel=ch, caps={}, timings={})
             rec["dead"] = not alive
@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probe-sleep", type=float, default=None, metavar="S",
                     help="the restored guest's timer probe sleeps S s (default 0.02); with --reproducer sleep:MS "
                          "and S > MS/1000 the probe itself cannot reprogram the timer earlier than the saved deadline")
+    ap.add_argument("--own-restore", action="store_true",
+                    help="restore in the order the harness used until 2026-12-03 (cont, then connect and ping: "
+                         "the guest's first wake-up can come after its timer deadline) instead of snapshot.restore")
     ap.add_argument("--destroy-nested", action="store_true", help="destroy a nested VM in each restore")
     ap.add_argument("--destroy-nested-cold", action="store_true", help="and once in a cold-booted guest")
     args = ap.parse_args(argv)
@@ -224,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = nested_spec() if (args.destroy_nested or args.destroy_nested_cold) else None
     version = qemu_version(args.qemu_bin)
     out(f"dead snapshots: {args.n} rounds, {version} ({args.qemu_bin}), kernel {assets.kernel.version}, "
-        f"smp {args.smp}, reproducer {args.reproducer or 'none'} (settle {args.settle} s), probe sleep {args.probe_sleep or 0.02} s; "
+        f"smp {args.smp}, restore {'cont-then-connect' if args.own_restore else 'snapshot.restore'}, "
+        f"reproducer {args.reproducer or 'none'} (settle {args.settle} s), probe sleep {args.probe_sleep or 0.02} s; "
         f"load {loadavg()}")
     rounds, t0 = [], time.monotonic()
     cold = cold_destroy(opts, assets, spec) if args.destroy_nested_cold else None
@@ -232,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         out(f"  cold-booted guest, nested VM destroy: {json.dumps(cold)}")
     for i in range(args.n):
         try:
-            rec = one_round(i, opts, assets, prepare, spec if args.destroy_nested else None, args.probe_sleep)
+            rec = one_round(i, opts, assets, prepare, spec if args.destroy_nested else None, args.probe_sleep,
+                            args.own_restore)
         except HarnessError as e:
             rec = {"round": i, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
         rounds.append(rec)
@@ -245,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     out(f"dead: {dead} of {len(done)} fresh snapshots ({len(rounds) - len(done)} rounds failed otherwise) with "
         f"{version}; {time.monotonic() - t0:.0f} s; load {loadavg()}")
     result = {"qemu_bin": args.qemu_bin, "qemu_version": version, "kernel": assets.kernel.version, "smp": args.smp,
-              "reproducer": args.reproducer, "settle_s": args.settle, "probe_sleep_s": args.probe_sleep, "n": args.n, "dead": dead,
-              "measured": len(done), "rounds": rounds,
+              "reproducer": args.reproducer, "settle_s": args.settle, "own_restore": args.own_restore,
+              "probe_sleep_s": args.probe_sleep, "n": args.n, "dead": dead, "measured": len(done), "rounds": rounds,
               "cold_destroy": cold, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     d = paths.new_run_dir("bench-dead")
     (d / "dead_snapshots.json").write_text(json.dumps(result, indent=1) + "\n")
