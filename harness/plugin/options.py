@@ -5,6 +5,7 @@ Ctrl-C.
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -56,10 +57,10 @@ def pytest_addoption(parser):
     g.addoption("--gdb-port", type=int, default=None, metavar="PORT", help="--gdb on this port (implies --gdb)")
     g.addoption("--gdb-wait", action="store_true",
                 help="--gdb with the vCPUs halted at start (QEMU -S) until gdb continues them (implies --gdb)")
-    g.addoption("--psci-fuzz-examples", type=int, default=None, metavar="N",
+    g.addoption("--psci-fuzz-examples", type=_positive_int, default=None, metavar="N",
                 help="programs per PSCI differential fuzz test (tests/system/test_psci_fuzz.py; default 100 at EL1, "
                      "30 at vEL2): a nightly run passes more")
-    g.addoption("--psci-fuzz-seed", default=None, metavar="SEED",
+    g.addoption("--psci-fuzz-seed", type=_fuzz_seed, default=None, metavar="SEED",
                 help="hypothesis seed of the PSCI fuzz tests (an integer, or 'random'); the run prints the one used")
     g.addoption("--dump-on-splat", action="store_true",
                 default=os.environ.get("SMCCC_DUMP_ON_SPLAT", "") not in ("", "0"),
@@ -68,6 +69,25 @@ def pytest_addoption(parser):
     g.addoption("--kcidb", default=None, metavar="FILE",
                 help="after the run, write its results as KernelCI KCIDB JSON, read from the JUnit file "
                      "(--junitxml; FILE.junit.xml when not given) (harness/kdev/kcidb.py)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text, 0)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer (the number of programs, e.g. 1000)")
+    return n
+
+
+def _fuzz_seed(text: str) -> str:
+    if text != "random":
+        try:
+            int(text, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give an integer (0x.. or decimal) or 'random'") from None
+    return text
 
 
 def pytest_configure(config):
