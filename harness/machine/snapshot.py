@@ -185,8 +185,8 @@ class DeadTimerSnapshot(SnapshotError):
     comes; its kernel only reprograms the device for an earlier event, so nothing timed fires again (no tick,
     no preemption, no sleep).  Whether that happens depends on what wakes the restored guest, and when: a
     guest woken at once (the ping before ``cont``) reprograms in time.  Arming a timer on every vCPU right
-    before the save is not enough to kill the tick (``timer_gap_round``: 0 dead rounds of 12 on stock
-    10.0.2, bench/README.md).  A QEMU with the fix is named in snapshot_store.QEMU_FIXES.
+    before the save is not enough to kill the tick every time (``timer_gap_round``, which also stalls QEMU
+    past the deadline: dead 2 of 10 rounds on stock 10.0.2, bench/README.md).  A QEMU with the fix is named in snapshot_store.QEMU_FIXES.
     """
 
 
