@@ -7,13 +7,17 @@
 //
 // Parameter block at PARAM_BASE (u64):
 //     +0x00 magic "PSCIFUZ1"   +0x08 number of vCPUs (1..MAX_CPUS)   +0x10 number of steps (<= MAX_STEPS)
-//     +0x18 bits [31:0]: CNTV_TVAL ticks armed before a step with F_ARM_TIMER (EL1 only: wakes an in-kernel
+//     +0x18 bits [31:0]: CNTV_TVAL ticks armed before a step with F_ARM_TIMER (it wakes an in-kernel
 //           CPU_SUSPEND; 0 = CNTFRQ_EL0 / 1024, ~1 ms).  Not much less: without an in-kernel irqchip KVM's WFI
 //           wakes only when the timer's level differs from the one last reported to userspace
 //           (arch/arm64/kvm/arm.c:855-863); a timer that fires before the HVC is reported by the exit it causes
-//           (KVM_EXIT_INTR, arm.c:1231-1236) and the WFI then sleeps until the run's deadline; bit 32: a vCPU with nothing to do sleeps in WFIT (~0.5 ms, CNTFRQ_EL0 / 2048) when
-//           ID_AA64ISAR2_EL1.WFxT says it can, instead of spinning on WFE (a trapped WFE only yields: on a 1-CPU
-//           TCG host every waiting vCPU would take its share of the CPU from the one with work)
+//           (KVM_EXIT_INTR, arm.c:1231-1236) and the WFI then sleeps until the run's deadline (at EL1);
+//           bit 32: a vCPU with nothing to do sleeps in WFIT (~0.5 ms, CNTFRQ_EL0 / 2048) when
+//           ID_AA64ISAR2_EL1.WFxT says it can, instead of spinning on WFE (a trapped WFE only yields: on a
+//           1-CPU TCG host every waiting vCPU would take its share of the CPU from the one with work);
+//           bit 33: at vEL2, enable the in-kernel vGICv3's PPIs (GICD_CTLR, the vCPU's GICR_ISENABLER0, ICC_PMR_EL1)
+//           so that a firing timer is a pending interrupt that wakes KVM's WFI (vgic.c kvm_vgic_vcpu_pending_irq);
+//           DAIF stays masked: the interrupt is never taken
 //     +0x20 + 8*k  MPIDR_EL1 the VMM set on vCPU k (a secondary finds its index by MPIDR_EL1 & 0xFF00FFFFFF)
 //     +0x40 + s*0x40  step s: +0x00 owner vCPU index, +0x08 op | flags << 8, +0x10..+0x28 x0..x3,
 //                     +0x30 poll: the x0 to wait for, +0x38 poll: at most this many calls
@@ -65,6 +69,8 @@
     .equ BOOT_PAD,      0xB0
     .equ DONE_NO_CPU,   0xE3
     .equ HWID_MASK,     0xFF00FFFFFF
+    .equ GICD_BASE,     0x08000000          // harness/protocol.py
+    .equ GICR_BASE,     0x080A0000
 
 // IDLE: wait a little for another vCPU: WFIT for x18 ticks when x18 != 0, else WFE.  Clobbers x6.
 .macro IDLE
@@ -158,7 +164,34 @@ arrive:
     str x5, [x4]
     dmb sy
     INSTALL_FATAL_VECTORS fatal_el1, fatal_el2
-    mov x18, #0                     // x18: WFIT sleep in ticks, 0 = WFE
+    ldr x0, [x20, #P_TICKS]
+    tbz x0, #33, 7f
+    READ_EL x1
+    cmp x1, #2
+    b.ne 7f
+    cbnz x19, 8f
+    LI x1, GICD_BASE
+    mov w2, #0x12                   // GICD_CTLR: ARE, EnableGrp1 (one security state)
+    str w2, [x1]
+8:  LI x1, GICR_BASE
+    add x1, x1, x19, lsl #17        // this vCPU's redistributor (128 KiB each, in vCPU order)
+    str wzr, [x1, #0x14]            // GICR_WAKER: awake
+    add x1, x1, #0x10000            // SGI_base
+    mov w2, #-1
+    str w2, [x1, #0x80]             // GICR_IGROUPR0: group 1
+    mov w2, #0xffff0000
+    str w2, [x1, #0x100]            // GICR_ISENABLER0: every PPI (the timers: 26-30)
+    mrs x1, icc_sre_el2
+    mov x2, #0x9                    // SRE, Enable
+    orr x1, x1, x2
+    msr icc_sre_el2, x1
+    isb
+    mov x1, #0xff
+    msr icc_pmr_el1, x1
+    mov x1, #1
+    msr icc_igrpen1_el1, x1
+    isb
+7:  mov x18, #0                     // x18: WFIT sleep in ticks, 0 = WFE
     ldr x0, [x20, #P_TICKS]
     tbz x0, #32, 6f
     mrs x0, S3_0_C0_C6_2            // ID_AA64ISAR2_EL1

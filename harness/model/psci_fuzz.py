@@ -40,6 +40,7 @@ DONE_OK, DONE_UNEXPECTED, DONE_BAD_PARAMS, DONE_NO_CPU = 0, 0xE1, 0xE2, 0xE3
 FATAL_SLOTS = {"vector": 504, "esr": 505, "elr": 506, "far": 507, "spsr": 508}   # firmware/common.inc
 TIMER_TICKS = 0                 # CNTV_TVAL for F_ARM_TIMER; 0: the payload arms ~1 ms (CNTFRQ_EL0 / 1024), see psci_fuzz.S
 IDLE_WFIT = 1 << 32             # header word 3: waiting vCPUs sleep in WFIT when the vCPU has FEAT_WFxT
+VEL2_GIC = 1 << 33              # header word 3: at vEL2, enable the vGIC's PPIs (CPU_SUSPEND's timer wakes KVM's WFI)
 MPIDR_HWID_MASK = 0xFF_00FF_FFFF
 U64 = P.U64_MASK
 PARAM_WORDS_MAX = (P.RESULT_BASE - P.PARAM_BASE) // 8
@@ -151,7 +152,8 @@ def encode(program: Program, ticks: int = TIMER_TICKS, idle_wfit: bool = True) -
         raise PayloadError(f"PSCI fuzz program: two vCPUs share an affinity (MPIDR & {MPIDR_HWID_MASK:#x}): "
                            f"{[f'{m:#x}' for m in program.mpidrs]}",
                            hint="each vCPU finds its index by its MPIDR: give every vCPU a different affinity")
-    words = [P_MAGIC, n, len(steps), (ticks & 0xFFFF_FFFF) | (IDLE_WFIT if idle_wfit else 0)]
+    words = [P_MAGIC, n, len(steps), (ticks & 0xFFFF_FFFF) | (IDLE_WFIT if idle_wfit else 0)
+             | (VEL2_GIC if program.el2 else 0)]
     words += [m & U64 for m in program.mpidrs] + [0] * (MAX_CPUS - n)
     for i, s in enumerate(steps):
         if not 0 <= s.vcpu < n:
@@ -246,7 +248,8 @@ ALLOWED_DIFFERENCES: tuple[AllowedDifference, ...] = (
         "kvm_arm_vcpu_power_off; runner _apply), not when the poller looks"),
     AllowedDifference(
         "suspend-latency", "when CPU_SUSPEND returns",
-        "not compared (its x0..x3 are); the payload arms the EL1 virtual timer before the call",
+        "not compared (its x0..x3 are); the payload arms its virtual timer ~1 ms ahead before the call (at vEL2 "
+        "with the vGIC's PPIs enabled)",
         "DEN0022 §5.4 (CPU_SUSPEND): a standby state may return on any wake-up event; KVM treats every power state "
         "as standby and waits in kvm_vcpu_wfi() for one (psci.c:24-42), the emulator returns at once "
         "(harness/guest/psci.py), both with SUCCESS"),

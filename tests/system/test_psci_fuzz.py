@@ -4,8 +4,9 @@ Hypothesis generates short programs (harness/model/psci_fuzz.py ``Program``) for
 sets (non-zero Aff1..Aff3, reserved bits), calling every PSCI function id 0x00..0x1F in both conventions over HVC
 and SMC with arguments from the whole space: targets that exist or not, affinity levels 0..past 3, aligned and
 unaligned entry points, 64-bit context ids, power states, reset types, CPU_OFF / CPU_ON again, racing CPU_ONs.
-firmware/psci_fuzz.S interprets them from the parameter block.  Each program runs twice in the same guest: PSCI
-in the kernel (no filter) and forwarded to harness/guest/psci.py (PSCI ranges FWD_TO_USER).  Every return value
+firmware/psci_fuzz.S interprets them from the parameter block.  Each batch of up to 4 programs (one topology) runs
+twice in the same guest: PSCI in the kernel (no filter) and forwarded to harness/guest/psci.py (PSCI ranges
+FWD_TO_USER).  Every return value
 and every secondary's arrival (x0..x3, entry pad, PSTATE, MPIDR, SCTLR) must match, up to the one table of
 accepted differences (harness/model/psci_fuzz.py ``ALLOWED_DIFFERENCES``).  A mismatch is shrunk by hypothesis
 and reported as a minimal program (Python, for ``REGRESSIONS`` below) with both runs side by side.  docs/psci-fuzz.md.
@@ -95,7 +96,7 @@ def levels():
 
 
 @st.composite
-def entry(draw, pads, wide: bool):
+def entry(draw, pads):
     """A CPU_ON entry point: mostly an entry pad; unaligned, outside RAM or with high bits now and then."""
     pad = draw(st.sampled_from(pads))
     kind = draw(st.sampled_from(["pad"] * 24 + ["hi", "hi", "unaligned", "outside"]))
@@ -170,23 +171,21 @@ class Gen:
         wide = d(st.booleans())
         base = 0xC400_0000 if wide else 0x8400_0000
         # CPU_OFF (0x84000002) only through off(); 0xC4000002 is no function (NOT_SUPPORTED) and stays in
-        nums = [n for n in range(0x20) if not (n == 2 and not wide) and not (self.el2 and n == 1)]
+        nums = [n for n in range(0x20) if not (n == 2 and not wide)]
         weighted = [0, 3, 3, 3, 4, 4, 4, 0xA, 0xA, 6, 1, 0x12, 0x12, 0x12, 0x15, 0x15, 0x15, 0xE] + nums
-        if self.el2:
-            weighted = [n for n in weighted if n != 1]
         n = d(st.sampled_from(weighted))
         fid = fid_of(base, n, d(st.sampled_from(JUNK_HI)))
         if n == 3:      # CPU_ON
-            x = (fid, d(target(self.mpidrs)), d(entry(self.pads, wide)), d(u64s()))
+            x = (fid, d(target(self.mpidrs)), d(entry(self.pads)), d(u64s()))
         elif n == 4:    # AFFINITY_INFO
             x = (fid, d(target(self.mpidrs)), d(levels()), d(u64s()))
         elif n == 0xA:  # PSCI_FEATURES
             q = d(st.one_of(st.sampled_from([0x8400_0000 | k for k in range(0x20)] + [0xC400_0000 | k for k in range(
                 0x20)] + [0x8000_0000, 0x8000_0001, 0x8000_7FFF, 0xC200_0000, 0x8600_0000]), st.integers(0, U64)))
             x = (fid, (d(st.sampled_from(JUNK_HI)) << 32) | (q & 0xFFFF_FFFF) if q < 1 << 32 else q, d(u64s()), 0)
-        elif n == 1:    # CPU_SUSPEND (EL1): power_state, entry, context id; the timer wakes KVM's WFI
+        elif n == 1:    # CPU_SUSPEND: power_state, entry, context id; the armed timer wakes KVM's WFI
             x = (fid, d(st.one_of(st.sampled_from([0, 1, 0x1_0000, 0x4000_0000, 0x0101_0000]), u64s())),
-                 d(entry(self.pads, wide)), d(u64s()))
+                 d(entry(self.pads)), d(u64s()))
             step = Step(me, self.conduit(), x, arm_timer=True, label=f"{psci.name(fid & 0xFFFF_FFFF)}")
             return self.add(step)
         elif n == 0x12:  # SYSTEM_RESET2: reset type, cookie
@@ -204,7 +203,7 @@ class Gen:
         tgt = d(st.sampled_from(range(len(self.mpidrs))))
         fid = 0xC400_0003 if wide else 0x8400_0003
         ctx = d(u64s())
-        ent = d(entry(self.pads, wide)) if d(st.integers(0, 4)) == 0 else d(st.sampled_from(self.pads))
+        ent = d(entry(self.pads)) if d(st.integers(0, 4)) == 0 else d(st.sampled_from(self.pads))
         self.add(Step(me, self.conduit(), (fid, self.mpidrs[tgt] & HW, ent, ctx),
                       label=f"{psci.name(fid)}(cpu{tgt})"))
 
@@ -413,8 +412,8 @@ def test_psci_fuzz_el1_kernel_and_emulator_agree(guest, request, capsys):
 @pytest.mark.el2
 @pytest.mark.smc
 def test_psci_fuzz_vel2_kernel_and_emulator_agree(guest, request, capsys):
-    """The same generator at vEL2 (HAS_EL2 vCPUs, SMC only: HVC stays in the guest there), without CPU_SUSPEND
-    (its WFI would need the vGIC's timer interrupt enabled: docs/psci-fuzz.md)."""
+    """The same generator at vEL2 (HAS_EL2 vCPUs, SMC only: HVC stays in the guest there); for CPU_SUSPEND the
+    payload enables the in-kernel vGIC's PPIs so that its timer wakes KVM's WFI (docs/psci-fuzz.md)."""
     _fuzz(guest, request, capsys, "el2", el2=True)
 
 
