@@ -258,9 +258,9 @@ class ScenarioRun:
                 vc.release_thread()         # never signal a thread that has exited
 
     # ---- progress watchdog (module docstring) -----------------------------------------------------------
-    def _word(self, addr: int) -> int | None:
+    def _word(self, addr: int, align: int = 4) -> int | None:
         """The instruction word at guest physical ``addr``, read through the VMM's mapping (None outside RAM)."""
-        if addr % 4 or not self.mem.contains(addr, 4):
+        if addr % align or not self.mem.contains(addr, 4):
             return None
         return int.from_bytes(self.mem.read(addr, 4), "little")
 
@@ -274,13 +274,19 @@ class ScenarioRun:
         st.samples.append((round(time.monotonic() - self.t_run, 6), pc))
         del st.samples[:-2 * watchdog.SAMPLES]
         window, any_insn = self.watch
-        word_at, word_before = self._word(pc), self._word(pc - 4)
+        isa = watchdog.isa(v.pstate)        # ---- AArch32 payloads: A32/T32 words (watchdog.py)
+        if isa == "t32":                    # T32: 2-aligned; KVM reports PC past a 16-bit (PC-2) or 32-bit WFI
+            word_at, word_before = self._word(pc, 2), self._word(pc - 2, 2)
+            if not watchdog.waits(word_before, isa):
+                word_before = self._word(pc - 4, 2)
+        else:
+            word_at, word_before = self._word(pc), self._word(pc - 4)
         why = watchdog.verdict(st.samples, word_at, word_before, any_insn=any_insn,
-                               min_span_s=window * (watchdog.SAMPLES - 1) / watchdog.SAMPLES * 0.9)
+                               min_span_s=window * (watchdog.SAMPLES - 1) / watchdog.SAMPLES * 0.9, isa=isa)
         if why is None:
             return
         run = watchdog.still_run(st.samples)
-        insn = watchdog.decode(word_at)
+        insn = watchdog.decode(word_at, isa)
         self.livelock = {"vcpu": v.index, "pc": pc, "pstate": v.pstate, "word": word_at, "insn": insn,
                          "why": why, "kicks": len(run), "still_s": round(run[-1][0] - run[0][0], 3),
                          "window_s": window, "any_insn": any_insn, "samples": [list(x) for x in st.samples],

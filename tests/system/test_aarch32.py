@@ -241,3 +241,21 @@ def test_psci_from_aarch32_in_kernel_and_forwarded_agree(guest, guest_pool, cond
             assert not r.hypercalls, r.describe()
         views[how] = (words, sec)
     assert views["in_kernel"] == views["forwarded"]
+
+
+# ---- the progress watchdog reads A32/T32 words (harness/guest/watchdog.py isa/decode) ----------------------
+@pytest.mark.parametrize("isa,sym,insn", [("a32", "a32_spin_insn", "b ."), ("t32", "t32_spin_insn", "b.w .")])
+def test_watchdog_names_an_aarch32_spin(guest, guest_pool, isa, sym, insn):
+    """With the scenario's livelock_s opt-in, a payload spinning at one A32 or T32 branch ends as a livelock
+    whose message decodes the instruction in the vCPU's own instruction set (PSTATE.nRW/T)."""
+    g = guest_pool.get()
+    _need_aarch32(g)
+    p = get_payload("a32_spin")
+    r = g.run(scenario(f"a32_spin_{isa}", p, params=[int(isa == "t32")], livelock_s=1.0, deadline_s=20.0),
+              payload=p)
+    assert r.outcome == "livelock", r.describe()
+    ll = r.livelock
+    assert ll["pc"] == p.sym(sym) and ll["insn"] == insn, r.describe()
+    assert ll["message"] == f"livelock at pc={p.sym(sym):#x} ({insn})", r.describe()
+    assert f"({insn})" in r.livelock_message()
+    assert bool(ll["pstate"] & kvm.PSR_AA32_T_BIT) == (isa == "t32")
