@@ -33,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from harness import paths
@@ -125,9 +126,26 @@ class Qemu:
             if self.p.poll() is not None or time.monotonic() > stop:
                 raise RuntimeError(f"QEMU {name} did not start: {(work / f'{name}.stderr').read_text()[-500:]}")
             time.sleep(0.02)
-        self.q = QEMUMonitorProtocol(str(self.qmp_path))
-        self.q.connect(negotiate=True)
+        try:
+            self.q = self._connect(stop)
+        except BaseException:
+            self.p.kill()
+            self.p.wait()
+            raise
         self.q.settimeout(30)
+
+    def _connect(self, stop: float) -> QEMUMonitorProtocol:
+        """QMP on the socket (the file appears a moment before QEMU listens on it: retry until ``stop``)."""
+        while True:
+            q = QEMUMonitorProtocol(str(self.qmp_path))
+            try:
+                q.connect(negotiate=True)
+                return q
+            except Exception:
+                q.close()
+                if self.p.poll() is not None or time.monotonic() > stop:
+                    raise
+                time.sleep(0.05)
 
     def text(self) -> str:
         return self.console.read_text(errors="replace") if self.console.exists() else ""
@@ -218,7 +236,12 @@ def main(argv_: list[str] | None = None) -> int:
         + (f"all three fired after {ctl['after_s']} s" if ctl["all_fired"] else "NOT all fired: the program is broken"))
     rounds = []
     for i in range(args.n):
-        r = one_round(args.qemu_bin, elf, work, i, args.delay)
+        try:
+            r = one_round(args.qemu_bin, elf, work, i, args.delay)
+        except (RuntimeError, OSError, subprocess.SubprocessError, QMPError) as e:   # QEMU did not start, ...
+            # a failed migration: say so, go on
+            out(f"  {i + 1:3d}/{args.n}: error {type(e).__name__}: {e}")
+            continue
         rounds.append(r)
         out(f"  {i + 1:3d}/{args.n}: saved {r['saved_after_armed_s']} s after arming; after the restore: "
             f"CNTHP {'fired' if r['el2_phys_fired'] else 'DEAD'}, CNTHV {'fired' if r['el2_virt_fired'] else 'DEAD'}, "
