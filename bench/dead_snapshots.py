@@ -226,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     prepare = reproducer(args.reproducer, args.settle)
     spec = nested_spec() if (args.destroy_nested or args.destroy_nested_cold) else None
     version = qemu_version(args.qemu_bin)
+    own = args.own_restore or args.destroy_nested or args.probe_sleep is not None
     out(f"dead snapshots: {args.n} rounds, {version} ({args.qemu_bin}), kernel {assets.kernel.version}, "
-        f"smp {args.smp}, restore {'cont-then-connect' if args.own_restore else 'snapshot.restore'}, "
+        f"smp {args.smp}, restore {'cont-then-connect' if own else 'snapshot.restore'}, "
         f"reproducer {args.reproducer or 'none'} (settle {args.settle} s), probe sleep {args.probe_sleep or 0.02} s; "
         f"load {loadavg()}")
     rounds, t0 = [], time.monotonic()
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     out(f"dead: {dead} of {len(done)} fresh snapshots ({len(rounds) - len(done)} rounds failed otherwise) with "
         f"{version}; {time.monotonic() - t0:.0f} s; load {loadavg()}")
     result = {"qemu_bin": args.qemu_bin, "qemu_version": version, "kernel": assets.kernel.version, "smp": args.smp,
-              "reproducer": args.reproducer, "settle_s": args.settle, "own_restore": args.own_restore,
+              "reproducer": args.reproducer, "settle_s": args.settle, "own_restore": own,
               "probe_sleep_s": args.probe_sleep, "n": args.n, "dead": dead, "measured": len(done), "rounds": rounds,
               "cold_destroy": cold, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     d = paths.new_run_dir("bench-dead")
