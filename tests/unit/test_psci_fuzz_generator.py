@@ -13,7 +13,7 @@ PADS = [0x4000_0010, 0x4000_0020, 0x4000_0030, 0x4000_0040]
 
 
 @seed(0x5C1F022)
-@settings(max_examples=40, database=None, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=25, database=None, deadline=None, suppress_health_check=list(HealthCheck))
 @given(program=batches(PADS, 3))
 def test_generated_programs_are_runnable(program):
     pf.encode(program)                                  # fits: never refused
