@@ -294,6 +294,17 @@ def cmd_qemu_build(args) -> int:
 
 
 # ---- main -------------------------------------------------------------------------------------------
+def gdb_args(p) -> None:
+    """--gdb / --gdb-port / --gdb-wait (boot, run-payload; pytest has the same options): docs/debug-kernels.md."""
+    p.add_argument("--gdb", action="store_true",
+                   help="start QEMU's gdbstub on 127.0.0.1 (a free port), boot with nokaslr and no snapshot, "
+                        "print the gdb-multiarch line to attach")
+    p.add_argument("--gdb-port", type=int, default=None, metavar="PORT", help="--gdb on this port (implies --gdb)")
+    p.add_argument("--gdb-wait", action="store_true",
+                   help="--gdb with the vCPUs halted at start (QEMU -S) until gdb continues them (implies --gdb; "
+                        "boot deadline 1 h)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="smccc-harness", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -312,17 +323,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep the newest N run directories under the results dir, never a live run's "
                             "(0: keep all) [env SMCCC_KEEP_RUNS, default 50]")
         p.add_argument("--no-snapshot", action="store_true",
-def gdb_args(p) -> None:
-    """--gdb / --gdb-port / --gdb-wait (boot, run-payload; pytest has the same options): docs/debug-kernels.md."""
-    p.add_argument("--gdb", action="store_true",
-                   help="start QEMU's gdbstub on 127.0.0.1 (a free port), boot with nokaslr and no snapshot, "
-                        "print the gdb-multiarch line to attach")
-    p.add_argument("--gdb-port", type=int, default=None, metavar="PORT", help="--gdb on this port (implies --gdb)")
-    p.add_argument("--gdb-wait", action="store_true",
-                   help="--gdb with the vCPUs halted at start (QEMU -S) until gdb continues them (implies --gdb; "
-                        "boot deadline 1 h)")
-
-
                        help="cold-boot the guest instead of restoring the cached snapshot [env SMCCC_NO_SNAPSHOT=1]")
 
     p = sub.add_parser("setup", help="install system packages, fetch kernel and rootfs packages, build initramfs")
