@@ -349,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ssh", action="store_true", help="also bring up the SSH channel (docs/ssh.md) and run uname -a")
     p.add_argument("--append", default="", help="extra kernel command line, e.g. 'initcall_debug loglevel=8' "
                                                 "(a new snapshot key: the first boot is cold)")
+    gdb_args(p)
     p.set_defaults(func=cmd_boot)
 
     p = sub.add_parser("vm", help="the reusable VM that pytest --reuse-vm attaches to: start, status, stop")
@@ -367,7 +368,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run-payload", help="run your payload ELF against the handler and print the trace")
     common(p)
-    gdb_args(p)
     p.add_argument("elf")
     p.add_argument("--forward", action="append", default=[],
                    help="'psci' or BASE[+NR][:fwd|deny|handle]; repeatable")
@@ -385,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default=None, metavar="FILE",
                    help="the parameter block's initial contents: raw bytes, or for FILE.json a list of u64 words "
                         "or an object {\"OFFSET\": VALUE}")
+    gdb_args(p)
     p.set_defaults(func=cmd_run_payload)
 
     for name in ("assets", "cache"):
@@ -414,7 +415,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
-    gdb_args(p)
     if "--" in argv:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]
