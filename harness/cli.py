@@ -316,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--kernel-pkg", default=os.environ.get("SMCCC_KERNEL_PKG"), metavar="NAME[/SUITE]",
                            help="a Debian arm64 kernel package (overrides --kernel) [env SMCCC_KERNEL_PKG]")
         p.add_argument("--accel", default=os.environ.get("SMCCC_ACCEL", "auto"), choices=("auto", "tcg", "kvm"))
-        p.add_argument("--qemu-bin", default=os.environ.get("QEMU", "qemu-system-aarch64"))
+        p.add_argument("--qemu-bin", default=paths.default_qemu_bin(),
+                       help="QEMU binary [env SMCCC_QEMU or QEMU; `smccc-harness qemu build` prints a patched one]")
         p.add_argument("--boot-timeout", type=float, default=120.0)
         p.add_argument("--results-dir", default=None, help="where run directories go [env SMCCC_HARNESS_RESULTS, ./runs]")
         p.add_argument("--keep-runs", type=keep_runs_arg, default=None, metavar="N",

@@ -52,3 +52,9 @@ def prune_newest(directory: Path, pattern: str, keep: Path, max_keep: int) -> No
             p.unlink()
         except OSError:
             pass
+
+
+def default_qemu_bin() -> str:
+    """The QEMU binary when ``--qemu-bin`` is not given: ``$SMCCC_QEMU`` (e.g. the path ``smccc-harness qemu build``
+    prints), else ``$QEMU``, else ``qemu-system-aarch64`` from PATH."""
+    return os.environ.get("SMCCC_QEMU") or os.environ.get("QEMU") or "qemu-system-aarch64"

@@ -280,7 +280,7 @@ def add_cli(sub) -> None:
     q.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="deadline per test run (s)")
     q.add_argument("-v", "--verbose", action="store_true", help="print every test's KTAP")
     q.add_argument("--accel", default=os.environ.get("SMCCC_ACCEL", "auto"), choices=("auto", "tcg", "kvm"))
-    q.add_argument("--qemu-bin", default=os.environ.get("QEMU", "qemu-system-aarch64"))
+    q.add_argument("--qemu-bin", default=paths.default_qemu_bin())
     q.add_argument("--boot-timeout", type=float, default=120.0)
     q.add_argument("--no-snapshot", action="store_true", help="cold-boot the guest")
     q.set_defaults(func=cmd_run, command="selftests-run")

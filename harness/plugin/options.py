@@ -26,7 +26,7 @@ def pytest_addoption(parser):
                      "a series ('7.2', '6.12') or a package name [env SMCCC_KERNEL]")
     g.addoption("--accel", default=os.environ.get("SMCCC_ACCEL", "auto"), choices=("auto", "tcg", "kvm"),
                 help="QEMU accelerator; auto = kvm on an arm64 host with /dev/kvm, else tcg [env SMCCC_ACCEL]")
-    g.addoption("--qemu-bin", default=os.environ.get("QEMU", "qemu-system-aarch64"), help="QEMU binary [env QEMU]")
+    g.addoption("--qemu-bin", default=paths.default_qemu_bin(), help="QEMU binary [env SMCCC_QEMU or QEMU]")
     g.addoption("--smp", type=int, default=1, help="vCPUs of the QEMU machine (1 is fastest under TCG)")
     g.addoption("--memory", type=int, default=1024, help="RAM of the QEMU machine in MiB")
     g.addoption("--append", default="", help="extra kernel command line")
