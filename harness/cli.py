@@ -21,8 +21,9 @@ from .machine.leftovers import keep_runs_arg
 
 SUITE_MARKERS = "not slow"
 # The main job: forwarding behaviour only (PSCI, the filter, both conduits, EL1 and nested EL2); the fault,
-# bad-input, selftest and Linux-guest suites run under `test`.
-RUN_MARKERS = "(psci or filter or hvc or smc or el2) and not slow and not infra and not upstream"
+# bad-input, selftest and Linux-guest suites and the PSCI differential fuzzer (~40-100 s under TCG,
+# docs/psci-fuzz.md) run under `test` and in a bare pytest.
+RUN_MARKERS = "(psci or filter or hvc or smc or el2) and not slow and not infra and not upstream and not fuzz"
 
 
 def _progress(msg: str) -> None:

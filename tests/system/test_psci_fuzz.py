@@ -31,7 +31,7 @@ from harness.model import psci_fuzz as pf
 from harness.model.psci_fuzz import Program, Step
 from harness.model.scenarios import PSCI_FWD, scenario
 
-pytestmark = [pytest.mark.psci]
+pytestmark = [pytest.mark.psci, pytest.mark.fuzz]  # fuzz: out of `smccc-harness run` (harness/cli.py RUN_MARKERS)
 
 DEFAULT_EXAMPLES = {"el1": 100, "el2": 30}
 DEFAULT_SEED = 0x5C1_F022
