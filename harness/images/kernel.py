@@ -183,7 +183,7 @@ class Symbolizer:
         return cands[0][0] + off if cands else None
 
     def lines(self, addrs: list[int]) -> dict[int, str]:
-        """``file:line`` (innermost; ``(inlined into f)`` when inlined) per address, from DWARF; {} without it."""
+        """``file:line`` (innermost; ``(g, inlined into f)`` when inlined) per address, from DWARF; {} without it."""
         import shutil
         import subprocess
         todo = sorted(set(addrs))
@@ -198,7 +198,8 @@ class Symbolizer:
             if cur is not None and chain:
                 where = chain[0][1].replace(self._src_prefix, "") if self._src_prefix else chain[0][1]
                 where = re.sub(r" \(discriminator \d+\)", "", where)
-                out[cur] = where + (f" (inlined into {chain[-1][0]})" if len(chain) > 1 else "")
+                inner, outer = chain[0][0], chain[-1][0]
+                out[cur] = where + (f" ({inner}, inlined into {outer})" if inner != outer else "")
         lines = r.stdout.splitlines()
         i = 0
         while i < len(lines):
