@@ -80,9 +80,12 @@ def _row(report) -> dict:
     kw = report.keywords
     conduit = "+".join(c for c in ("hvc", "smc") if c in kw) or "-"
     el = "EL2" if "el2" in kw else ("EL1" if "el1" in kw else "-")
-    return {"test": report.nodeid.split("::", 1)[-1], "conduit": conduit, "el": el, "outcome": report.outcome,
-            "duration": report.duration, "skip": report.longrepr[2] if report.skipped and isinstance(
-                report.longrepr, tuple) else ""}
+    outcome = report.outcome
+    if hasattr(report, "wasxfail"):     # pytest reports an xfail as skipped and an xpass as passed: say which
+        outcome = "xfail" if report.skipped else "xpass"
+    skip = report.longrepr[2] if report.skipped and isinstance(report.longrepr, tuple) else ""
+    return {"test": report.nodeid.split("::", 1)[-1], "conduit": conduit, "el": el, "outcome": outcome,
+            "duration": report.duration, "skip": skip}
 
 
 def pytest_runtest_logreport(report):
