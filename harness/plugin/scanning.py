@@ -56,7 +56,8 @@ def _scan_new(item, where: str) -> list[tuple[str, object, object]]:
 
 def _describe_findings(item, found) -> str:
     where, f, g = found[0]
-    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    more = (f" (and {len(found) - 1} more: {', '.join(repr(x.name) for _, x, _ in found[1:])})"
+            if len(found) > 1 else "")
     return (f"the guest kernel printed {f.name!r} {where}{more}:\n{f.excerpt}\nconsole log: {g.console_log}"
             + _symbolized(item.config, f.excerpt) + _dumped(item, g))
 
