@@ -227,7 +227,7 @@ class Symbolizer:
         m = re.search(r"Kernel Offset: (0x[0-9a-f]+) from", text)
         if m:
             off = int(m.group(1), 16)
-        items: list[tuple[str, int, str, int]] = []   # (label, runtime address, symbol, address for file:line)
+        items: list[tuple[str, int, str, int, int]] = []   # (label, printed address, symbol, address, for file:line)
         seen = set()
 
         def add(label: str, raw: str | None, name: str | None, o: str | None, size: str | None, call: bool):
@@ -241,7 +241,7 @@ class Symbolizer:
             if addr is None or sym is None or (label, addr) in seen:
                 return
             seen.add((label, addr))
-            items.append((label, shown, sym, addr - 4 if call and addr % 4 == 0 else addr))
+            items.append((label, shown, sym, addr, addr - 4 if call and addr % 4 == 0 else addr))
 
         in_trace = frames = 0
         for line in text.splitlines():
@@ -271,8 +271,14 @@ class Symbolizer:
         if not items:
             return ""
         where = self.lines([a for *_, a in items])
-        out = [f"{label:>2} {shown:#018x} = {sym}" + (f" at {where[a]}" if a in where else "")
-               for label, shown, sym, a in items]
+
+        def call_note(sym: str, addr: int, a: int) -> str:
+            """A return address after a noreturn call (panic()) is the next function's first byte: name the
+            function the call is in."""
+            inner = self.lookup(a) if a != addr else None
+            return f" (the call is in {inner})" if inner and inner.split("+")[0] != sym.split("+")[0] else ""
+        out = [f"{label:>2} {shown:#018x} = {sym}{call_note(sym, addr, a)}" + (f" at {where[a]}" if a in where else "")
+               for label, shown, sym, addr, a in items]
         note = ""
         if not self.has_dwarf:
             note = " (no DWARF in it: no file:line; 'smccc-harness kernel build --debug' adds it)"

@@ -228,6 +228,14 @@ def test_lockdep_held_lock_lines_get_where_the_lock_was_taken(otree):
 
 
 @needs_cross
+def test_a_frame_after_a_noreturn_call_names_the_function_the_call_is_in(otree):
+    """panic() does not return: the return address is the next function's first byte (what the kernel prints)."""
+    out = K.Symbolizer(otree / "vmlinux").symbolize_excerpt(
+        "Call trace:\n show_stack+0x14/0x1c (C)\n kvm_handle_guest_abort+0x0/0x44\n")
+    assert "= kvm_handle_guest_abort+0x0/0x44 (the call is in handle_smc+0xc/0x10)" in out, out
+
+
+@needs_cross
 def test_without_dwarf_the_symbolizer_says_how_to_get_file_line(otree):
     out = K.Symbolizer(otree / "vmlinux").symbolize_excerpt("pc : handle_smc+0x4/0x10\n")
     assert f"pc {TEXT_BASE + 4:#018x} = handle_smc+0x4/0x10" in out and " at " not in out.splitlines()[1]
