@@ -248,7 +248,7 @@ def test_fragment_names_every_option_the_agent_and_platform_doc_need():
     for opt in ("KVM", "VIRTUALIZATION", "SERIAL_AMBA_PL011_CONSOLE", "BLK_DEV_INITRD", "INITRAMFS_PRESERVE_MTIME",
                 "DEVTMPFS_MOUNT", "VIRTIO_PCI", "VIRTIO_CONSOLE", "PCI_HOST_GENERIC", "MAGIC_SYSRQ", "TMPFS"):
         assert frag.get(f"CONFIG_{opt}") == "y", opt
-    assert frag["CONFIG_NR_CPUS"] == "2"
+    assert frag["CONFIG_NR_CPUS"] == "4"
 
 
 def test_unmet_options_lists_what_kconfig_dropped():
