@@ -22,8 +22,14 @@ pytestmark = pytest.mark.infra
 REPO = Path(__file__).resolve().parents[2]
 
 INNER = '''
+import re
+
 def warn(g, n):
-    g.request("kmsg", {"lines": [f"<4>WARNING: CPU: 0 PID: 1 at smccc-harness/vmcore.c:{n} vmcore_test+0x0/0x4"]})
+    line = f"WARNING: CPU: 0 PID: 1 at smccc-harness/vmcore.c:{n} vmcore_test+0x0/0x4"
+    g.request("kmsg", {"lines": ["<4>" + line]})
+    # on the console before the test ends (printk reaches the serial console asynchronously): else the record
+    # may land in the next window, as tests/system/test_console_scanning.py's kmsg() explains
+    g.machine.console.expect(re.escape(line), 20, watch_failures=False)
 
 def test_a_first_splat(guest): warn(guest, 1)
 def test_b_second_splat(guest): warn(guest, 2)
