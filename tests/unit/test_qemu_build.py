@@ -265,7 +265,7 @@ def test_build_installs_atomically_and_is_cached(fake_build, capsys):
 
 @pytest.mark.parametrize(("make_var", "expect"), [
     ("FAIL=exit 1", "make failed"),                                   # a compile error (or a full disk)
-    ("FAIL=kill -INT $$PPID", "make failed"),                         # make interrupted
+    ("FAIL=kill -TERM $$PPID", "make failed"),                        # make killed (TERM: a background CI job ignores INT)
 ])
 def test_a_failed_build_leaves_nothing_half_written(fake_build, monkeypatch, make_var, expect):
     cache, _, patches, src = fake_build
