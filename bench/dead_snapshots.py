@@ -36,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.run import loadavg, out
 from harness import paths
 from harness import protocol as P
 from harness.errors import HarnessError
@@ -97,17 +98,6 @@ def restore_any(cfg, run_dir: Path, state: Path, probe_sleep_s: float | None = N
             ch.close()
         m.stop()
         raise
-
-
-def out(line: str = "") -> None:
-    print(line, flush=True)
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
 
 
 def reproducer(text: str | None, settle_s: float = 0.0):

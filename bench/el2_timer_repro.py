@@ -36,6 +36,7 @@ from pathlib import Path
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from bench.run import out
 from harness import paths
 from harness.machine.snapshot_store import MAPPED_RAM, qemu_version
 
@@ -91,10 +92,6 @@ _start:
     b       4b
     .ltorg
 """
-
-
-def out(line: str = "") -> None:
-    print(line, flush=True)
 
 
 def build_program(work: Path, delay_s: int) -> Path:

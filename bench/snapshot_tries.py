@@ -30,19 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.run import loadavg, out
 from harness import paths
 from harness.machine import snapshot, snapshot_store
-
-
-def out(line: str = "") -> None:
-    print(line, flush=True)
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
 
 
 def parse_moment(text: str):
